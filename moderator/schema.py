@@ -1,0 +1,117 @@
+"""The SafeMT record schema, defined once.
+
+A released record is ``{"id", "scenario", "image_path", "dialogue": [{"role", "content"}, ...],
+"question"}``. N-turn means N user turns, so 2N-1 messages alternating user/assistant, starting
+and ending with ``user``; the image belongs to the first user turn. The hub copy
+(``HappyCorpse/SafeMT``) names the image field ``image_rel_path`` and stores ``dialogue`` as a JSON
+string. Empty or near-empty user text (``""``, ``"image"``) is real benchmark content (the image
+carries the turn) and is valid.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from moderator.taxonomy import Taxonomy
+
+TURN_COUNTS = (1, 2, 4, 6, 8)
+SAFEMT_FIELDS = ("id", "scenario", "image_path", "dialogue", "question")
+HUB_IMAGE_FIELD = "image_rel_path"
+ID_PATTERN = re.compile(r"^(?P<source>[a-z]+)_(?P<slug>[a-z_]+)_(?P<n>\d+)$")
+# Image goes with the first user turn, which is message 0.
+SAFEMT_IMAGE_TURNS = (0,)
+
+
+class RecordError(ValueError):
+    """A record breaks the schema; ``field`` names the offending field."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"field {field!r}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SafeMTRecord:
+    id: str
+    scenario: str
+    image_path: str
+    dialogue: tuple[dict[str, str], ...]
+    question: str
+
+    @property
+    def turns(self) -> int:
+        return sum(1 for m in self.dialogue if m["role"] == "user")
+
+    @property
+    def source(self) -> str:
+        """The id prefix naming where the query came from (``mllm``, ``mm``, ``jbv``, ``beaver``, ``guard``)."""
+        return self.id.split("_", 1)[0]
+
+
+def parse_safemt_record(raw: Any, taxonomy: Taxonomy, expected_turns: int | None = None) -> SafeMTRecord:
+    """Validate one raw record (GitHub or hub layout) and return it; raise ``RecordError`` naming the field."""
+    if not isinstance(raw, Mapping):
+        raise RecordError("<record>", f"expected a JSON object, got {type(raw).__name__}")
+    raw = dict(raw)
+    if "image_path" not in raw and HUB_IMAGE_FIELD in raw:
+        raw["image_path"] = raw.pop(HUB_IMAGE_FIELD)
+    for field in SAFEMT_FIELDS:
+        if field not in raw or raw[field] is None:
+            raise RecordError(field, "missing")
+    for field in ("id", "scenario", "image_path", "question"):
+        if not isinstance(raw[field], str):
+            raise RecordError(field, f"expected a string, got {type(raw[field]).__name__}")
+    if not raw["id"].strip():
+        raise RecordError("id", "empty")
+    if raw["scenario"] not in taxonomy.by_label:
+        raise RecordError("scenario", f"unknown scenario label {raw['scenario']!r}")
+    if not raw["image_path"].strip():
+        raise RecordError("image_path", "empty")
+    if not raw["question"].strip():
+        raise RecordError("question", "empty")
+    dialogue = raw["dialogue"]
+    if isinstance(dialogue, str):  # hub layout stores it as JSON text
+        try:
+            dialogue = json.loads(dialogue)
+        except json.JSONDecodeError as exc:
+            raise RecordError("dialogue", f"not valid JSON: {exc}") from None
+    return SafeMTRecord(
+        id=raw["id"],
+        scenario=raw["scenario"],
+        image_path=raw["image_path"],
+        dialogue=tuple(_validate_dialogue(dialogue, expected_turns)),
+        question=raw["question"],
+    )
+
+
+def _validate_dialogue(dialogue: Any, expected_turns: int | None) -> list[dict[str, str]]:
+    if not isinstance(dialogue, list) or not dialogue:
+        raise RecordError("dialogue", "expected a non-empty list of messages")
+    messages = []
+    for index, message in enumerate(dialogue):
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise RecordError(f"dialogue[{index}]", "expected an object with 'role' and 'content'")
+        if not isinstance(message["content"], str):
+            raise RecordError(
+                f"dialogue[{index}].content", f"expected a string, got {type(message['content']).__name__}"
+            )
+        expected_role = "user" if index % 2 == 0 else "assistant"
+        if message["role"] != expected_role:
+            raise RecordError(
+                f"dialogue[{index}].role",
+                f"got {message['role']!r}, expected {expected_role!r} (roles must alternate from user)",
+            )
+        if expected_role == "assistant" and not message["content"].strip():
+            raise RecordError(f"dialogue[{index}].content", "empty assistant turn")
+        messages.append({"role": message["role"], "content": message["content"]})
+    if messages[-1]["role"] != "user":
+        raise RecordError("dialogue", "does not end with a user turn")
+    user_turns = (len(messages) + 1) // 2
+    if expected_turns is not None and user_turns != expected_turns:
+        raise RecordError("dialogue", f"has {user_turns} user turns, file is for {expected_turns}")
+    return messages
