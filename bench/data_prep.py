@@ -1,0 +1,140 @@
+"""Data prep at SafeMT scale: ``python -m bench.data_prep [--work DIR]``.
+
+Synthesises 2,000 SafeMT ids x 5 lengths = 10,000 dialogues by replicating the real sample records
+with fresh ids (6- and 8-turn dialogues extend the 4-turn ones with their own turns), and 2,000
+generated 1024x768 JPEG images, then runs ``python -m data_prep.build`` on them in a child process
+and reports wall time, records/s and the child's peak RSS against the targets (<= 60 s, <= 2 GB).
+Not a test: run it by hand; ``--work`` keeps the synthetic input between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = REPO_ROOT / "tests" / "data" / "safemt_sample"
+LENGTHS = (1, 2, 4, 6, 8)
+TARGET_SECONDS, TARGET_GB = 60.0, 2.0
+
+
+def extend_dialogue(four_turn: list[dict], turns: int) -> list[dict]:
+    """A ``turns``-turn dialogue from a 4-turn one: its (user, assistant) pairs repeated, then its last user turn."""
+    pairs = [four_turn[i : i + 2] for i in range(0, len(four_turn) - 1, 2)]
+    body = [message for k in range(turns - 1) for message in pairs[k % len(pairs)]]
+    return body + [four_turn[-1]]
+
+
+_TEXTURES: list[np.ndarray] = []
+
+
+def write_image(path: Path, seed: int) -> None:
+    """A 1024x768 JPEG with photo-like entropy (smooth colour field plus noise), about 300 kB.
+
+    Eight textures are made once and each image shifts one by its own colour offset: every file
+    differs, and synthesis stays cheap next to the build being measured.
+    """
+    if not _TEXTURES:
+        rng = np.random.default_rng(0)
+        y, x = np.mgrid[0:768, 0:1024].astype(np.float32)
+        for _ in range(8):
+            waves = [np.sin(x / rng.uniform(40, 200) + c) * 70 + 120 + y / 768 * 30 for c in rng.uniform(0, 6, 3)]
+            noise = rng.normal(0, 18, (768, 1024, 3))
+            _TEXTURES.append(np.clip(np.stack(waves, axis=-1) + noise, 0, 255).astype(np.uint8))
+    offset = np.random.default_rng(seed).integers(0, 256, 3, dtype=np.uint8)
+    Image.fromarray(_TEXTURES[seed % len(_TEXTURES)] + offset).save(path, format="JPEG", quality=85)
+
+
+def synthesise(folder: Path, ids: int) -> int:
+    """Write ``{1,2,4,6,8}_turn.json`` with ``ids`` fresh ids and one image per id; return the record count."""
+    samples = {k: json.loads((SAMPLE_DIR / f"{k}_turn.json").read_text()) for k in (1, 2, 4)}
+    files: dict[int, list[dict]] = {k: [] for k in LENGTHS}
+    images = []
+    for n in range(ids):
+        i = n % len(samples[1])
+        source, rest = samples[1][i]["id"].split("_", 1)
+        slug = rest.rsplit("_", 1)[0]
+        new_id = f"{source}_{slug}_{100000 + n}"
+        image_path = f"images/{slug}/{slug}_{100000 + n}.jpg"
+        images.append(folder / image_path)
+        for k in LENGTHS:
+            record = dict(samples[k][i]) if k in samples else dict(samples[4][i])
+            if k not in samples:
+                record["dialogue"] = extend_dialogue(samples[4][i]["dialogue"], k)
+            record.update(id=new_id, image_path=image_path)
+            files[k].append(record)
+    for k, records in files.items():
+        (folder / f"{k}_turn.json").write_text(json.dumps(records, indent=4))
+    for path in images:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    todo = [(p, s) for s, p in enumerate(images) if not p.exists()]
+    if todo:
+        write_image(*todo[0])  # makes the textures before the threads start
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(lambda item: write_image(*item), todo))
+    return sum(len(r) for r in files.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", help="folder for the synthetic input and output (default: a temporary folder)")
+    parser.add_argument("--ids", type=int, default=2000, help="SafeMT ids (each at 5 lengths, one image each)")
+    parser.add_argument("--benign", default="none", help="benign source for the build (default none: SafeMT only)")
+    parser.add_argument(
+        "--processor", default="tiny", help="'tiny' (built offline), a model dir, or 'none' to skip token lengths"
+    )
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(args.work or scratch)
+        safemt = work / "safemt"
+        safemt.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        records = synthesise(safemt, args.ids)
+        print(f"synthesised {records} records and {args.ids} images in {time.perf_counter() - started:.1f} s")
+        processor = args.processor
+        if processor == "tiny":
+            from moderator.tiny import build_tiny_qwen2_5_vl
+
+            processor = str(build_tiny_qwen2_5_vl(work / "tiny"))
+        command = [sys.executable, "-m", "data_prep.build", "--safemt", str(safemt), "--out", str(work / "out")]
+        command += ["--benign", args.benign, "--benign_image_pool", "safemt"]
+        if processor != "none":
+            command += ["--processor", processor]
+        started = time.perf_counter()
+        result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if result.returncode != 0:
+            print(result.stdout[-3000:], result.stderr[-3000:], sep="\n")
+            print(f"bench data_prep: build failed with exit code {result.returncode}")
+            return 1
+        peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2  # ru_maxrss is in KiB on Linux
+        stats = json.loads((work / "out" / "stats.json").read_text())
+        disk_mib = sum(p.stat().st_size for p in (work / "out" / "dataset").rglob("*") if p.is_file()) / 1024**2
+        rate = stats["read"] / wall
+        print(f"read {stats['read']}, converted {stats['converted']}, quarantined {stats['quarantined']}")
+        print(f"examples {stats['examples']}, dataset on disk {disk_mib:.1f} MiB")
+        print(
+            f"wall {wall:.1f} s (inside the build: {stats['wall_seconds']} s), {rate:.0f} records/s, peak RSS {peak_gb:.2f} GB"
+        )
+        ok = wall <= TARGET_SECONDS and peak_gb <= TARGET_GB
+        print(
+            f"bench data_prep: {stats['read']} records in {wall:.1f} s (target <= {TARGET_SECONDS:.0f} s), "
+            f"{rate:.0f} records/s, peak RSS {peak_gb:.2f} GB (target <= {TARGET_GB:.0f} GB): "
+            f"{'PASS' if ok else 'FAIL'}"
+        )
+        return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,394 @@
+"""``python -m data_prep.build --config configs/data/safemt.yaml [--flag value ...]``: SafeMT (+ benign) -> dataset.
+
+Writes ``<out>/stats.json`` and ``<out>/quarantine.jsonl`` always, and ``<out>/dataset`` (a DatasetDict
+with train/validation/test, read back with ``data_prep.io.load_prepared``) unless the run fails.
+Exit codes: 0 done; 1 ``--strict`` and something was quarantined (no dataset written); 2 bad
+configuration or input that stops the run (e.g. an example longer than ``max_length``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data_prep.benign import (
+    LengthQuota,
+    cut_dialogue,
+    iter_candidates,
+    materialize_image,
+    normalize,
+    source_name,
+    user_turns,
+)
+from data_prep.config import POOL_PLACEHOLDER, POOL_SAFEMT, ConfigError, DataPrepConfig, parse_config
+from data_prep.convert import benign_row, safemt_rows
+from data_prep.images import check_images, folder_images, write_placeholder
+from data_prep.io import DATASET_DIR, LENGTH_COLUMN, build_dataset_dict, load_prepared
+from data_prep.quarantine import Ledger
+from data_prep.safemt import FileProblem, open_safemt
+from data_prep.splits import SPLITS, assign_splits
+from data_prep.stats import TokenCounter, count_table, print_report, summarize
+from moderator.contract import PROMPT_FORMAT_VERSION
+from moderator.schema import SAFEMT_FIELDS, RecordError, parse_safemt_record
+from moderator.taxonomy import TaxonomyError, load_taxonomy
+
+EXIT_OK, EXIT_QUARANTINED, EXIT_ERROR = 0, 1, 2
+BENIGN_IMAGE_DIR = "benign_images"
+
+
+@dataclass
+class BuildResult:
+    stats: dict[str, Any]
+    exit_code: int
+    message: str = ""
+
+
+def _file_stem(identifier: str) -> str:
+    return re.sub(r"[^\w.-]", "_", identifier)[:120]
+
+
+class BenignImagePool:
+    """Where a benign dialogue without an image of its own gets one (see README: one image per example)."""
+
+    def __init__(self, config: DataPrepConfig, out: Path, safemt_images: Sequence[str]):
+        self.mode = config.benign_image_pool
+        self.seed = config.seed
+        self.size = (int(config.placeholder_size[0]), int(config.placeholder_size[1]))
+        self.folder = out / BENIGN_IMAGE_DIR
+        self.paths: list[str] = []
+        if self.mode == POOL_SAFEMT:
+            self.paths = sorted(set(safemt_images))
+            if not self.paths:
+                raise ConfigError("benign_image_pool 'safemt' needs at least one converted SafeMT record")
+        elif self.mode != POOL_PLACEHOLDER:
+            self.paths = folder_images(self.mode)
+            if not self.paths:
+                raise ConfigError(f"benign_image_pool folder {self.mode} holds no images")
+
+    def pick(self, dialogue_id: str) -> str:
+        if self.mode == POOL_PLACEHOLDER:
+            return write_placeholder(self.folder / f"{_file_stem(dialogue_id)}.jpg", dialogue_id, self.size)
+        return self.paths[random.Random(f"{self.seed}:{dialogue_id}").randrange(len(self.paths))]
+
+
+def _raw_id(raw: Any) -> str | None:
+    value = raw.get("id") if isinstance(raw, Mapping) else None
+    return value if isinstance(value, str) and value else None
+
+
+def _unknown_fields(raw: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The GitHub release has exactly these keys; anything else means the format changed under us."""
+    extra = sorted(set(raw) - set(SAFEMT_FIELDS))
+    if extra:
+        return extra[0], f"unexpected field(s) {extra}; a record has exactly {list(SAFEMT_FIELDS)}"
+    for index, message in enumerate(raw["dialogue"]):
+        extra = sorted(set(message) - {"role", "content"})
+        if extra:
+            return f"dialogue[{index}].{extra[0]}", f"unexpected field(s) {extra}; a message has exactly role, content"
+    return None
+
+
+def _read_safemt(config: DataPrepConfig, taxonomy, ledger: Ledger) -> tuple[list, dict[str, Any]]:
+    """Validated SafeMT records with their image path; quarantines what fails (images are checked later)."""
+    source = open_safemt(config.safemt, config.safemt_turns, config.safemt_images_root, config.safemt_revision)
+    wanted = set(config.safemt_turns)
+    seen: dict[tuple[str, int], dict[str, int]] = {}
+    candidates = []
+    skipped = 0
+    for item in source.records():
+        if isinstance(item, FileProblem):
+            ledger.read["safemt"] += 1
+            ledger.quarantine("safemt", item.file, None, item.id, "<file>", item.reason)
+            continue
+        raw_id = _raw_id(item.raw)
+        expected = item.expected_turns
+        if expected is not None:
+            try:
+                expected = int(expected)
+            except (TypeError, ValueError):
+                ledger.read["safemt"] += 1
+                ledger.quarantine("safemt", item.file, item.index, raw_id, "turns", f"not an integer: {expected!r}")
+                continue
+            if expected not in wanted:
+                skipped += 1
+                continue
+        try:
+            record = parse_safemt_record(item.raw, taxonomy, expected_turns=expected)
+        except RecordError as exc:
+            ledger.read["safemt"] += 1
+            ledger.quarantine("safemt", item.file, item.index, raw_id, exc.field, exc.reason)
+            continue
+        if record.turns not in wanted:  # hub rows without a length column
+            skipped += 1
+            continue
+        ledger.read["safemt"] += 1
+        unknown = _unknown_fields(item.raw) if source.layout == "github" else None
+        if unknown:
+            field, reason = unknown
+            ledger.quarantine("safemt", item.file, item.index, record.id, field, reason)
+            continue
+        first = seen.setdefault((item.file, record.turns), {}).get(record.id)
+        if first is not None:
+            reason = f"duplicate id among the {record.turns}-turn records (first at record #{first}); kept the first"
+            ledger.quarantine("safemt", item.file, item.index, record.id, "id", reason)
+            continue
+        seen[(item.file, record.turns)][record.id] = item.index
+        # Lexical normalisation, not resolve(): hub snapshots are symlinks into the cache's blob store.
+        image = Path(os.path.normpath(source.images_root / record.image_path))
+        if not image.is_relative_to(source.images_root):
+            reason = f"{record.image_path!r} points outside the images folder {source.images_root}"
+            ledger.quarantine("safemt", item.file, item.index, record.id, "image_path", reason)
+            continue
+        candidates.append((item, record, str(image)))
+    info = {"description": source.description, "images_root": str(source.images_root), "skipped_lengths": skipped}
+    return candidates, info
+
+
+def _read_benign(
+    config: DataPrepConfig, wanted: int, lengths: list[int], out: Path, pool: BenignImagePool, ledger: Ledger
+) -> tuple[list, str, int]:
+    """Benign dialogues until every length quota is filled; returns them, the source name and how many
+    valid dialogues were passed over because no open length fitted them (not counted as read)."""
+    name = source_name(config.benign, config.benign_name)
+    quota = LengthQuota(wanted, lengths)
+    picked = []
+    passed_over = 0
+    seen_ids: set[str] = set()
+    for candidate in iter_candidates(config.benign, config.benign_split, config.seed):
+        if quota.done:
+            break
+        if candidate.problem_field:
+            ledger.read["benign"] += 1
+            index = candidate.index if candidate.index >= 0 else None
+            ledger.quarantine("benign", candidate.file, index, candidate.id, candidate.problem_field, candidate.raw)
+            continue
+        try:
+            dialogue = normalize(candidate)
+            dialogue_id = dialogue.id or f"{name}_{candidate.index}"
+            if dialogue_id in seen_ids:
+                raise RecordError("id", f"duplicate id {dialogue_id!r}")
+        except RecordError as exc:
+            ledger.read["benign"] += 1
+            ledger.quarantine("benign", candidate.file, candidate.index, candidate.id, exc.field, exc.reason)
+            continue
+        taken = quota.take(user_turns(dialogue), config.benign_all_lengths)
+        if not taken:
+            passed_over += 1
+            continue
+        ledger.read["benign"] += 1
+        try:
+            if dialogue.source_image is not None:
+                stem = out / BENIGN_IMAGE_DIR / _file_stem(dialogue_id)
+                image = materialize_image(dialogue.source_image, candidate.base_dir, stem)
+            else:
+                image = pool.pick(dialogue_id)
+        except RecordError as exc:
+            for k in taken:
+                quota.open[k] += 1
+            ledger.quarantine("benign", candidate.file, candidate.index, dialogue_id, exc.field, exc.reason)
+            continue
+        seen_ids.add(dialogue_id)
+        picked.append((candidate, [cut_dialogue(dialogue, k) for k in taken], dialogue_id, image))
+    return picked, name, passed_over
+
+
+def build(config: DataPrepConfig) -> BuildResult:
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    clock = [started]
+
+    def lap(name: str) -> None:  # seconds per phase, reported in stats.json
+        now = time.perf_counter()
+        timings[name] = round(now - clock[0], 2)
+        clock[0] = now
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / DATASET_DIR).exists():  # never leave a stale dataset next to a failed run's report
+        shutil.rmtree(out / DATASET_DIR)
+    taxonomy = load_taxonomy(config.taxonomy)
+    ledger = Ledger()
+
+    candidates, safemt_info = _read_safemt(config, taxonomy, ledger)
+    lap("read_safemt")
+    checks = check_images((image for _, _, image in candidates), config.image_check_workers)
+    lap("check_images")
+    rows: list[dict[str, Any]] = []
+    safemt_images: list[str] = []
+    safemt_lengths: list[int] = []
+    for item, record, image in candidates:
+        if checks[image].error:
+            ledger.quarantine("safemt", item.file, item.index, record.id, "image_path", checks[image].error)
+            continue
+        ledger.converted["safemt"] += 1
+        safemt_images.append(image)
+        safemt_lengths.append(record.turns)
+        rows.extend(safemt_rows(record, image, taxonomy, config.prefixes, config.prefix_label))
+
+    benign_info: dict[str, Any] = {"source": None, "examples_requested": 0, "examples": 0, "dialogues": 0}
+    if config.use_benign and config.benign_ratio > 0:
+        wanted = round(config.benign_ratio * ledger.converted["safemt"])
+        lengths = config.benign_turns or sorted(set(safemt_lengths)) or sorted(config.safemt_turns)
+        pool = BenignImagePool(config, out, safemt_images)
+        picked, name, passed_over = _read_benign(config, wanted, lengths, out, pool, ledger)
+        new_images = {image for *_, image in picked if image not in checks}
+        checks.update(check_images(new_images, config.image_check_workers))
+        produced = dropped_empty = dropped_images = 0
+        for candidate, cuts, dialogue_id, image in picked:
+            if checks[image].error:
+                ledger.quarantine("benign", candidate.file, candidate.index, dialogue_id, "images", checks[image].error)
+                continue
+            ledger.converted["benign"] += 1
+            dropped_empty += cuts[0].dropped_empty
+            dropped_images += cuts[0].dropped_images
+            for cut in cuts:
+                rows.append(benign_row(cut.dialogue, cut.image_turn, image, dialogue_id, name, taxonomy))
+                produced += 1
+        benign_info = {
+            "source": name,
+            "lengths": lengths,
+            "examples_requested": wanted,
+            "examples": produced,
+            "dialogues": ledger.converted["benign"],
+            "image_pool": config.benign_image_pool,
+            "passed_over": passed_over,
+            "empty_assistant_messages_dropped": dropped_empty,
+            "extra_images_dropped": dropped_images,
+        }
+        if produced < wanted:
+            print(f"warning: asked for {wanted} benign examples, got {produced}", file=sys.stderr)
+
+    lap("convert_and_benign")
+    splits = assign_splits(
+        [row["split_group"] for row in rows],
+        [row["scenario"] or "(benign)" for row in rows],
+        [row["source"] for row in rows],
+        config.validation_fraction,
+        config.test_fraction,
+        config.holdout_source,
+        config.seed,
+    )
+    sizes = {path: check.size for path, check in checks.items() if check.size}
+    used_images = sorted({image for row in rows for image in row["images"]})
+    stats: dict[str, Any] = {
+        **ledger.totals(),
+        "by_input": {name: ledger.totals(name) for name in ("safemt", "benign")},
+        "examples": {split: splits.count(split) for split in SPLITS},
+        "labels": {
+            split: dict(Counter(r["label"] for r, s in zip(rows, splits, strict=True) if s == split))
+            for split in SPLITS
+        },
+        "sources": {
+            split: dict(Counter(r["source"] for r, s in zip(rows, splits, strict=True) if s == split))
+            for split in SPLITS
+        },
+        "counts": count_table(rows, splits),
+        "images": {
+            "unique": len(used_images),
+            "width": summarize([sizes[p][0] for p in used_images]),
+            "height": summarize([sizes[p][1] for p in used_images]),
+        },
+        "tokens": None,
+        "safemt": safemt_info,
+        "benign": benign_info,
+        "taxonomy": taxonomy.provenance(),
+        "prompt_format_version": PROMPT_FORMAT_VERSION,
+        "config": config.to_dict(),
+        "dataset": None,
+    }
+
+    too_long: list[str] = []
+    lap("split_and_stats")
+    if config.processor and rows:
+        counter = TokenCounter(config.processor, config.trust_remote_code)
+        lengths = counter.count([row["messages"] for row in rows], [row["images"] for row in rows], sizes)
+        for row, n in zip(rows, lengths, strict=True):
+            row[LENGTH_COLUMN] = n
+        longest = max(range(len(rows)), key=lengths.__getitem__)
+        stats["tokens"] = {
+            "processor": config.processor,
+            "per_split": {
+                split: summarize([n for n, s in zip(lengths, splits, strict=True) if s == split]) for split in SPLITS
+            },
+            "longest": {"id": rows[longest]["id"], "turns": rows[longest]["turns"], "tokens": lengths[longest]},
+            "max_length": config.max_length,
+        }
+        if config.max_length is not None:
+            over = sorted(
+                (n, row["id"], row["turns"], split)
+                for row, split, n in zip(rows, splits, lengths, strict=True)
+                if n > config.max_length
+            )[::-1]  # longest first
+            too_long = [f"id {id_!r} ({turns} turns, {split}): {n} tokens" for n, id_, turns, split in over]
+            stats["tokens"]["over_max_length"] = len(too_long)
+
+    lap("token_lengths")
+    ledger.write(out / "quarantine.jsonl")
+    result = BuildResult(stats, EXIT_OK)
+    if too_long:
+        shown = "; ".join(too_long[:10]) + (f"; ... and {len(too_long) - 10} more" if len(too_long) > 10 else "")
+        result = BuildResult(
+            stats,
+            EXIT_ERROR,
+            f"{len(too_long)} example(s) longer than max_length {config.max_length} tokens "
+            f"(TRL would cut the target off and train on them with loss 0): {shown}",
+        )
+    elif config.strict and ledger.entries:
+        result = BuildResult(
+            stats,
+            EXIT_QUARANTINED,
+            f"--strict: {len(ledger.entries)} record(s) quarantined, see {out / 'quarantine.jsonl'}; no dataset written",
+        )
+    else:
+        build_dataset_dict(rows, splits).save_to_disk(str(out / DATASET_DIR))
+        stats["dataset"] = str((out / DATASET_DIR).resolve())
+        if config.push_to_hub:
+            # load_prepared casts images to Image(), so the push embeds the image bytes, not local paths.
+            load_prepared(out).push_to_hub(config.push_to_hub, private=config.hub_private)
+    lap("save")
+    stats["timings"] = timings
+    stats["wall_seconds"] = round(time.perf_counter() - started, 2)
+    (out / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import datasets
+
+    datasets.disable_progress_bars()  # the report below says what happened; per-split bars are noise
+    try:
+        config = parse_config(argv)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        result = build(config)
+    except (ConfigError, TaxonomyError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print_report(result.stats)
+    quarantined = result.stats["quarantined"]
+    if quarantined:
+        print(
+            f"warning: {quarantined} record(s) quarantined, see {Path(config.out) / 'quarantine.jsonl'}",
+            file=sys.stderr,
+        )
+    if result.exit_code != EXIT_OK:
+        print(f"error: {result.message}", file=sys.stderr)
+    else:
+        print(f"dataset written to {result.stats['dataset']}")
+    return result.exit_code
+
+
+if __name__ == "__main__":  # guard: datasets' spawn pools re-import the entry module
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The data-prep recipe: one dataclass, read from a YAML file (``--config``) with every field overridable by a flag."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from moderator.schema import TURN_COUNTS
+
+NONE_VALUES = ("", "none", "null")
+CHITCHAT = "chitchat"
+POOL_PLACEHOLDER = "placeholder"
+POOL_SAFEMT = "safemt"
+
+
+class ConfigError(ValueError):
+    """The recipe is inconsistent (a clear message, exit code 2)."""
+
+
+@dataclass
+class DataPrepConfig:
+    safemt: str = field(
+        default="HappyCorpse/SafeMT",
+        metadata={
+            "help": "SafeMT input: a GitHub-layout folder ({1,2,4,6,8}_turn.json + images/), a local hub-layout "
+            "file or folder (parquet/json/jsonl), or a hub dataset name."
+        },
+    )
+    out: str = field(default="runs/data", metadata={"help": "output folder (dataset/, stats.json, quarantine.jsonl)"})
+    safemt_turns: list[int] = field(
+        default_factory=lambda: list(TURN_COUNTS), metadata={"help": "dialogue lengths (user turns) to include"}
+    )
+    safemt_images_root: str | None = field(
+        default=None,
+        metadata={
+            "help": "folder that image paths are relative to; default: the GitHub folder, the local file's folder, "
+            "or a snapshot of the hub dataset repository"
+        },
+    )
+    safemt_revision: str | None = field(default=None, metadata={"help": "hub revision (commit) to pin the SafeMT copy"})
+    benign: str = field(
+        default=CHITCHAT,
+        metadata={
+            "help": "benign dialogues: 'chitchat' (the installed chitchat-dataset), a .jsonl/.json file, any "
+            "datasets source (parquet file, folder, hub name) with a messages-style column, or 'none'"
+        },
+    )
+    benign_split: str = field(default="train", metadata={"help": "split of a datasets benign source"})
+    benign_name: str | None = field(
+        default=None, metadata={"help": "value of the 'source' column for benign rows; default: derived from --benign"}
+    )
+    benign_ratio: float = field(
+        default=1.0,
+        metadata={"help": "benign examples per converted SafeMT record (1.0: as many as SafeMT, prefixes aside)"},
+    )
+    benign_turns: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "user-turn counts benign dialogues are cut to, spread evenly so length is no shortcut "
+            "(default: the lengths of the converted SafeMT records)"
+        },
+    )
+    benign_all_lengths: bool = field(
+        default=True,
+        metadata={
+            "help": "cut each benign dialogue at every open length it reaches, as SafeMT has each query at "
+            "several lengths (false: one length per dialogue, more distinct dialogues)"
+        },
+    )
+    benign_image_pool: str = field(
+        default=POOL_PLACEHOLDER,
+        metadata={
+            "help": "images for benign dialogues that have none: a folder of images, 'safemt' (reuse the SafeMT "
+            "images) or 'placeholder' (generated, for tests and the demo)"
+        },
+    )
+    placeholder_size: list[int] = field(
+        default_factory=lambda: [64, 48], metadata={"help": "width height of generated placeholder images"}
+    )
+    prefixes: bool = field(
+        default=False, metadata={"help": "also emit each SafeMT dialogue cut after every earlier user turn"}
+    )
+    prefix_label: Literal["inherit", "safe"] = field(
+        default="inherit",
+        metadata={"help": "target of an early prefix: 'inherit' the full dialogue's target, or 'safe'"},
+    )
+    validation_fraction: float = field(default=0.1, metadata={"help": "share of ids in the validation split"})
+    test_fraction: float = field(default=0.1, metadata={"help": "share of (non-held-out) ids in the test split"})
+    holdout_source: list[str] = field(
+        default_factory=list, metadata={"help": "id prefixes (mllm, mm, jbv, beaver, guard) put entirely in test"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed for splits, benign sampling and benign lengths"})
+    processor: str | None = field(
+        default=None, metadata={"help": "processor (model dir or hub name) for token-length stats"}
+    )
+    max_length: int | None = field(
+        default=None, metadata={"help": "fail, naming the record, if any example is longer (needs --processor)"}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow remote code when loading the processor"})
+    taxonomy: str | None = field(
+        default=None, metadata={"help": "taxonomy YAML (default configs/policies/safemt.yaml)"}
+    )
+    image_check_workers: int = field(default=4, metadata={"help": "threads that fully decode each unique image"})
+    strict: bool = field(
+        default=False, metadata={"help": "exit non-zero (and write no dataset) if any record is quarantined"}
+    )
+    push_to_hub: str | None = field(
+        default=None, metadata={"help": "hub repo id to push the dataset to (images embedded)"}
+    )
+    hub_private: bool = field(default=True, metadata={"help": "push as a private dataset"})
+
+    def __post_init__(self) -> None:
+        self.benign = "none" if self.benign is None or str(self.benign).strip().lower() in NONE_VALUES else self.benign
+        for name in ("processor", "push_to_hub", "safemt_images_root", "safemt_revision", "taxonomy", "benign_name"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.strip().lower() in NONE_VALUES:
+                setattr(self, name, None)
+
+    @property
+    def use_benign(self) -> bool:
+        return self.benign != "none"
+
+    def validate(self) -> None:
+        problems = []
+        bad_turns = sorted(set(self.safemt_turns) - set(TURN_COUNTS))
+        if bad_turns:
+            problems.append(f"safemt_turns {bad_turns} are not SafeMT lengths {list(TURN_COUNTS)}")
+        if self.benign_turns is not None and (not self.benign_turns or min(self.benign_turns) < 1):
+            problems.append("benign_turns must be positive user-turn counts")
+        if self.benign_ratio < 0:
+            problems.append("benign_ratio must be >= 0")
+        for name in ("validation_fraction", "test_fraction"):
+            if not 0 <= getattr(self, name) < 1:
+                problems.append(f"{name} must be in [0, 1)")
+        if self.validation_fraction + self.test_fraction >= 1:
+            problems.append("validation_fraction + test_fraction must be below 1")
+        if self.max_length is not None and not self.processor:
+            problems.append("max_length needs a processor to count tokens")
+        if len(self.placeholder_size) != 2 or min(self.placeholder_size) < 1:
+            problems.append("placeholder_size must be two positive integers: width height")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_config(argv: Sequence[str] | None = None) -> DataPrepConfig:
+    """``--config file.yaml`` sets the defaults, every other flag overrides them (``trl.TrlParser``)."""
+    from trl import TrlParser
+
+    parser = TrlParser(dataclass_types=[DataPrepConfig], description="Build the moderator's training dataset.")
+    (config,) = parser.parse_args_and_config(args=list(argv) if argv is not None else None)
+    config.validate()
+    return config

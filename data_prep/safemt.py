@@ -1,0 +1,205 @@
+"""Read SafeMT in either published layout, one raw record at a time.
+
+* GitHub layout: a folder with ``{1,2,4,6,8}_turn.json`` (any subset; a clone's ``Data/`` folder is found
+  too) and ``images/<scenario>/...``. Each file is a JSON array of records; the file name gives the
+  length, which every record is checked against.
+* Hub layout (``HappyCorpse/SafeMT``): rows with ``id``, ``scenario``, ``image_rel_path``, ``dialogue`` as
+  JSON text (and ``question``, which the schema requires). Loaded with ``datasets.load_dataset`` from a
+  hub name, a local folder or a local parquet/json/jsonl file. How the hub copy marks a row's length is
+  not documented: a ``turns`` (or ``turn``/``num_turns``/``n_turns``) column, else a split named like
+  ``4_turn``, is checked against the dialogue; without either, the length is the number of user turns.
+  Image paths are relative to ``safemt_images_root`` (default: the local file's folder, or a snapshot
+  of the hub repository).
+
+A file that is not valid UTF-8 or not valid JSON is quarantined as a whole (one entry naming the file,
+the byte or line/column, and the record where parsing stopped): a damaged file, typically an
+interrupted download, is re-fetched, not half-used.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data_prep.config import ConfigError
+from moderator.schema import TURN_COUNTS
+
+HUB_TURN_COLUMNS = ("turns", "turn", "num_turns", "n_turns")
+_SPLIT_TURNS = re.compile(r"^(\d+)[_-]?turns?$")
+_ID_IN_TEXT = re.compile(r'"id"\s*:\s*"([^"\\]*)"')
+_WHITESPACE = re.compile(r"\s*")
+_LOCAL_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    file: str
+    index: int
+    raw: Any
+    expected_turns: int | None  # the length the file/row says it has; None: infer from the dialogue
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    file: str
+    id: str | None
+    reason: str
+
+
+@dataclass
+class SafeMTSource:
+    description: str
+    images_root: Path
+    layout: str  # "github" or "hub"
+    _spec: str
+    _turns: tuple[int, ...]
+    _revision: str | None = None
+
+    def records(self) -> Iterator[RawRecord | FileProblem]:
+        if self.layout == "github":
+            yield from _github_records(Path(self._spec), self._turns)
+        else:
+            yield from _hub_records(self._spec, self._revision)
+
+
+def open_safemt(
+    spec: str, turns: list[int], images_root: str | None = None, revision: str | None = None
+) -> SafeMTSource:
+    """Work out which layout ``spec`` is in and where its images are."""
+    path = Path(spec)
+    turns_t = tuple(sorted(set(turns)))
+    if path.is_dir():
+        for folder in (path, path / "Data"):
+            present = [k for k in TURN_COUNTS if (folder / f"{k}_turn.json").is_file()]
+            if present:
+                wanted = [k for k in present if k in turns_t]
+                if not wanted:
+                    raise ConfigError(f"{folder}: has {present}-turn files but safemt_turns is {list(turns_t)}")
+                root = Path(images_root) if images_root else folder
+                return SafeMTSource(f"{folder} (GitHub layout)", root.resolve(), "github", str(folder), turns_t)
+        root = Path(images_root) if images_root else path
+        return SafeMTSource(f"{path} (hub layout, local)", root.resolve(), "hub", str(path), turns_t)
+    if path.is_file():
+        if path.suffix.lower() not in _LOCAL_SUFFIXES:
+            raise ConfigError(f"{path}: expected a folder or a {sorted(_LOCAL_SUFFIXES)} file")
+        root = Path(images_root) if images_root else path.parent
+        return SafeMTSource(f"{path} (hub layout, local)", root.resolve(), "hub", str(path), turns_t)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.startswith((".", "/")):
+        if images_root:
+            root = Path(images_root)
+        else:  # images live in the dataset repository next to the data files
+            from huggingface_hub import snapshot_download
+
+            try:
+                root = Path(snapshot_download(repo_id=spec, repo_type="dataset", revision=revision))
+            except Exception as exc:  # offline, unknown repo, no access: all mean "not usable as given"
+                raise ConfigError(
+                    f"{spec!r} is no local folder or file, and fetching it from the hub failed: {exc}"
+                ) from None
+        return SafeMTSource(f"hub:{spec}", root.resolve(), "hub", spec, turns_t, revision)
+    raise ConfigError(f"SafeMT input {spec!r} is neither an existing folder or file nor a hub dataset name")
+
+
+def _github_records(folder: Path, turns: tuple[int, ...]) -> Iterator[RawRecord | FileProblem]:
+    for k in turns:
+        path = folder / f"{k}_turn.json"
+        if path.is_file():
+            yield from read_json_array(path, k)
+
+
+def read_json_array(path: Path, expected_turns: int | None) -> Iterator[RawRecord | FileProblem]:
+    """Yield the records of a JSON-array file, or one ``FileProblem`` if the file cannot be parsed."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        yield FileProblem(
+            str(path),
+            None,
+            f"not valid UTF-8: byte 0x{data[exc.start]:02x} at byte offset {exc.start} (line {line}); "
+            "the whole file is quarantined",
+        )
+        return
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        index, record_id = locate_record(text, exc.pos)
+        where = f"; parsing stopped in record #{index}" if index is not None else ""
+        stripped = text.rstrip()
+        truncated = "; the file ends before its closing ']' (truncated?)" if not stripped.endswith("]") else ""
+        yield FileProblem(
+            str(path),
+            record_id,
+            f"invalid JSON at line {exc.lineno} column {exc.colno} (char {exc.pos}): {_json_message(exc)}{where}"
+            f"{truncated}; "
+            "the whole file is quarantined",
+        )
+        return
+    if not isinstance(records, list):
+        yield FileProblem(str(path), None, f"expected a JSON array of records, got a {type(records).__name__}")
+        return
+    for index, raw in enumerate(records):
+        yield RawRecord(str(path), index, raw, expected_turns)
+
+
+def _json_message(exc: json.JSONDecodeError) -> str:
+    # json's messages point at the position ("Unterminated string starting at"); say which.
+    return f"{exc.msg} that position" if exc.msg.endswith(" at") else exc.msg
+
+
+def locate_record(text: str, error_pos: int) -> tuple[int | None, str | None]:
+    """Index (and id, if readable) of the array element in which a JSON error at ``error_pos`` lies."""
+    decoder = json.JSONDecoder()
+    pos = _WHITESPACE.match(text, 0).end()
+    if not text.startswith("[", pos):
+        return None, None
+    pos = _WHITESPACE.match(text, pos + 1).end()
+    index = 0
+    while pos < len(text):
+        start = pos
+        try:
+            _, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            end = None
+        if end is None or end > error_pos:
+            match = _ID_IN_TEXT.search(text, start, min(len(text), start + 4000))
+            return index, match.group(1) if match else None
+        pos = _WHITESPACE.match(text, end).end()
+        if pos >= error_pos or not text.startswith(",", pos):
+            return index, None
+        pos = _WHITESPACE.match(text, pos + 1).end()
+        index += 1
+    return index, None
+
+
+def _hub_records(spec: str, revision: str | None) -> Iterator[RawRecord | FileProblem]:
+    import datasets
+
+    path = Path(spec)
+    if path.is_file():
+        splits = datasets.load_dataset(_LOCAL_SUFFIXES[path.suffix.lower()], data_files=str(path))
+        label = str(path)
+    elif path.is_dir():
+        splits = datasets.load_dataset(str(path))
+        label = str(path)
+    else:
+        try:
+            splits = datasets.load_dataset(spec, revision=revision)
+        except Exception as exc:  # the hub copy's layout is not documented: say so instead of a traceback
+            raise ConfigError(f"loading the hub dataset {spec!r} failed: {exc}") from None
+        label = f"hub:{spec}"
+    for split_name, split in splits.items():
+        match = _SPLIT_TURNS.match(split_name)
+        split_turns = int(match.group(1)) if match else None
+        turn_column = next((c for c in HUB_TURN_COLUMNS if c in split.column_names), None)
+        file = label if len(splits) == 1 and not label.startswith("hub:") else f"{label}[{split_name}]"
+        for index, row in enumerate(split):
+            expected = split_turns
+            if turn_column is not None and row.get(turn_column) is not None:
+                expected = row[turn_column]
+            yield RawRecord(file, index, row, expected)

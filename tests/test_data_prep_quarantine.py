@@ -1,0 +1,264 @@
+"""data_prep bad input: every record read is converted or quarantined with its file, index, id, field and reason."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from data_prep.build import main
+from data_prep.io import load_prepared
+
+
+def run(safemt_dir: Path, tmp_path: Path, *extra: str) -> tuple[int, dict, list[dict]]:
+    out = tmp_path / "out"
+    code = main(["--safemt", str(safemt_dir), "--out", str(out), "--benign", "none", *extra])
+    stats = json.loads((out / "stats.json").read_text())
+    entries = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert stats["read"] == stats["converted"] + stats["quarantined"]
+    assert len(entries) == stats["quarantined"]
+    return code, stats, entries
+
+
+def edit(safemt_dir: Path, turns: int, change) -> list[dict]:
+    path = safemt_dir / f"{turns}_turn.json"
+    records = json.loads(path.read_text())
+    change(records)
+    path.write_text(json.dumps(records, indent=4))
+    return records
+
+
+def only(entries: list[dict]) -> dict:
+    assert len(entries) == 1, entries
+    return entries[0]
+
+
+def assert_names(entry: dict, file: Path, index: int | None, id: str | None, field: str) -> None:
+    assert (entry["file"], entry["index"], entry["id"], entry["field"]) == (str(file), index, id, field)
+    message = entry["message"]
+    assert str(file) in message and f"field {field!r}" in message
+    if index is not None:
+        assert f"record #{index}" in message
+    if id is not None:
+        assert repr(id) in message
+
+
+def test_missing_field(safemt_dir, tmp_path):
+    records = edit(safemt_dir, 2, lambda r: r[3].pop("question"))
+    code, stats, entries = run(safemt_dir, tmp_path)
+    entry = only(entries)
+    assert_names(entry, safemt_dir / "2_turn.json", 3, records[3]["id"], "question")
+    assert entry["reason"] == "missing"
+    assert code == 0 and stats["converted"] == 155 and stats["read"] == 156
+
+
+@pytest.mark.parametrize("where", ["record", "message"])
+def test_unknown_field(safemt_dir, tmp_path, where):
+    def add(records):
+        if where == "record":
+            records[5]["label"] = "unsafe"
+        else:
+            records[5]["dialogue"][0]["name"] = "alice"
+
+    records = edit(safemt_dir, 1, add)
+    _, _, entries = run(safemt_dir, tmp_path)
+    field = "label" if where == "record" else "dialogue[0].name"
+    entry = only(entries)
+    assert_names(entry, safemt_dir / "1_turn.json", 5, records[5]["id"], field)
+    assert "unexpected field" in entry["reason"]
+
+
+def test_unknown_scenario_label(safemt_dir, tmp_path):
+    records = edit(safemt_dir, 4, lambda r: r[0].update(scenario="Space Piracy"))
+    _, _, entries = run(safemt_dir, tmp_path)
+    entry = only(entries)
+    assert_names(entry, safemt_dir / "4_turn.json", 0, records[0]["id"], "scenario")
+    assert "unknown scenario label 'Space Piracy'" in entry["reason"]
+
+
+def test_role_order_broken(safemt_dir, tmp_path):
+    records = edit(safemt_dir, 4, lambda r: r[2]["dialogue"][3].update(role="user"))
+    _, _, entries = run(safemt_dir, tmp_path)
+    entry = only(entries)
+    assert_names(entry, safemt_dir / "4_turn.json", 2, records[2]["id"], "dialogue[3].role")
+    assert "expected 'assistant'" in entry["reason"]
+
+
+def test_dialogue_not_ending_with_a_user_turn(safemt_dir, tmp_path):
+    records = edit(safemt_dir, 2, lambda r: r[4].update(dialogue=r[4]["dialogue"][:2]))
+    _, _, entries = run(safemt_dir, tmp_path)
+    entry = only(entries)
+    assert_names(entry, safemt_dir / "2_turn.json", 4, records[4]["id"], "dialogue")
+    assert "does not end with a user turn" in entry["reason"]
+
+
+def test_wrong_length_for_its_file(safemt_dir, tmp_path):
+    two_turn = json.loads((safemt_dir / "2_turn.json").read_text())[9]
+    edit(safemt_dir, 4, lambda r: r.__setitem__(9, two_turn))
+    _, _, entries = run(safemt_dir, tmp_path)
+    entry = only(entries)
+    assert_names(entry, safemt_dir / "4_turn.json", 9, two_turn["id"], "dialogue")
+    assert entry["reason"] == "has 2 user turns, file is for 4"
+
+
+def test_empty_assistant_content_is_quarantined_but_empty_user_content_is_not(safemt_dir, tmp_path):
+    def blank(records):
+        records[7]["dialogue"][1]["content"] = "  "
+        records[8]["dialogue"][0]["content"] = ""  # real SafeMT has empty user turns: the image carries them
+
+    records = edit(safemt_dir, 2, blank)
+    code, stats, entries = run(safemt_dir, tmp_path)
+    entry = only(entries)
+    assert_names(entry, safemt_dir / "2_turn.json", 7, records[7]["id"], "dialogue[1].content")
+    assert entry["reason"] == "empty assistant turn"
+    converted = {(r["id"], r["turns"]) for split in load_prepared(tmp_path / "out").values() for r in split}
+    assert (records[8]["id"], 2) in converted and (records[7]["id"], 2) not in converted
+
+
+def test_content_that_is_not_a_string(safemt_dir, tmp_path):
+    records = edit(safemt_dir, 1, lambda r: r[11]["dialogue"][0].update(content=["a", "list"]))
+    _, _, entries = run(safemt_dir, tmp_path)
+    entry = only(entries)
+    assert_names(entry, safemt_dir / "1_turn.json", 11, records[11]["id"], "dialogue[0].content")
+    assert "expected a string, got list" in entry["reason"]
+
+
+def test_duplicate_id_within_one_length(safemt_dir, tmp_path):
+    records = edit(safemt_dir, 1, lambda r: r.__setitem__(10, dict(r[2])))
+    code, stats, entries = run(safemt_dir, tmp_path)
+    entry = only(entries)
+    assert_names(entry, safemt_dir / "1_turn.json", 10, records[2]["id"], "id")
+    assert "duplicate id" in entry["reason"] and "first at record #2" in entry["reason"]
+    rows = [r for split in load_prepared(tmp_path / "out").values() for r in split]
+    assert Counter((r["id"], r["turns"]) for r in rows)[(records[2]["id"], 1)] == 1
+    assert {r["turns"] for r in rows if r["id"] == records[2]["id"]} == {1, 2, 4}  # other lengths are fine
+
+
+def test_missing_image_file(safemt_dir, tmp_path):
+    record = json.loads((safemt_dir / "1_turn.json").read_text())[6]
+    image = safemt_dir / record["image_path"]
+    image.unlink()
+    _, stats, entries = run(safemt_dir, tmp_path)
+    assert len(entries) == 3  # the same image serves all three lengths of the id
+    for entry, turns in zip(entries, (1, 2, 4), strict=True):
+        assert_names(entry, safemt_dir / f"{turns}_turn.json", 6, record["id"], "image_path")
+        assert entry["reason"] == f"image file not found: {image}"
+    assert stats["converted"] == 153
+
+
+def test_image_path_outside_the_images_folder(safemt_dir, tmp_path):
+    records = edit(safemt_dir, 1, lambda r: r[0].update(image_path="../../../etc/hostname"))
+    _, _, entries = run(safemt_dir, tmp_path)
+    entry = only(entries)
+    assert_names(entry, safemt_dir / "1_turn.json", 0, records[0]["id"], "image_path")
+    assert "outside the images folder" in entry["reason"]
+
+
+def test_jpeg_cut_off_halfway_is_caught_and_each_image_checked_once(safemt_dir, tmp_path, monkeypatch):
+    import numpy as np
+
+    import data_prep.images
+
+    record = next(r for r in json.loads((safemt_dir / "1_turn.json").read_text()) if r["image_path"].endswith(".jpg"))
+    image = safemt_dir / record["image_path"]
+    noise = np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(image, format="JPEG")
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) // 2])
+    with Image.open(image) as cut:
+        cut.verify()  # the header check alone passes: only a full decode finds the damage
+
+    calls = Counter()
+    real_check = data_prep.images.check_image
+
+    def counting_check(path):
+        calls[path] += 1
+        return real_check(path)
+
+    monkeypatch.setattr(data_prep.images, "check_image", counting_check)
+    _, stats, entries = run(safemt_dir, tmp_path)
+    assert len(entries) == 3
+    for entry in entries:
+        assert entry["id"] == record["id"] and entry["field"] == "image_path"
+        assert (
+            "cannot be decoded" in entry["reason"] and "truncated" in entry["reason"] and str(image) in entry["reason"]
+        )
+    assert len(calls) == 52 and set(calls.values()) == {1}
+
+
+def test_non_utf8_file_is_quarantined_whole_with_its_position(safemt_dir, tmp_path):
+    path = safemt_dir / "2_turn.json"
+    data = path.read_bytes()
+    offset = data.index(b'"question": "') + len(b'"question": "') + 3
+    path.write_bytes(data[:offset] + b"\xe9" + data[offset + 1 :])  # a Latin-1 e-acute
+    code, stats, entries = run(safemt_dir, tmp_path)
+    entry = only(entries)
+    assert_names(entry, path, None, None, "<file>")
+    line = data[:offset].count(b"\n") + 1
+    assert f"not valid UTF-8: byte 0xe9 at byte offset {offset} (line {line})" in entry["reason"]
+    assert "whole file" in entry["message"]
+    assert code == 0 and stats["converted"] == 104 and stats["read"] == 105
+
+
+def test_truncated_json_file_names_line_column_and_record(safemt_dir, tmp_path):
+    path = safemt_dir / "4_turn.json"
+    text = path.read_text()
+    starts = [m.start() for m in re.finditer(r'"id": "', text)]
+    cut = (starts[20] + starts[21]) // 2  # inside record #20
+    path.write_text(text[:cut])
+    record_20 = json.loads(text)[20]
+    _, stats, entries = run(safemt_dir, tmp_path)
+    entry = only(entries)
+    assert_names(entry, path, None, record_20["id"], "<file>")
+    line = text[:cut].count("\n") + 1
+    assert re.search(rf"invalid JSON at line {line} column \d+ \(char \d+\)", entry["reason"])
+    assert "parsing stopped in record #20" in entry["reason"] and "truncated" in entry["reason"]
+    assert stats["converted"] == 104
+
+
+def test_strict_mode_exits_non_zero_and_writes_no_dataset(safemt_dir, tmp_path, capsys):
+    edit(safemt_dir, 1, lambda r: r[0].update(scenario="Space Piracy"))
+    code, stats, entries = run(safemt_dir, tmp_path, "--strict")
+    assert code == 1 and len(entries) == 1 and stats["dataset"] is None
+    assert not (tmp_path / "out" / "dataset").exists()
+    assert "--strict: 1 record(s) quarantined" in capsys.readouterr().err
+
+
+def test_strict_mode_with_clean_input_succeeds(safemt_dir, tmp_path):
+    code, stats, entries = run(safemt_dir, tmp_path, "--strict", "--safemt_turns", "1")
+    assert code == 0 and entries == [] and stats["read"] == stats["converted"] == 52
+
+
+def test_bad_benign_rows_are_quarantined_by_line(safemt_dir, tmp_path):
+    good = {"id": "ok_1", "messages": [{"role": "user", "content": "Nice weather today."}]}
+    unknown_role = {
+        "id": "bad_1",
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "robot", "content": "Beep"}],
+    }
+    missing_image = {"id": "bad_2", "messages": [{"role": "user", "content": "Look"}], "images": ["nope.png"]}
+    path = tmp_path / "benign.jsonl"
+    path.write_bytes(
+        (json.dumps(good) + "\n").encode()
+        + b'{"id": "broken", "messages": [\n'
+        + b'{"id": "latin1", "messages": "caf\xe9"}\n'
+        + (json.dumps(unknown_role) + "\n").encode()
+        + (json.dumps(missing_image) + "\n").encode()
+    )
+    out = tmp_path / "out"
+    code = main(["--safemt", str(safemt_dir), "--out", str(out), "--benign", str(path), "--benign_ratio", "5"])
+    assert code == 0
+    stats = json.loads((out / "stats.json").read_text())
+    entries = {e["index"]: e for e in map(json.loads, (out / "quarantine.jsonl").read_text().splitlines())}
+    assert stats["by_input"]["benign"] == {"read": 5, "converted": 1, "quarantined": 4}
+    assert_names(entries[1], path, 1, None, "<line>")
+    assert "line 2 is not valid JSON" in entries[1]["reason"]
+    assert_names(entries[2], path, 2, None, "<line>")
+    assert "line 3 is not valid UTF-8" in entries[2]["reason"]
+    assert_names(entries[3], path, 3, "bad_1", "messages[1].role")
+    assert entries[3]["reason"] == "unknown role 'robot'"
+    assert_names(entries[4], path, 4, "bad_2", "images")
+    assert entries[4]["reason"] == f"image file not found: {tmp_path / 'nope.png'}"
