@@ -41,12 +41,14 @@ def load_model_and_processor(path: str | Path, trust_remote_code: bool = False, 
 
     path = Path(path)
     if (path / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM, PeftConfig
+        from peft import PeftConfig, PeftModel
 
+        # AutoPeftModelForCausalLM does not map VLMs: load the base as image-text-to-text, then the adapter.
         base = PeftConfig.from_pretrained(path).base_model_name_or_path
-        model = AutoPeftModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        base_model = AutoModelForImageTextToText.from_pretrained(
+            base, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
+        model = PeftModel.from_pretrained(base_model, path)
         processor_source = path if (path / "processor_config.json").exists() else base
     else:
         model = AutoModelForImageTextToText.from_pretrained(
@@ -114,7 +116,20 @@ class Moderator:
     ) -> list[Verdict]:
         if image_turns is None:
             image_turns = [SAFEMT_IMAGE_TURNS[: len(imgs)] for imgs in images]
-        texts = self.prompt_texts(dialogues, image_turns)
+        return self.moderate_texts(self.prompt_texts(dialogues, image_turns), images, max_new_tokens)
+
+    def moderate_rendered(
+        self, prompts: Sequence[Sequence[Mapping[str, Any]]], images: Sequence[Sequence[Any]], max_new_tokens: int = 64
+    ) -> list[Verdict]:
+        """Moderate prompts already rendered by the contract (e.g. a prepared dataset's messages minus the target)."""
+        texts = [
+            self.processor.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False) for p in prompts
+        ]
+        return self.moderate_texts(texts, images, max_new_tokens)
+
+    def moderate_texts(
+        self, texts: list[str], images: Sequence[Sequence[Any]], max_new_tokens: int = 64
+    ) -> list[Verdict]:
         scores = self.p_unsafe(texts, images)
         raws = self.generate(texts, images, max_new_tokens=max_new_tokens)
         verdicts = []

@@ -38,3 +38,37 @@ def safemt_dir(tmp_path) -> Path:
         shutil.copy(path, target / path.name)
     write_placeholder_images(target)
     return target
+
+
+@pytest.fixture(scope="session")
+def prepared_data_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The demo data recipe run on the real sample records: the dataset the trainer reads."""
+    from data_prep.build import main as build_data
+    from moderator.images import write_placeholder_images
+
+    root = tmp_path_factory.mktemp("prepared")
+    safemt = root / "safemt"
+    safemt.mkdir()
+    for path in SAMPLE_DIR.glob("*_turn.json"):
+        shutil.copy(path, safemt / path.name)
+    write_placeholder_images(safemt)
+    out = root / "data"
+    argv = ["--config", str(REPO_ROOT / "configs/data/demo.yaml"), "--safemt", str(safemt), "--out", str(out)]
+    argv += ["--benign", str(REPO_ROOT / "tests/data/benign_sample.jsonl"), "--processor", str(tiny_model_dir)]
+    assert build_data(argv) == 0
+    return out
+
+
+def tiny_recipe_args(model_dir: Path, data_dir: Path, output_dir: Path, *overrides: str) -> list[str]:
+    """Command-line arguments running the tiny CPU recipe on test paths."""
+    return [
+        "--config",
+        str(REPO_ROOT / "configs/sft/tiny_cpu.yaml"),
+        "--model_name_or_path",
+        str(model_dir),
+        "--dataset_path",
+        str(data_dir),
+        "--output_dir",
+        str(output_dir),
+        *overrides,
+    ]

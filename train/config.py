@@ -1,0 +1,43 @@
+"""Script arguments for ``train/sft.py``; TRL's ``SFTConfig`` and ``ModelConfig`` hold the rest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# LoRA on the language model's linear layers only: the vision tower also has gate/up/down_proj,
+# so a plain list of module names would silently wrap it too.
+LM_LINEAR_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+@dataclass
+class ModeratorScriptArguments:
+    dataset_path: str = field(
+        default="runs/demo/data",
+        metadata={"help": "Output folder of `python -m data_prep.build` (holds dataset/ and stats.json)."},
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_eval_split: str = field(default="validation", metadata={"help": "Split for evaluation during training."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
+    taxonomy_path: str | None = field(
+        default=None, metadata={"help": "Taxonomy YAML; default configs/policies/safemt.yaml."}
+    )
+    min_pixels: int | None = field(default=None, metadata={"help": "Lower bound on image pixels for the processor."})
+    max_pixels: int | None = field(
+        default=None, metadata={"help": "Upper bound on image pixels (bounds image tokens)."}
+    )
+    freeze_vision_tower: bool = field(default=True, metadata={"help": "Keep the vision tower frozen (full FT)."})
+    lora_target_regex: str | None = field(
+        default=LM_LINEAR_REGEX,
+        metadata={"help": "Regex of modules LoRA wraps; overrides --lora_target_modules when set."},
+    )
+    moderation_eval_samples: int = field(
+        default=64,
+        metadata={"help": "Validation dialogues scored for verdict accuracy / unsafe F1 / category accuracy (0: off)."},
+    )
+    moderation_eval_max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per eval verdict."})
+    moderation_eval_threshold: float = field(default=0.5, metadata={"help": "P(unsafe) threshold for eval metrics."})
+    fresh_start: bool = field(
+        default=False,
+        metadata={"help": "Ignore checkpoints in output_dir and train from scratch (default: resume from the last)."},
+    )

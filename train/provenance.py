@@ -1,0 +1,79 @@
+"""What a training run records about itself: taxonomy, data fingerprint, commit, resolved config.
+
+Secrets never reach these records: token/key-like fields and values are redacted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from moderator.contract import PROMPT_FORMAT_VERSION
+from moderator.taxonomy import REPO_ROOT, Taxonomy
+
+PROVENANCE_FILE = "moderator_run.json"
+_SECRET_KEY = re.compile(r"(hub_token|api_key|apikey|secret|password|access_token|auth_token)", re.IGNORECASE)
+_SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{8,}|sk-[A-Za-z0-9_-]{8,}|wandb_[A-Za-z0-9]{8,})")
+REDACTED = "<redacted>"
+
+
+def redact(value: Any, key: str = "") -> Any:
+    if isinstance(value, Mapping):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    if isinstance(value, str) and (_SECRET_KEY.search(key) or _SECRET_VALUE.match(value)):
+        return REDACTED
+    return value
+
+
+def git_commit(repo: Path = REPO_ROOT) -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": "unknown", "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def data_fingerprint(dataset_path: str | Path, datasets: Mapping[str, Any]) -> dict[str, Any]:
+    """Fingerprints of the splits used, plus the sha256 of data prep's stats.json when present."""
+    out: dict[str, Any] = {name: getattr(ds, "_fingerprint", None) for name, ds in datasets.items() if ds is not None}
+    stats = Path(dataset_path) / "stats.json"
+    if stats.exists():
+        out["stats_sha256"] = hashlib.sha256(stats.read_bytes()).hexdigest()
+    out["rows"] = {name: len(ds) for name, ds in datasets.items() if ds is not None}
+    return out
+
+
+def _as_dict(config: Any) -> dict[str, Any]:
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return dataclasses.asdict(config)
+
+
+def run_provenance(
+    taxonomy: Taxonomy, dataset_path: str | Path, datasets: Mapping[str, Any], *configs: Any
+) -> dict[str, Any]:
+    return redact(
+        {
+            **taxonomy.provenance(),
+            "prompt_format_version": PROMPT_FORMAT_VERSION,
+            "data": data_fingerprint(dataset_path, datasets),
+            "git": git_commit(),
+            "config": {type(c).__name__: _as_dict(c) for c in configs},
+        }
+    )
+
+
+def write_provenance(output_dir: str | Path, provenance: Mapping[str, Any]) -> Path:
+    path = Path(output_dir) / PROVENANCE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(provenance, indent=2, default=str))
+    return path
