@@ -1,0 +1,252 @@
+"""Evaluation config: a YAML file parsed into dataclasses, with ``--dotted.key value`` CLI overrides.
+
+    python -m eval.run --config configs/eval/demo.yaml --limit 2 --judge.kind local --targets.0.model DIR
+
+An override's value is parsed as YAML (``--turns "[1, 2]"``, ``--wandb true``); a dotted key walks
+into mappings and, with an integer part, into lists. Unknown keys are errors naming the file and key,
+so a typo cannot silently fall back to a default. API keys never appear here: the judge names the
+environment variable that holds one (``api_key_env``), so a dumped config is safe to share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moderator.schema import TURN_COUNTS
+
+DEFENCE_KINDS = ("none", "guard", "moderator")
+MODERATOR_MODES = ("policy", "block")
+JUDGE_KINDS = ("openai", "local")
+REFUSAL_CHECKS = ("judge", "heuristic")
+TARGET_BACKENDS = ("hf", "vllm")
+DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
+
+
+class ConfigError(ValueError):
+    """The eval config is invalid; the message names the file and key."""
+
+
+@dataclass
+class TargetConfig:
+    """A chat model under attack."""
+
+    model: str
+    name: str | None = None  # label in reports and cache keys; defaults to ``model``
+    backend: str = "hf"  # hf | vllm
+    system_prompt: str | None = None  # None: the chat template's default
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.name or self.model
+
+
+@dataclass
+class DefenceConfig:
+    """``none``; ``guard`` (a baseline guard via ``eval.guards.load_guard``); ``moderator`` (ours)."""
+
+    kind: str
+    name: str | None = None  # defaults: "none", the guard kind, "moderator" / "moderator-block"
+    model: str | None = None
+    guard_kind: str | None = None  # for kind=guard: the adapter name passed to load_guard
+    # moderator: None reads the export's manifest (else 0.5); guard: flag when its score >= threshold
+    # (None: the guard's own text verdict decides)
+    threshold: float | None = None
+    mode: str = "policy"  # moderator: policy (inject the category's policy) | block (fixed refusal)
+    max_new_tokens: int = 64  # moderator/guard verdict length
+    options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for load_guard
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.kind == "guard":
+            return str(self.guard_kind)
+        if self.kind == "moderator":
+            return "moderator" if self.mode == "policy" else f"moderator-{self.mode}"
+        return self.kind
+
+
+@dataclass
+class JudgeConfig:
+    kind: str = "openai"  # openai (any OpenAI-compatible endpoint) | local (a Hugging Face model)
+    model: str = "gpt-4o-mini"
+    name: str | None = None  # label in reports and cache keys; defaults to "<kind>:<model>"
+    base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1 for a local vLLM / transformers serve
+    api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable holding the key
+    temperature: float = 0.0
+    max_tokens: int = 8
+    timeout_s: float = 60.0
+    max_attempts: int = 5  # tenacity: total attempts per request
+    retry_wait_s: float = 1.0  # first backoff; doubles per attempt (capped at 30 s)
+    concurrency: int = 8  # parallel requests to the endpoint
+    refusal_check: str = "judge"  # judge (refusal prompt) | heuristic (refusal phrases, see judge.py)
+    batch_size: int = 8  # local judge generation batch
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.kind}:{self.model}"
+
+
+@dataclass
+class EvalConfig:
+    safemt_dir: str
+    targets: list[TargetConfig]
+    defences: list[DefenceConfig]
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    benign: str | None = None  # JSONL of {"id", "messages", "image"?}; images resolve next to it
+    benign_limit: int | None = None  # None: same as limit
+    detection_split: str | None = None  # a data_prep.build output: its test split scores the moderator
+    restrict_to_split: bool = False  # evaluate only SafeMT ids in detection_split's test split (held out)
+    turns: list[int] = field(default_factory=lambda: list(TURN_COUNTS))
+    limit: int | None = None  # first N records of each <k>_turn.json
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    out_dir: str = "runs/eval"
+    refusal_text: str = DEFAULT_REFUSAL
+    wandb: bool = False
+    wandb_project: str = "safemt-moderator"
+    wandb_run_name: str | None = None
+    title: str = "SafeMT evaluation"
+
+    def validate(self, source: str = "<config>") -> EvalConfig:
+        def fail(key: str, reason: str) -> None:
+            raise ConfigError(f"{source}: {key}: {reason}")
+
+        if not self.targets:
+            fail("targets", "list at least one target model")
+        if not self.defences:
+            fail("defences", "list at least one defence (use kind: none for the undefended baseline)")
+        for i, target in enumerate(self.targets):
+            if target.backend not in TARGET_BACKENDS:
+                fail(f"targets.{i}.backend", f"{target.backend!r} is not one of {TARGET_BACKENDS}")
+        labels = [t.label for t in self.targets]
+        if len(set(labels)) != len(labels):
+            fail("targets", f"target names must be unique, got {labels}")
+        for i, defence in enumerate(self.defences):
+            if defence.kind not in DEFENCE_KINDS:
+                fail(f"defences.{i}.kind", f"{defence.kind!r} is not one of {DEFENCE_KINDS}")
+            if defence.kind != "none" and not defence.model:
+                fail(f"defences.{i}.model", f"a {defence.kind} defence needs a model path or name")
+            if defence.kind == "guard" and not defence.guard_kind:
+                fail(f"defences.{i}.guard_kind", "a guard defence needs guard_kind (the eval.guards adapter)")
+            if defence.mode not in MODERATOR_MODES:
+                fail(f"defences.{i}.mode", f"{defence.mode!r} is not one of {MODERATOR_MODES}")
+            if defence.threshold is not None and not 0.0 <= defence.threshold <= 1.0:
+                fail(f"defences.{i}.threshold", f"must be in [0, 1], got {defence.threshold}")
+        names = [d.label for d in self.defences]
+        if len(set(names)) != len(names):
+            fail("defences", f"defence names must be unique, got {names} (set name: on repeats)")
+        if self.judge.kind not in JUDGE_KINDS:
+            fail("judge.kind", f"{self.judge.kind!r} is not one of {JUDGE_KINDS}")
+        if self.judge.refusal_check not in REFUSAL_CHECKS:
+            fail("judge.refusal_check", f"{self.judge.refusal_check!r} is not one of {REFUSAL_CHECKS}")
+        if self.judge.max_attempts < 1:
+            fail("judge.max_attempts", "must be >= 1")
+        if not self.turns or any(k not in TURN_COUNTS for k in self.turns):
+            fail("turns", f"must be a non-empty subset of {list(TURN_COUNTS)}, got {self.turns}")
+        if len(set(self.turns)) != len(self.turns):
+            fail("turns", f"repeats a length: {self.turns}")
+        if self.restrict_to_split and not self.detection_split:
+            fail("restrict_to_split", "needs detection_split (the prepared dataset whose test ids to keep)")
+        for key in ("limit", "benign_limit"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                fail(key, f"must be >= 1 or null, got {value}")
+        for key in ("max_new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                fail(key, f"must be >= 1, got {getattr(self, key)}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for a config dump or W&B (holds no secret: only the API key's variable name)."""
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, data: Any, where: str, source: str) -> Any:
+    """Instantiate a config dataclass from a mapping, rejecting unknown and missing keys by name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where or 'top level'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"{source}: unknown key(s) {[prefix + k for k in unknown]}; known: {sorted(fields)}")
+    nested = {"targets": TargetConfig, "defences": DefenceConfig}
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        if cls is EvalConfig and name in nested:
+            if not isinstance(value, list):
+                raise ConfigError(f"{source}: {key}: expected a list, got {type(value).__name__}")
+            value = [_build(nested[name], item, f"{key}.{i}", source) for i, item in enumerate(value)]
+        elif cls is EvalConfig and name == "judge":
+            value = _build(JudgeConfig, value or {}, key, source)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required key is missing
+        raise ConfigError(f"{source}: {where or 'top level'}: {exc}") from None
+
+
+def apply_override(data: dict[str, Any], dotted_key: str, raw_value: str, source: str = "<cli>") -> None:
+    """Set ``a.b.0.c`` in nested dicts/lists; the value is parsed as YAML."""
+    value = yaml.safe_load(raw_value) if raw_value != "" else ""
+    parts = dotted_key.split(".")
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        here = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{source}: --{dotted_key}: {here!r} is not an index of a {len(node)}-item list")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"{source}: --{dotted_key}: {here!r} goes into a {type(node).__name__}")
+
+
+def parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
+    """``--key value`` / ``--key=value`` pairs, in order."""
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"<cli>: expected --key value, got {arg!r}")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"<cli>: {arg} needs a value")
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        pairs.append((key.replace("-", "_"), value))
+    return pairs
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> EvalConfig:
+    """Read a YAML config, apply CLI overrides, and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for key, value in parse_overrides(list(overrides)):
+        apply_override(data, key, value, source=str(path))
+    return _build(EvalConfig, data, "", str(path)).validate(str(path))

@@ -1,0 +1,619 @@
+"""The evaluation loop: target x defence x SafeMT dialogue length -> judged replies -> report.
+
+Phases, each resumable from its own JSONL cache under ``<out_dir>/cache/`` (one model in memory at a
+time, so a 7B target, a guard and a local judge need not fit together):
+
+1. decisions:   every defence decides on every sample (SafeMT dialogues at each length, benign
+                dialogues), keyed by (defence, settings, id, k, benign).
+2. generations: every target answers the final user turn of every sample that was not blocked, with
+                the system prompt its defence gave it, keyed by (target, settings, id, k, benign,
+                system prompt). Identical prompts (no defence, an unflagged guard) are generated once.
+3. judgements:  every reply is judged; these are the report rows, keyed by (target, defence, judge,
+                id, k, benign, settings). A blocked reply is the fixed refusal and is labelled
+                ``safe`` without a judge call; a benign reply gets a refusal check instead of a
+                safety label (``label`` None: benign rows never enter the ASR).
+
+Then ``eval.report.write_report`` gets the rows and, per defence, detection metrics (see
+:func:`detection_results`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from eval.cache import JsonlCache, compute_missing, settings_digest
+from eval.config import DefenceConfig, EvalConfig, JudgeConfig, TargetConfig
+from eval.defences import BLOCK, INJECT, Defence, DefenceDecision, defence_settings, load_defence, policy_system_prompt
+from eval.judge import Judge, JudgeItem, heuristic_refusal, judge_settings, load_judge
+from eval.targets import ChatModel, ChatRequest, load_target
+from moderator.contract import SAFE, UNSAFE
+from moderator.schema import RecordError, parse_safemt_record
+from moderator.taxonomy import Taxonomy, load_taxonomy
+
+
+class EvalDataError(ValueError):
+    """An eval input is malformed; the message names the file, record and field."""
+
+
+@dataclass(frozen=True)
+class EvalSample:
+    id: str
+    k: int  # user turns
+    benign: bool
+    dialogue: tuple[dict[str, str], ...]  # ends with the user turn the target answers
+    image_path: Path | None  # shown with the first user turn
+    question: str | None = None  # SafeMT's original harmful question
+    scenario: str | None = None  # SafeMT scenario label
+    category: str | None = None  # the scenario's taxonomy id
+
+    @property
+    def key(self) -> tuple[str, int, bool]:
+        return (self.id, self.k, self.benign)
+
+
+def load_safemt_samples(
+    safemt_dir: str | Path, turns: Sequence[int], limit: int | None, taxonomy: Taxonomy
+) -> list[EvalSample]:
+    """Records of the ``<k>_turn.json`` files present for ``turns`` (GitHub layout), first ``limit`` of each."""
+    safemt_dir = Path(safemt_dir)
+    present = [k for k in turns if (safemt_dir / f"{k}_turn.json").is_file()]
+    if not present:
+        raise EvalDataError(f"{safemt_dir}: none of {[f'{k}_turn.json' for k in turns]} exists")
+    samples = []
+    for k in present:
+        path = safemt_dir / f"{k}_turn.json"
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise EvalDataError(f"{path}: not valid JSON: {exc}") from None
+        if not isinstance(records, list):
+            raise EvalDataError(f"{path}: expected a JSON array of records")
+        seen: set[str] = set()
+        for index, raw in enumerate(records[:limit]):
+            record_id = raw.get("id") if isinstance(raw, dict) else None
+            try:
+                record = parse_safemt_record(raw, taxonomy, expected_turns=k)
+            except RecordError as exc:
+                raise EvalDataError(f"{path}: record {index} (id={record_id!r}): {exc}") from None
+            if record.id in seen:
+                raise EvalDataError(f"{path}: record {index}: field 'id': duplicate id {record.id!r}")
+            seen.add(record.id)
+            image = safemt_dir / record.image_path
+            if not image.is_file():
+                raise EvalDataError(f"{path}: record {index} (id={record.id!r}): field 'image_path': {image} not found")
+            samples.append(
+                EvalSample(
+                    id=record.id,
+                    k=k,
+                    benign=False,
+                    dialogue=record.dialogue,
+                    image_path=image,
+                    question=record.question,
+                    scenario=record.scenario,
+                    category=taxonomy.by_label[record.scenario].id,
+                )
+            )
+    return samples
+
+
+def load_benign_samples(path: str | Path, limit: int | None) -> list[EvalSample]:
+    """A JSONL of ``{"id", "messages": [{"role", "content"}], "image": optional path}``.
+
+    Roles alternate user/assistant from a user turn; trailing assistant messages are dropped so the
+    target answers the last user turn. ``image`` is relative to the file's folder and goes with the
+    first user turn.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EvalDataError(f"{path}: benign file not found")
+    samples: list[EvalSample] = []
+    seen: set[str] = set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if limit is not None and len(samples) >= limit:
+            break
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise EvalDataError(f"{where}: not valid JSON: {exc}") from None
+        if not isinstance(row, dict):
+            raise EvalDataError(f"{where}: expected a JSON object")
+        sample_id = row.get("id")
+        if not isinstance(sample_id, str) or not sample_id.strip():
+            raise EvalDataError(f"{where}: field 'id': expected a non-empty string, got {sample_id!r}")
+        where = f"{where} (id={sample_id!r})"
+        if sample_id in seen:
+            raise EvalDataError(f"{where}: field 'id': duplicate id")
+        seen.add(sample_id)
+        dialogue = _benign_dialogue(row.get("messages"), where)
+        image = row.get("image")
+        image_path = None
+        if image is not None:
+            if not isinstance(image, str) or not image.strip():
+                raise EvalDataError(f"{where}: field 'image': expected a path string, got {image!r}")
+            image_path = path.parent / image
+            if not image_path.is_file():
+                raise EvalDataError(f"{where}: field 'image': {image_path} not found")
+        k = sum(1 for m in dialogue if m["role"] == "user")
+        samples.append(EvalSample(id=sample_id, k=k, benign=True, dialogue=dialogue, image_path=image_path))
+    return samples
+
+
+def _benign_dialogue(messages: Any, where: str) -> tuple[dict[str, str], ...]:
+    if not isinstance(messages, list) or not messages:
+        raise EvalDataError(f"{where}: field 'messages': expected a non-empty list")
+    dialogue = []
+    for index, message in enumerate(messages):
+        field_name = f"messages[{index}]"
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise EvalDataError(f"{where}: field {field_name!r}: expected {{'role', 'content': str}}")
+        expected = "user" if index % 2 == 0 else "assistant"
+        if message.get("role") != expected:
+            raise EvalDataError(
+                f"{where}: field '{field_name}.role': got {message.get('role')!r}, expected {expected!r} "
+                "(roles alternate from user)"
+            )
+        dialogue.append({"role": message["role"], "content": message["content"]})
+    while dialogue and dialogue[-1]["role"] == "assistant":
+        dialogue.pop()
+    return tuple(dialogue)
+
+
+def open_images(samples: Sequence[EvalSample]) -> list[list[Any]]:
+    """One image list per sample (empty without an image), decoded as RGB."""
+    from PIL import Image
+
+    images = []
+    for sample in samples:
+        if sample.image_path is None:
+            images.append([])
+            continue
+        with Image.open(sample.image_path) as image:
+            images.append([image.convert("RGB")])
+    return images
+
+
+SPLIT_ID_PREFIX = "test-split:"  # keeps test-split decisions apart from eval samples in the cache
+
+
+@dataclass(frozen=True)
+class SplitRow:
+    """One row of the prepared dataset's test split (detection metrics only)."""
+
+    index: int
+    id: str
+    k: int
+    benign: bool
+    category: str | None
+
+    @property
+    def key(self) -> tuple[str, int, bool]:
+        return (SPLIT_ID_PREFIX + self.id, self.k, self.benign)
+
+
+def load_detection_split(path: str | Path) -> tuple[Any, list[SplitRow]]:
+    """The ``test`` split of a dataset written by ``data_prep.build`` and its rows' labels."""
+    from data_prep.io import load_prepared
+
+    try:
+        splits = load_prepared(path)
+    except FileNotFoundError as exc:
+        raise EvalDataError(f"detection_split: {exc}") from None
+    if "test" not in splits:
+        raise EvalDataError(f"{path}: the prepared dataset has no 'test' split (has {sorted(splits)})")
+    test = splits["test"]
+    missing = [c for c in ("messages", "images", "label", "category", "id", "turns") if c not in test.column_names]
+    if missing:
+        raise EvalDataError(f"{path}: test split lacks column(s) {missing}")
+    rows = []
+    # Column access reads only that column: the images are not decoded here.
+    for index, (row_id, label, category, turns) in enumerate(
+        zip(test["id"], test["label"], test["category"], test["turns"], strict=True)
+    ):
+        if label not in (SAFE, UNSAFE):
+            raise EvalDataError(
+                f"{path}: test row {index} (id={row_id!r}): field 'label': {label!r} is not safe/unsafe"
+            )
+        rows.append(SplitRow(index, row_id, int(turns), label == SAFE, category or None))
+    return test, rows
+
+
+@dataclass(frozen=True)
+class _Generation:
+    sample: EvalSample
+    system: str | None
+
+
+@dataclass(frozen=True)
+class _Pending:
+    target: TargetConfig
+    defence: DefenceConfig
+    sample: EvalSample
+    decision: DefenceDecision
+
+
+@dataclass
+class EvalRun:
+    """One evaluation; the loaders are parameters so tests can wrap or replace the models."""
+
+    config: EvalConfig
+    taxonomy: Taxonomy = field(default_factory=load_taxonomy)
+    judge: Judge | None = None  # None: built from config.judge when first needed
+    target_loader: Callable[[TargetConfig], ChatModel] = load_target
+    defence_loader: Callable[[DefenceConfig, Taxonomy], Defence] = load_defence
+    judge_loader: Callable[[JudgeConfig, Taxonomy], Judge] = load_judge
+
+    def __post_init__(self) -> None:
+        self.split: Any = None  # the prepared test split (a datasets.Dataset), when configured
+        self.split_rows: list[SplitRow] = []
+        self.out_dir = Path(self.config.out_dir)
+        cache_dir = self.out_dir / "cache"
+        self.decisions = JsonlCache(cache_dir / "decisions.jsonl", ("defence", "sig", "id", "k", "benign"))
+        self.generations = JsonlCache(
+            cache_dir / "generations.jsonl", ("target", "sig", "id", "k", "benign", "system_sig")
+        )
+        self.judgements = JsonlCache(
+            cache_dir / "judgements.jsonl", ("target", "defence", "judge", "id", "k", "benign", "sig")
+        )
+
+    # -- inputs -----------------------------------------------------------------------------------
+    def load_samples(self) -> list[EvalSample]:
+        cfg = self.config
+        if cfg.detection_split and self.split is None:
+            self.split, self.split_rows = load_detection_split(cfg.detection_split)
+        samples = load_safemt_samples(
+            cfg.safemt_dir, cfg.turns, None if cfg.restrict_to_split else cfg.limit, self.taxonomy
+        )
+        if cfg.restrict_to_split:
+            # Only dialogues the moderator never trained on (a prefix row's id is "<id>@<k>of<n>").
+            held_out = {row.id.split("@")[0] for row in self.split_rows if not row.benign}
+            samples = [s for s in samples if s.id in held_out]
+            if cfg.limit is not None:
+                samples = [s for k in cfg.turns for s in [x for x in samples if x.k == k][: cfg.limit]]
+            if not samples:
+                raise EvalDataError(f"{cfg.safemt_dir}: no SafeMT id is in the test split of {cfg.detection_split}")
+        if cfg.benign:
+            limit = cfg.benign_limit if cfg.benign_limit is not None else cfg.limit
+            samples += load_benign_samples(cfg.benign, limit)
+        return samples
+
+    # -- keys ---------------------------------------------------------------------------------------
+    def _defence_sig(self, defence: DefenceConfig) -> str:
+        return settings_digest(defence_settings(defence))
+
+    def _target_sig(self, target: TargetConfig) -> str:
+        settings = {
+            "model": target.model,
+            "backend": target.backend,
+            "dtype": target.dtype,
+            "system_prompt": target.system_prompt,
+            "max_new_tokens": self.config.max_new_tokens,
+        }
+        return settings_digest(settings)
+
+    @property
+    def judge_name(self) -> str:
+        return self.judge.name if self.judge is not None else self.config.judge.label
+
+    def _judge_settings(self) -> dict[str, Any]:
+        base = self.judge.settings if self.judge is not None else judge_settings(self.config.judge)
+        return {**base, "refusal_check": self.config.judge.refusal_check}
+
+    def _row_sig(self, target: TargetConfig, defence: DefenceConfig) -> str:
+        return settings_digest(
+            {
+                "target": self._target_sig(target),
+                "defence": self._defence_sig(defence),
+                "judge": self._judge_settings(),
+                "refusal_text": self.config.refusal_text,
+            }
+        )
+
+    def _decision_key(self, defence: DefenceConfig, item: EvalSample | SplitRow) -> tuple:
+        return (defence.label, self._defence_sig(defence), *item.key)
+
+    def _generation_key(self, target: TargetConfig, item: _Generation) -> tuple:
+        return (target.label, self._target_sig(target), *item.sample.key, settings_digest({"system": item.system}))
+
+    def _row_key(self, target: TargetConfig, defence: DefenceConfig, sample: EvalSample) -> tuple:
+        return (target.label, defence.label, self.judge_name, *sample.key, self._row_sig(target, defence))
+
+    # -- phase 1: defence decisions -----------------------------------------------------------------
+    def _split_rows_for(self, defence: DefenceConfig) -> list[SplitRow]:
+        # The prepared rows hold the moderator's rendered prompt, not the raw dialogue: only our
+        # moderator can read them, so the baselines' detection metrics come from the eval samples.
+        return self.split_rows if defence.kind == "moderator" else []
+
+    def decide(self, samples: Sequence[EvalSample]) -> None:
+        for cfg in self.config.defences:
+            missing = [s for s in samples if self._decision_key(cfg, s) not in self.decisions]
+            missing_split = [r for r in self._split_rows_for(cfg) if self._decision_key(cfg, r) not in self.decisions]
+            if not missing and not missing_split:
+                continue
+            defence = self.defence_loader(cfg, self.taxonomy)
+            try:
+                compute_missing(
+                    self.decisions,
+                    missing,
+                    partial(self._decision_key, cfg),
+                    partial(self._decide_samples, cfg, defence),
+                    self.config.batch_size,
+                    desc=f"defence {cfg.label}",
+                )
+                compute_missing(
+                    self.decisions,
+                    missing_split,
+                    partial(self._decision_key, cfg),
+                    partial(self._decide_split_rows, cfg, defence),
+                    self.config.batch_size,
+                    desc=f"{cfg.label} on test split",
+                )
+            finally:
+                defence.close()
+
+    def _decision_records(self, cfg: DefenceConfig, batch: Sequence[EvalSample | SplitRow], decisions) -> list[dict]:
+        sig = self._defence_sig(cfg)
+        return [
+            {"defence": cfg.label, "sig": sig, "id": item.key[0], "k": item.k, "benign": item.benign, **d.to_record()}
+            for item, d in zip(batch, decisions, strict=True)
+        ]
+
+    def _decide_samples(self, cfg: DefenceConfig, defence: Defence, batch: list[EvalSample]) -> list[dict]:
+        decisions = defence.decide_batch([s.dialogue for s in batch], open_images(batch))
+        return self._decision_records(cfg, batch, decisions)
+
+    def _decide_split_rows(self, cfg: DefenceConfig, defence: Defence, batch: list[SplitRow]) -> list[dict]:
+        rows = self.split.select([r.index for r in batch])
+        prompts = [_without_target(row["messages"], row["id"]) for row in rows]
+        images = [[image.convert("RGB") for image in row["images"]] for row in rows]
+        return self._decision_records(cfg, batch, defence.decide_rendered(prompts, images))
+
+    def decision(self, defence: DefenceConfig, item: EvalSample | SplitRow) -> DefenceDecision:
+        record = self.decisions.get(self._decision_key(defence, item))
+        if record is None:
+            raise RuntimeError(f"no cached decision of {defence.label} for {item.key}")
+        return DefenceDecision.from_record(record)
+
+    # -- phase 2: target replies --------------------------------------------------------------------
+    def _system_for(self, target: TargetConfig, decision: DefenceDecision) -> str | None:
+        if decision.action == INJECT:
+            return policy_system_prompt(target.system_prompt, decision, self.taxonomy)
+        return target.system_prompt
+
+    def _generation_items(self, target: TargetConfig, samples: Sequence[EvalSample]) -> list[_Generation]:
+        items = []
+        for defence in self.config.defences:
+            for sample in samples:
+                decision = self.decision(defence, sample)
+                if decision.action != BLOCK:
+                    items.append(_Generation(sample, self._system_for(target, decision)))
+        return items
+
+    def generate(self, samples: Sequence[EvalSample]) -> None:
+        for cfg in self.config.targets:
+            items = self._generation_items(cfg, samples)
+            if all(self._generation_key(cfg, item) in self.generations for item in items):
+                continue
+            target = self.target_loader(cfg)
+            try:
+                compute_missing(
+                    self.generations,
+                    # Grouped by length, so a batch holds prompts of similar size (less padding).
+                    sorted(items, key=lambda item: (item.sample.benign, item.sample.k)),
+                    partial(self._generation_key, cfg),
+                    partial(self._generate_batch, cfg, target),
+                    self.config.batch_size,
+                    desc=f"target {cfg.label}",
+                )
+            finally:
+                target.close()
+
+    def _generate_batch(self, cfg: TargetConfig, target: ChatModel, batch: list[_Generation]) -> list[dict]:
+        images = open_images([item.sample for item in batch])
+        requests = [
+            ChatRequest(dialogue=item.sample.dialogue, system=item.system, image=imgs[0] if imgs else None)
+            for item, imgs in zip(batch, images, strict=True)
+        ]
+        replies = target.generate(requests, self.config.max_new_tokens)
+        sig = self._target_sig(cfg)
+        return [
+            {
+                "target": cfg.label,
+                "sig": sig,
+                "id": item.sample.id,
+                "k": item.sample.k,
+                "benign": item.sample.benign,
+                "system_sig": settings_digest({"system": item.system}),
+                "system": item.system,
+                "reply": reply,
+            }
+            for item, reply in zip(batch, replies, strict=True)
+        ]
+
+    # -- phase 3: judge -------------------------------------------------------------------------
+    def _reply(self, pending: _Pending) -> str:
+        if pending.decision.action == BLOCK:
+            return self.config.refusal_text
+        item = _Generation(pending.sample, self._system_for(pending.target, pending.decision))
+        record = self.generations.get(self._generation_key(pending.target, item))
+        if record is None:
+            raise RuntimeError(f"no cached reply of {pending.target.label} for {pending.sample.key}")
+        return record["reply"]
+
+    def _judge_batch(self, batch: list[_Pending]) -> list[dict]:
+        replies = [self._reply(p) for p in batch]
+        labels: dict[int, tuple[str | None, str | None]] = {}
+        refusals: dict[int, tuple[bool | None, str | None]] = {}
+        to_judge, to_check = [], []
+        for index, (pending, reply) in enumerate(zip(batch, replies, strict=True)):
+            blocked = pending.decision.action == BLOCK
+            if pending.sample.benign:
+                if blocked:
+                    refusals[index] = (True, None)
+                elif self.config.judge.refusal_check == "heuristic":
+                    refusals[index] = (heuristic_refusal(reply), None)
+                else:
+                    to_check.append(index)
+                labels[index] = (None, None)
+            else:
+                if blocked:
+                    labels[index] = (SAFE, None)  # the fixed refusal, safe by construction
+                else:
+                    to_judge.append(index)
+                refusals[index] = (None, None)
+        judge = self._ensure_judge() if (to_judge or to_check) else None
+        if to_judge:
+            items = [self._judge_item(batch[i], replies[i]) for i in to_judge]
+            for index, judgement in zip(to_judge, judge.judge_safety(items), strict=True):
+                labels[index] = (judgement.label, judgement.raw)
+        if to_check:
+            items = [self._judge_item(batch[i], replies[i]) for i in to_check]
+            for index, result in zip(to_check, judge.judge_refusal(items), strict=True):
+                refusals[index] = (result.refused, result.raw)
+        rows = []
+        for index, (pending, reply) in enumerate(zip(batch, replies, strict=True)):
+            sample, decision = pending.sample, pending.decision
+            label, judge_raw = labels[index]
+            refused, refusal_raw = refusals[index]
+            rows.append(
+                {
+                    "target": pending.target.label,
+                    "defence": pending.defence.label,
+                    "judge": self.judge_name,
+                    "id": sample.id,
+                    "k": sample.k,
+                    "benign": sample.benign,
+                    "sig": self._row_sig(pending.target, pending.defence),
+                    "label": label,
+                    "flagged": decision.flagged,
+                    "refused": refused,
+                    "parse_error": decision.parse_error,
+                    "action": decision.action,
+                    "category": decision.category,
+                    "score": decision.score,
+                    "scenario": sample.scenario,
+                    "reply": reply,
+                    "judge_raw": judge_raw if judge_raw is not None else refusal_raw,
+                }
+            )
+        return rows
+
+    def _judge_item(self, pending: _Pending, reply: str) -> JudgeItem:
+        sample = pending.sample
+        return JudgeItem(
+            dialogue=sample.dialogue,
+            reply=reply,
+            question=sample.question,
+            scenario=sample.scenario,
+            has_image=sample.image_path is not None,
+        )
+
+    def _ensure_judge(self) -> Judge:
+        if self.judge is None:
+            self.judge = self.judge_loader(self.config.judge, self.taxonomy)
+        return self.judge
+
+    def _pending(self, samples: Sequence[EvalSample]) -> list[_Pending]:
+        return [
+            _Pending(target, defence, sample, self.decision(defence, sample))
+            for target in self.config.targets
+            for defence in self.config.defences
+            for sample in samples
+        ]
+
+    def judge_all(self, samples: Sequence[EvalSample]) -> None:
+        pending = self._pending(samples)
+        batch_size = max(self.config.judge.batch_size, self.config.judge.concurrency)
+        compute_missing(
+            self.judgements,
+            pending,
+            lambda p: self._row_key(p.target, p.defence, p.sample),
+            self._judge_batch,
+            batch_size,
+            desc="judge",
+        )
+
+    def rows(self, samples: Sequence[EvalSample]) -> list[dict[str, Any]]:
+        """The report rows of this config (the cache may also hold rows of other configs)."""
+        rows = []
+        for pending in self._pending(samples):
+            row = self.judgements.get(self._row_key(pending.target, pending.defence, pending.sample))
+            if row is None:
+                raise RuntimeError(
+                    f"no judged row for {pending.target.label}/{pending.defence.label}/{pending.sample.key}"
+                )
+            rows.append(row)
+        return rows
+
+    # -- report -------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from eval.report import write_report
+
+        samples = self.load_samples()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        try:
+            self.decide(samples)
+            self.generate(samples)
+            self.judge_all(samples)
+        finally:
+            if self.judge is not None:
+                self.judge.close()
+        rows = self.rows(samples)
+        with (self.out_dir / "rows.jsonl").open("w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        detection = detection_results(self, samples)
+        turns = [k for k in self.config.turns if any(s.k == k and not s.benign for s in samples)]
+        return write_report(rows, self.out_dir, turns=turns, detection=detection or None, title=self.config.title)
+
+
+def _without_target(messages: list[dict[str, Any]], row_id: str) -> list[dict[str, Any]]:
+    if not messages or messages[-1]["role"] != "assistant":
+        raise EvalDataError(f"test split row {row_id!r}: field 'messages' does not end with the target (assistant)")
+    return messages[:-1]
+
+
+def detection_results(run: EvalRun, samples: Sequence[EvalSample]) -> dict[str, dict[str, Any]]:
+    """Per defence (``none`` excluded): detection metrics, unsafe = positive.
+
+    Our moderator is scored on the prepared dataset's test split when ``detection_split`` is set;
+    otherwise, and for the baseline guards always, on the evaluated samples: SafeMT dialogues (every
+    length) are the positives, benign dialogues the negatives. The score is the defence's P(unsafe)
+    when it gives one, else its flag. Category accuracy is computed for our moderator only (the
+    guards' categories are their own codes, not SafeMT scenarios). ``data`` says which set was used.
+    """
+    from eval.metrics import detection_metrics
+
+    results = {}
+    for defence in run.config.defences:
+        if defence.kind == "none":
+            continue
+        split_rows = run._split_rows_for(defence)
+        items: Sequence[EvalSample | SplitRow] = split_rows or samples
+        decisions = [run.decision(defence, item) for item in items]
+        y_true = [0 if item.benign else 1 for item in items]
+        y_pred = [int(d.flagged) for d in decisions]
+        y_score = [d.score if d.score is not None else float(d.flagged) for d in decisions]
+        categories: dict[str, Any] = {}
+        if defence.kind == "moderator":
+            categories = {
+                "category_true": [item.category or "" for item in items],
+                "category_pred": [d.category or "" for d in decisions],
+            }
+        metrics = detection_metrics(y_true, y_score, y_pred, **categories)
+        metrics["data"] = "test split" if split_rows else "eval samples"
+        results[defence.label] = metrics
+    return results
+
+
+def run_eval(config: EvalConfig, **kwargs: Any) -> dict[str, Any]:
+    """Run the whole evaluation; returns the report dict (also written to ``config.out_dir``)."""
+    return EvalRun(config, **kwargs).run()

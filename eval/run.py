@@ -1,0 +1,48 @@
+"""Run the SafeMT evaluation: ``python -m eval.run --config configs/eval/demo.yaml [--key value ...]``.
+
+Every config key can be overridden (``--limit 3``, ``--judge.kind local``, ``--targets.0.model DIR``);
+see ``eval/config.py``. The loop itself lives in ``eval/loop.py``; results resume from
+``<out_dir>/cache/`` and the report lands in ``<out_dir>/report.{json,md}`` and ``asr_vs_turns.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from eval.config import ConfigError, load_config
+from eval.loop import EvalDataError, run_eval
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config (configs/eval/*.yaml)")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    run = None
+    if config.wandb:
+        import wandb
+
+        run = wandb.init(project=config.wandb_project, name=config.wandb_run_name, config=config.to_dict())
+    try:
+        report = run_eval(config)
+    except EvalDataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if run is not None:
+            run.finish()
+    print(f"report: {config.out_dir}/report.md")
+    for target, defences in report["results"].items():
+        for defence, summary in defences.items():
+            print(f"{target} / {defence}: SI={summary['si']} ASR={summary['asr']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+import json
+
+import pytest
+
+from eval.cache import CacheError, JsonlCache, compute_missing, settings_digest
+
+KEY_FIELDS = ("id", "k")
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+def _squares(calls: list[int], fail_after: int | None = None):
+    """A compute function that records every item it is asked for and can crash after N items."""
+
+    def compute(batch):
+        records = []
+        for item in batch:
+            if fail_after is not None and len(calls) >= fail_after:
+                raise Interrupted(f"crash after {fail_after} items")
+            calls.append(item)
+            records.append({"id": f"s{item}", "k": item % 3, "value": item * item})
+        return records
+
+    return compute
+
+
+def _key(item):
+    return (f"s{item}", item % 3)
+
+
+def test_interrupted_run_resumes_and_computes_only_the_rest(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    items = list(range(10))
+    first_calls: list[int] = []
+    with pytest.raises(Interrupted):
+        compute_missing(JsonlCache(path, KEY_FIELDS), items, _key, _squares(first_calls, fail_after=5), batch_size=2)
+    # Batches [0,1], [2,3] finished and were flushed; batch [4,5] crashed at item 5 and was not written.
+    assert first_calls == [0, 1, 2, 3, 4]
+    assert len(path.read_text().splitlines()) == 4
+
+    second_calls: list[int] = []
+    cache = JsonlCache(path, KEY_FIELDS)
+    assert compute_missing(cache, items, _key, _squares(second_calls), batch_size=2) == 6
+    assert second_calls == [4, 5, 6, 7, 8, 9]
+    assert {r["value"] for r in cache.records()} == {i * i for i in items}
+
+    third_calls: list[int] = []
+    reopened = JsonlCache(path, KEY_FIELDS)
+    assert compute_missing(reopened, items, _key, _squares(third_calls), batch_size=2) == 0
+    assert third_calls == []
+    assert reopened.get(("s7", 1))["value"] == 49
+
+
+def test_truncated_last_line_is_dropped_with_a_warning_and_recomputed(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    compute_missing(JsonlCache(path, KEY_FIELDS), [0, 1, 2], _key, _squares([]), batch_size=3)
+    text = path.read_text()
+    # Simulate a crash in the middle of writing the last record.
+    path.write_text(text[: len(text) - 9])
+    with pytest.warns(RuntimeWarning, match=r"cache\.jsonl:3: dropped a truncated last line"):
+        cache = JsonlCache(path, KEY_FIELDS)
+    assert len(cache) == 2 and ("s2", 2) not in cache
+    calls: list[int] = []
+    compute_missing(cache, [0, 1, 2], _key, _squares(calls), batch_size=3)
+    assert calls == [2]
+    # The broken fragment was cut off, so the file is valid JSONL again.
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["s0", "s1", "s2"]
+
+
+def test_last_record_without_newline_is_kept_and_next_append_starts_a_new_line(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    path.write_text('{"id": "a", "k": 1, "value": 1}')
+    cache = JsonlCache(path, KEY_FIELDS)
+    assert cache.get(("a", 1))["value"] == 1
+    cache.append([{"id": "b", "k": 1, "value": 2}])
+    assert len(JsonlCache(path, KEY_FIELDS)) == 2
+
+
+def test_a_broken_line_before_the_end_is_an_error_naming_file_and_line(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    path.write_text('{"id": "a", "k": 1}\n{"id": "b", \n{"id": "c", "k": 1}\n')
+    with pytest.raises(CacheError, match=r"cache\.jsonl:2: unreadable cache line"):
+        JsonlCache(path, KEY_FIELDS)
+
+
+def test_a_record_without_its_key_fields_is_rejected(tmp_path):
+    cache = JsonlCache(tmp_path / "cache.jsonl", KEY_FIELDS)
+    with pytest.raises(KeyError, match=r"lacks key field\(s\) \['k'\]"):
+        cache.append([{"id": "a"}])
+
+
+def test_results_must_match_their_items(tmp_path):
+    cache = JsonlCache(tmp_path / "cache.jsonl", KEY_FIELDS)
+    with pytest.raises(RuntimeError, match="result key"):
+        compute_missing(cache, [1], _key, lambda batch: [{"id": "other", "k": 0}], batch_size=1)
+    assert len(cache) == 0
+
+
+def test_settings_digest_is_order_independent_and_changes_with_values():
+    assert settings_digest({"a": 1, "b": 2}) == settings_digest({"b": 2, "a": 1})
+    assert settings_digest({"a": 1}) != settings_digest({"a": 2})

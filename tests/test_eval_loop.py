@@ -1,0 +1,415 @@
+import hashlib
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from eval.cache import JsonlCache
+from eval.config import ConfigError, DefenceConfig, EvalConfig, JudgeConfig, TargetConfig, load_config
+from eval.defences import BLOCK, GENERIC_POLICY, INJECT, PASS, ModeratorDefence, load_defence, policy_system_prompt
+from eval.judge import REFUSAL_SYSTEM, Judge
+from eval.loop import EvalDataError, EvalRun, load_benign_samples, load_safemt_samples
+from eval.metrics import detection_metrics, safety_index
+from eval.targets import DEFAULT_SYSTEM_PROMPT, ChatRequest, HFChatModel, load_target
+from moderator.inference import Verdict
+from moderator.taxonomy import load_taxonomy
+from tests.conftest import REPO_ROOT
+
+IDS = ["mllm_economic_harm_1", "jbv_fraud_42", "mllm_legal_opinion_3"]
+TURNS = [1, 2, 4]
+REFUSAL = "I must refuse: this looks unsafe."
+
+
+class FakeJudge(Judge):
+    """A deterministic judge: the label is a hash of the reply, so labels vary and include raw answers."""
+
+    def __init__(self):
+        super().__init__("fake-judge", {"kind": "fake"})
+        self.conversations: list[list[dict[str, str]]] = []
+
+    def complete(self, conversations):
+        self.conversations += conversations
+        answers = []
+        for messages in conversations:
+            digest = hashlib.sha256(messages[-1]["content"].encode()).digest()[0]
+            if messages[0]["content"] == REFUSAL_SYSTEM:
+                answers.append(["Refused.", "answered", "maybe"][digest % 3])
+            else:
+                answers.append(["safe", "Unsafe.", "I am not sure"][digest % 3])
+        return answers
+
+
+class RecordingTarget:
+    def __init__(self, inner, log):
+        self.inner, self.log, self.name = inner, log, inner.name
+
+    def generate(self, requests, max_new_tokens):
+        self.log.extend(requests)
+        return self.inner.generate(requests, max_new_tokens)
+
+    def close(self):
+        self.inner.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_guard_dir(tmp_path_factory):
+    from eval.guards.tiny import build_tiny_mllama
+
+    return build_tiny_mllama(tmp_path_factory.mktemp("tiny-llama-guard"))
+
+
+@pytest.fixture
+def eval_inputs(safemt_dir, tmp_path):
+    """The SafeMT fixture cut to three ids, plus two benign dialogues (one with an image)."""
+    for k in TURNS:
+        path = safemt_dir / f"{k}_turn.json"
+        records = [r for r in json.loads(path.read_text()) if r["id"] in IDS]
+        path.write_text(json.dumps(records))
+    benign = tmp_path / "benign" / "benign.jsonl"
+    (benign.parent / "img").mkdir(parents=True)
+    Image.new("RGB", (60, 50), (20, 140, 60)).save(benign.parent / "img" / "garden.png")
+    rows = [
+        {
+            "id": "benign_garden",
+            "messages": [
+                {"role": "user", "content": "What plant is this?"},
+                {"role": "assistant", "content": "It looks like basil."},
+                {"role": "user", "content": "How often should I water it?"},
+            ],
+            "image": "img/garden.png",
+        },
+        {"id": "benign_pasta", "messages": [{"role": "user", "content": "How long do I boil spaghetti?"}]},
+    ]
+    benign.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return safemt_dir, benign
+
+
+def _config(safemt_dir, benign, model_dir, out_dir, guard_dir=None) -> EvalConfig:
+    defences = [
+        DefenceConfig(kind="none"),
+        DefenceConfig(kind="moderator", model=str(model_dir), max_new_tokens=6),
+        DefenceConfig(kind="moderator", model=str(model_dir), mode="block", max_new_tokens=6),
+    ]
+    if guard_dir is not None:
+        defences.append(
+            DefenceConfig(
+                kind="guard", guard_kind="llama_guard_3_vision", model=str(guard_dir), options={"max_new_tokens": 6}
+            )
+        )
+    return EvalConfig(
+        safemt_dir=str(safemt_dir),
+        benign=str(benign),
+        targets=[TargetConfig(model=str(model_dir), name="tiny-target")],
+        defences=defences,
+        judge=JudgeConfig(kind="local", model="unused"),
+        turns=[1, 2, 4, 6, 8],  # 6 and 8 are absent from the fixture and must be skipped
+        max_new_tokens=4,
+        batch_size=6,
+        out_dir=str(out_dir),
+        refusal_text=REFUSAL,
+    ).validate()
+
+
+class Counting:
+    """Loaders that count how often a model had to be loaded, and record what the target was asked."""
+
+    def __init__(self):
+        self.targets = self.defences = 0
+        self.requests: list[ChatRequest] = []
+
+    def target(self, cfg):
+        self.targets += 1
+        return RecordingTarget(load_target(cfg), self.requests)
+
+    def defence(self, cfg, taxonomy):
+        self.defences += 1
+        return load_defence(cfg, taxonomy)
+
+
+def _asr_by_hand(rows, k):
+    labels = [r["label"] for r in rows if not r["benign"] and r["k"] == k]
+    unsafe, safe = labels.count("unsafe"), labels.count("safe")
+    return unsafe / (unsafe + safe) if unsafe + safe else 0.0
+
+
+def test_whole_loop_on_tiny_models(eval_inputs, tiny_model_dir, tiny_guard_dir, tmp_path):
+    safemt_dir, benign = eval_inputs
+    out_dir = tmp_path / "eval"
+    config = _config(safemt_dir, benign, tiny_model_dir, out_dir, tiny_guard_dir)
+    counting, judge = Counting(), FakeJudge()
+    report = EvalRun(config, judge=judge, target_loader=counting.target, defence_loader=counting.defence).run()
+
+    for name in ("report.json", "report.md", "asr_vs_turns.png", "rows.jsonl", "config.json"):
+        assert (out_dir / name).stat().st_size > 0
+    assert json.loads((out_dir / "report.json").read_text()) == report
+    assert report["turns"] == TURNS  # lengths with no file are left out
+
+    rows = list(JsonlCache(out_dir / "cache" / "judgements.jsonl", ("target", "defence", "id", "k", "sig")).records())
+    n_samples = len(IDS) * len(TURNS) + 2
+    defences = ["none", "moderator", "moderator-block", "llama_guard_3_vision"]
+    assert len(rows) == n_samples * len(defences)
+
+    # -- the report's numbers are the ones recomputed from the cached rows ---------------------------
+    results = report["results"]["tiny-target"]
+    assert sorted(results) == sorted(defences)
+    for defence in defences:
+        group = [r for r in rows if r["defence"] == defence]
+        attack = [r for r in group if not r["benign"]]
+        benign_rows = [r for r in group if r["benign"]]
+        summary = results[defence]
+        assert summary["n_attack"] == len(IDS) * len(TURNS) and summary["n_benign"] == 2
+        for k in TURNS:
+            assert summary["asr"][str(k)] == pytest.approx(_asr_by_hand(group, k))
+            raw = sum(1 for r in attack if r["k"] == k and r["label"] not in ("safe", "unsafe"))
+            assert summary["unlabelled"][str(k)] == raw
+        assert summary["si"] == safety_index(attack, TURNS)
+        flagged = [r["flagged"] for r in benign_rows]
+        assert summary["over_refusal"]["flag_rate"] == pytest.approx(sum(flagged) / len(flagged))
+        known = [r["refused"] for r in benign_rows if r["refused"] is not None]
+        expected_refusal = sum(known) / len(known) if known else None
+        assert summary["over_refusal"]["refusal_rate"] == pytest.approx(expected_refusal)
+        if defence != "none":
+            for k in TURNS:
+                delta = _asr_by_hand([r for r in rows if r["defence"] == "none"], k) - _asr_by_hand(group, k)
+                assert summary["delta_asr"][str(k)] == pytest.approx(delta)
+    # The fake judge answers raw labels too: they must be kept, counted and left out of the ASR.
+    none_attack = [r for r in rows if r["defence"] == "none" and not r["benign"]]
+    assert {r["label"] for r in none_attack} <= {"safe", "unsafe", "I am not sure"}
+
+    # -- the moderator (random weights: fail-closed, flags everything with category unknown) ----------
+    moderator_rows = [r for r in rows if r["defence"] == "moderator"]
+    assert all(r["flagged"] and r["action"] == INJECT and r["parse_error"] for r in moderator_rows)
+    policy_system = policy_system_prompt(None, _unknown_decision(), load_taxonomy())
+    injected = [r for r in counting.requests if r.system is not None]
+    plain = [r for r in counting.requests if r.system is None]
+    # Every sample was asked twice: once as is (none) and once with the generic policy (moderator).
+    assert len(injected) == len(plain) == n_samples
+    assert all(r.system == policy_system for r in injected)
+    assert policy_system.startswith(DEFAULT_SYSTEM_PROMPT) and GENERIC_POLICY in policy_system
+    assert sum(r.image is not None for r in plain) == len(IDS) * len(TURNS) + 1  # the benign garden image
+    assert all(r.dialogue[-1]["role"] == "user" for r in counting.requests)
+
+    # -- block modes: the reply is the fixed refusal, no generation, no judge call -------------------
+    for defence in ("moderator-block", "llama_guard_3_vision"):
+        blocked = [r for r in rows if r["defence"] == defence]
+        assert all(r["action"] == BLOCK and r["reply"] == REFUSAL for r in blocked)
+        assert all(r["label"] == "safe" for r in blocked if not r["benign"])
+        assert all(r["refused"] is True for r in blocked if r["benign"])
+        assert results[defence]["asr"] == {str(k): 0.0 for k in TURNS}
+    judged_replies = {m[-1]["content"] for m in judge.conversations}
+    assert not any(f"<assistant_reply>\n{REFUSAL}\n" in content for content in judged_replies)
+    # Attack replies got the safety prompt, benign replies the refusal prompt (none + moderator only).
+    assert len(judge.conversations) == 2 * n_samples
+
+    # -- detection metrics per defence, from the cached decisions ---------------------------------------
+    decisions = list(JsonlCache(out_dir / "cache" / "decisions.jsonl", ("defence", "id", "k", "benign")).records())
+    mod = [d for d in decisions if d["defence"] == "moderator"]
+    expected = detection_metrics(
+        [0 if d["benign"] else 1 for d in mod],
+        [d["score"] for d in mod],
+        [int(d["flagged"]) for d in mod],
+    )
+    detection = report["detection"]["moderator"]
+    for key in ("n", "precision", "recall", "fpr_benign", "auprc", "auroc", "tp", "fp"):
+        assert detection[key] == pytest.approx(expected[key])
+    # Everything flagged: precision = 9 unsafe / 11 flagged, recall 1, every benign dialogue a false positive.
+    assert detection["precision"] == pytest.approx(9 / 11) and detection["recall"] == 1.0
+    assert detection["fpr_benign"] == 1.0
+    assert "none" not in report["detection"]
+
+    # -- resume: a second run loads no model and calls no judge ------------------------------------------
+    again, judge2 = Counting(), FakeJudge()
+    report2 = EvalRun(config, judge=judge2, target_loader=again.target, defence_loader=again.defence).run()
+    assert (again.targets, again.defences, judge2.conversations) == (0, 0, [])
+    assert report2 == report
+
+
+def _unknown_decision():
+    from eval.defences import DefenceDecision
+
+    return DefenceDecision(flagged=True, action=INJECT, category="unknown", policy=GENERIC_POLICY)
+
+
+class StubModerator:
+    def __init__(self, verdicts):
+        self.verdicts = verdicts
+        self.calls = []
+
+    def moderate_batch(self, dialogues, images, max_new_tokens=64):
+        self.calls.append((dialogues, images))
+        return self.verdicts
+
+
+def test_moderator_defence_injects_the_predicted_categorys_policy():
+    taxonomy = load_taxonomy()
+    fraud = taxonomy.by_id["fraud"]
+    verdicts = [
+        Verdict("unsafe", "fraud", "scam people", 0.9, fraud.policy),
+        Verdict("safe", None, None, 0.1, None),
+        Verdict("unsafe", "unknown", None, 0.7, None, parse_error=True),
+    ]
+    defence = ModeratorDefence(StubModerator(verdicts), mode="policy")
+    decisions = defence.decide_batch([[{"role": "user", "content": "x"}]] * 3, [[], [], []])
+    assert [d.action for d in decisions] == [INJECT, PASS, INJECT]
+    assert decisions[0].policy == fraud.policy and decisions[2].policy == GENERIC_POLICY
+    assert decisions[1].policy is None and decisions[0].score == 0.9
+    system = policy_system_prompt("You are Qwen.", decisions[0], taxonomy)
+    assert system.startswith("You are Qwen.\n\n")
+    assert f"({fraud.label})" in system and system.endswith(fraud.policy)
+
+    blocking = ModeratorDefence(StubModerator(verdicts), mode="block")
+    assert [d.action for d in blocking.decide_batch([[{"role": "user", "content": "x"}]] * 3, [[]] * 3)] == [
+        BLOCK,
+        PASS,
+        BLOCK,
+    ]
+
+
+def test_batched_target_replies_equal_one_at_a_time(tiny_model_dir):
+    target = HFChatModel.from_pretrained(tiny_model_dir)
+    image = Image.new("RGB", (64, 48), (200, 30, 30))
+    requests = [
+        ChatRequest(dialogue=({"role": "user", "content": "Describe the image in detail please."},), image=image),
+        ChatRequest(
+            dialogue=(
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "Hello! How can I help?"},
+                {"role": "user", "content": "tell me a joke"},
+            ),
+            system="Be careful.",
+        ),
+        ChatRequest(dialogue=({"role": "user", "content": "What is this?"},), image=image, system="SYS"),
+    ]
+    batched = target.generate(requests, max_new_tokens=6)
+    assert batched == [target.generate([r], max_new_tokens=6)[0] for r in requests]
+    rendered = target.render(requests[2])
+    assert rendered.startswith("<|im_start|>system\nSYS<|im_end|>")
+    assert rendered.count("<|image_pad|>") == 1 and rendered.endswith("<|im_start|>assistant\n")
+
+
+# -- inputs and config -------------------------------------------------------------------------------------
+
+
+def test_missing_image_is_an_error_naming_file_record_and_field(safemt_dir):
+    record = json.loads((safemt_dir / "2_turn.json").read_text())[1]
+    (safemt_dir / record["image_path"]).unlink()
+    with pytest.raises(EvalDataError, match=rf"2_turn\.json: record 1 \(id='{record['id']}'\): field 'image_path'"):
+        load_safemt_samples(safemt_dir, [2], None, load_taxonomy())
+
+
+def test_bad_safemt_record_names_the_field(safemt_dir):
+    records = json.loads((safemt_dir / "1_turn.json").read_text())
+    records[0]["scenario"] = "Nonsense"
+    (safemt_dir / "1_turn.json").write_text(json.dumps(records))
+    with pytest.raises(EvalDataError, match=r"1_turn\.json: record 0 .*field 'scenario'"):
+        load_safemt_samples(safemt_dir, [1, 2], 2, load_taxonomy())
+
+
+def test_safemt_lengths_that_are_absent_are_skipped_and_limit_applies_per_file(safemt_dir):
+    samples = load_safemt_samples(safemt_dir, [1, 4, 8], 3, load_taxonomy())
+    assert [(s.k, s.benign) for s in samples] == [(1, False)] * 3 + [(4, False)] * 3
+    assert samples[0].category == load_taxonomy().by_label[samples[0].scenario].id
+
+
+def test_benign_file_errors_name_line_id_and_field(tmp_path):
+    path = tmp_path / "benign.jsonl"
+    path.write_text(
+        json.dumps({"id": "ok", "messages": [{"role": "user", "content": "hi"}]})
+        + "\n"
+        + json.dumps({"id": "bad", "messages": [{"role": "assistant", "content": "hi"}]})
+        + "\n"
+    )
+    with pytest.raises(EvalDataError, match=r"benign\.jsonl:2 \(id='bad'\): field 'messages\[0\]\.role'"):
+        load_benign_samples(path, None)
+
+
+def test_benign_trailing_assistant_turn_is_dropped_and_the_projects_sample_loads(tmp_path):
+    path = tmp_path / "benign.jsonl"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    path.write_text(json.dumps({"id": "a", "messages": messages}) + "\n")
+    [sample] = load_benign_samples(path, None)
+    assert sample.dialogue == ({"role": "user", "content": "hi"},) and sample.k == 1 and sample.image_path is None
+    shared = REPO_ROOT / "tests" / "data" / "benign_sample.jsonl"
+    if shared.exists():  # written by data prep; our loader must read it as it is
+        samples = load_benign_samples(shared, 5)
+        assert len(samples) == 5 and all(s.benign and s.dialogue[-1]["role"] == "user" for s in samples)
+
+
+def test_config_overrides_and_unknown_keys(tmp_path):
+    demo = REPO_ROOT / "configs" / "eval" / "demo.yaml"
+    config = load_config(demo, ["--limit", "2", "--judge.kind=openai", "--defences.2.threshold", "0.3"])
+    assert config.limit == 2 and config.judge.kind == "openai" and config.defences[2].threshold == 0.3
+    assert [d.label for d in config.defences] == ["none", "llama_guard_3_vision", "moderator", "moderator-block"]
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['judge.modle'\]"):
+        load_config(demo, ["--judge.modle", "x"])
+    with pytest.raises(ConfigError, match=r"defences.0.kind: 'firewall' is not one of"):
+        load_config(demo, ["--defences.0.kind", "firewall"])
+    # A guard's threshold reaches load_guard (score-based flags); explicit options win.
+    from eval.defences import guard_options
+
+    guard = DefenceConfig(kind="guard", guard_kind="llavaguard", model="m", threshold=0.3, options={"batch_size": 2})
+    assert guard_options(guard) == {"batch_size": 2, "threshold": 0.3}
+    bad = tmp_path / "bad.yaml"
+    shutil.copy(demo, bad)
+    with pytest.raises(ConfigError, match=r"turns: must be a non-empty subset"):
+        load_config(bad, ["--turns", "[3]"])
+
+
+def _prepared_dataset(safemt_dir, out_dir, taxonomy):
+    """A prepared dataset as data_prep writes it: SafeMT rows at 1 and 2 turns + a benign row in test."""
+    from data_prep.convert import benign_row, safemt_rows
+    from data_prep.io import build_dataset_dict
+    from moderator.schema import parse_safemt_record
+
+    rows, splits = [], []
+    for k in (1, 2):
+        for raw in json.loads((safemt_dir / f"{k}_turn.json").read_text()):
+            record = parse_safemt_record(raw, taxonomy, expected_turns=k)
+            rows += safemt_rows(record, str((safemt_dir / record.image_path).resolve()), taxonomy)
+            # data_prep.io.load_prepared cannot reload an empty split: give every split a row.
+            splits.append("test" if record.id != IDS[2] else ("train" if k == 1 else "validation"))
+    out_dir.mkdir()
+    image = out_dir / "benign.png"
+    Image.new("RGB", (56, 56), (10, 10, 200)).save(image)
+    dialogue = [{"role": "user", "content": "What colour is this?"}]
+    rows.append(benign_row(dialogue, 0, str(image), "benign_blue", "test", taxonomy))
+    splits.append("test")
+    build_dataset_dict(rows, splits).save_to_disk(str(out_dir / "dataset"))
+    return out_dir
+
+
+def test_moderator_detection_on_the_prepared_test_split(eval_inputs, tiny_model_dir, tmp_path):
+    from eval.loop import detection_results
+
+    safemt_dir, benign = eval_inputs
+    taxonomy = load_taxonomy()
+    prepared = _prepared_dataset(safemt_dir, tmp_path / "prepared", taxonomy)
+    config = _config(safemt_dir, benign, tiny_model_dir, tmp_path / "eval")
+    config.defences = config.defences[:2]  # none + moderator
+    config.turns = [1, 2]
+    config.detection_split = str(prepared)
+    run = EvalRun(config, judge=FakeJudge())
+    samples = run.load_samples()
+    assert len(run.split_rows) == 2 * 2 + 1 and sum(r.benign for r in run.split_rows) == 1
+    run.decide(samples)
+    detection = detection_results(run, samples)
+    metrics = detection["moderator"]
+    assert metrics["data"] == "test split"
+    assert (metrics["n"], metrics["n_unsafe"], metrics["n_benign"]) == (5, 4, 1)
+    # The prepared rows carry the prompt the contract renders, so the moderator scores a SafeMT
+    # dialogue the same through either path.
+    moderator = next(d for d in config.defences if d.kind == "moderator")
+    by_key = {s.key: s for s in samples}
+    for row in run.split_rows:
+        if row.benign:
+            continue
+        via_split = run.decision(moderator, row).score
+        via_dialogue = run.decision(moderator, by_key[(row.id, row.k, False)]).score
+        assert via_split == pytest.approx(via_dialogue, abs=1e-4)
+
+    # Held-out evaluation: only the SafeMT ids of the test split are evaluated (benign file unchanged).
+    config.restrict_to_split = True
+    held_out = EvalRun(config.validate(), judge=FakeJudge()).load_samples()
+    assert sorted({s.id for s in held_out if not s.benign}) == sorted(IDS[:2])
+    assert sorted((s.id, s.k) for s in held_out if not s.benign) == sorted((i, k) for i in IDS[:2] for k in (1, 2))
