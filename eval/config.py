@@ -22,7 +22,7 @@ from moderator.schema import TURN_COUNTS
 
 DEFENCE_KINDS = ("none", "guard", "moderator")
 MODERATOR_MODES = ("policy", "block")
-JUDGE_KINDS = ("openai", "local")
+JUDGE_KINDS = ("openai", "local", "refusal_match")
 REFUSAL_CHECKS = ("judge", "heuristic")
 TARGET_BACKENDS = ("hf", "vllm")
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
@@ -76,7 +76,7 @@ class DefenceConfig:
 
 @dataclass
 class JudgeConfig:
-    kind: str = "openai"  # openai (any OpenAI-compatible endpoint) | local (a Hugging Face model)
+    kind: str = "openai"  # openai (any OpenAI-compatible endpoint) | local (a HF model) | refusal_match (keywords)
     model: str = "gpt-4o-mini"
     name: str | None = None  # label in reports and cache keys; defaults to "<kind>:<model>"
     base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1 for a local vLLM / transformers serve
