@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from moderator.taxonomy import load_taxonomy
@@ -60,10 +61,9 @@ def tokenizer_corpus() -> list[str]:
     return texts
 
 
-def build_tiny_tokenizer(vocab_size: int = VOCAB_SIZE):
-    """A byte-level BPE in Qwen2's layout, wrapped in ``Qwen2Tokenizer`` with the Qwen special tokens."""
+def train_byte_level_bpe(corpus: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = ()):
+    """A ``tokenizers`` byte-level BPE with Qwen2's split regex; ``special_tokens`` get ids 0..n-1."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
 
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -74,11 +74,21 @@ def build_tiny_tokenizer(vocab_size: int = VOCAB_SIZE):
     )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(SPECIAL_TOKENS),
+        vocab_size=vocab_size,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=list(special_tokens),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(tokenizer_corpus(), trainer=trainer)
+    tokenizer.train_from_iterator(list(corpus), trainer=trainer)
+    return tokenizer
+
+
+def build_tiny_tokenizer(vocab_size: int = VOCAB_SIZE):
+    """A byte-level BPE in Qwen2's layout, wrapped in ``Qwen2Tokenizer`` with the Qwen special tokens."""
+    from transformers import Qwen2Tokenizer
+
+    # Qwen's special tokens come after the learned vocabulary, as in the real checkpoints.
+    tokenizer = train_byte_level_bpe(tokenizer_corpus(), vocab_size - len(SPECIAL_TOKENS))
     # Wrap vocab and merges in the class the real checkpoints load as.
     model = json.loads(tokenizer.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]

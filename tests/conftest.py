@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,6 +21,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = "127.0.0.1"  # test servers listen on loopback only
 SAMPLE_DIR = REPO_ROOT / "tests" / "data" / "safemt_sample"
 
 
@@ -72,3 +78,48 @@ def tiny_recipe_args(model_dir: Path, data_dir: Path, output_dir: Path, *overrid
         str(output_dir),
         *overrides,
     ]
+
+
+# -- an OpenAI-compatible server on loopback: `transformers serve` with the tiny model --------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_health(url: str, process: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"transformers serve exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url}/health did not answer within {timeout_s} s")
+
+
+@pytest.fixture(scope="session")
+def served_model(tiny_model_dir, tmp_path_factory):
+    """``transformers serve`` on a loopback port with the tiny model; killed after the session."""
+    port = _free_port()
+    hub_cache = tmp_path_factory.mktemp("hf-hub-cache")  # /v1/models needs an existing cache dir
+    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
+    cli = Path(sys.executable).parent / "transformers"
+    env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
+    cmd = [str(cli), "serve", str(tiny_model_dir), "--host", LOOPBACK, "--port", str(port), "--device", "cpu"]
+    process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://{LOOPBACK}:{port}"
+    try:
+        _wait_for_health(url, process, timeout_s=90)
+        yield f"{url}/v1", str(tiny_model_dir)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        log.close()

@@ -413,3 +413,29 @@ def test_moderator_detection_on_the_prepared_test_split(eval_inputs, tiny_model_
     held_out = EvalRun(config.validate(), judge=FakeJudge()).load_samples()
     assert sorted({s.id for s in held_out if not s.benign}) == sorted(IDS[:2])
     assert sorted((s.id, s.k) for s in held_out if not s.benign) == sorted((i, k) for i in IDS[:2] for k in (1, 2))
+
+
+def test_whole_loop_judged_through_the_local_openai_compatible_server(
+    eval_inputs, tiny_model_dir, tiny_guard_dir, served_model, tmp_path, monkeypatch
+):
+    """Tiny target, tiny guard, tiny moderator and the judge as a real HTTP server on loopback."""
+    safemt_dir, benign = eval_inputs
+    base_url, served_name = served_model
+    monkeypatch.delenv("LOCAL_JUDGE_KEY", raising=False)  # a local server needs no key
+    config = _config(safemt_dir, benign, tiny_model_dir, tmp_path / "eval", tiny_guard_dir)
+    config.judge = JudgeConfig(
+        kind="openai", model=served_name, base_url=base_url, api_key_env="LOCAL_JUDGE_KEY", max_tokens=4
+    )
+    report = EvalRun(config.validate()).run()
+
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "rows.jsonl").read_text().splitlines()]
+    judged = [r for r in rows if r["defence"] in ("none", "moderator") and not r["benign"]]
+    assert len(judged) == 2 * len(IDS) * len(TURNS)
+    # Every judged reply went through the server and came back as a string label (random weights
+    # answer noise, kept raw and counted as unlabelled); blocked replies were never sent.
+    assert all(isinstance(r["label"], str) and r["label"] for r in judged)
+    for defence in ("none", "moderator"):
+        summary = report["results"]["tiny-target"][defence]
+        unlabelled = sum(1 for r in judged if r["defence"] == defence and r["label"] not in ("safe", "unsafe"))
+        assert sum(summary["unlabelled"].values()) == unlabelled
+    assert report["results"]["tiny-target"]["llama_guard_3_vision"]["asr"] == {str(k): 0.0 for k in TURNS}

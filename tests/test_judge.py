@@ -1,11 +1,5 @@
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -26,9 +20,7 @@ from eval.judge import (
 )
 from eval.metrics import attack_success_rate
 from moderator.taxonomy import load_taxonomy
-from tests.conftest import SAMPLE_DIR
-
-LOOPBACK = "127.0.0.1"
+from tests.conftest import LOOPBACK, SAMPLE_DIR
 
 
 def _record(record_id: str, turns: int = 2) -> dict:
@@ -145,50 +137,6 @@ def test_heuristic_refusal(reply, refused):
 
 
 # -- OpenAI-compatible endpoint: a real `transformers serve` on loopback -----------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_health(url: str, process: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"transformers serve exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"{url}/health did not answer within {timeout_s} s")
-
-
-@pytest.fixture(scope="module")
-def served_model(tiny_model_dir, tmp_path_factory):
-    """``transformers serve`` on a loopback port with the tiny model; killed after the module."""
-    port = _free_port()
-    hub_cache = tmp_path_factory.mktemp("hf-hub-cache")  # /v1/models needs an existing cache dir
-    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
-    cli = Path(sys.executable).parent / "transformers"
-    env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
-    cmd = [str(cli), "serve", str(tiny_model_dir), "--host", LOOPBACK, "--port", str(port), "--device", "cpu"]
-    process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://{LOOPBACK}:{port}"
-    try:
-        _wait_for_health(url, process, timeout_s=90)
-        yield f"{url}/v1", str(tiny_model_dir)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-        log.close()
 
 
 def test_openai_judge_against_a_real_local_server(served_model, monkeypatch):

@@ -79,8 +79,18 @@ def test_lora_wraps_only_the_language_model_and_records_provenance(trainer):
 
 
 def test_secrets_are_redacted_from_recorded_configs():
-    config = {"hub_token": "hf_abcdefghijkl", "nested": {"openai_api_key": "x", "note": "sk-abcdefghijklmnop"}, "lr": 1}
-    assert redact(config) == {"hub_token": REDACTED, "nested": {"openai_api_key": REDACTED, "note": REDACTED}, "lr": 1}
+    config = {
+        "hub_token": "hf_abcdefghijkl",
+        "nested": {"openai_api_key": "x", "note": "sk-abcdefghijklmnop", "cmd": "push --token hf_abcdefghijkl now"},
+        "lr": 1,
+        "pad_token": "<|endoftext|>",
+    }
+    assert redact(config) == {
+        "hub_token": REDACTED,
+        "nested": {"openai_api_key": REDACTED, "note": REDACTED, "cmd": f"push --token {REDACTED} now"},
+        "lr": 1,
+        "pad_token": "<|endoftext|>",
+    }
 
 
 def test_overfits_eight_examples_and_the_adapter_reloads_producing_verdicts(

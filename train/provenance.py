@@ -19,7 +19,7 @@ from moderator.taxonomy import REPO_ROOT, Taxonomy
 
 PROVENANCE_FILE = "moderator_run.json"
 _SECRET_KEY = re.compile(r"(hub_token|api_key|apikey|secret|password|access_token|auth_token)", re.IGNORECASE)
-_SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{8,}|sk-[A-Za-z0-9_-]{8,}|wandb_[A-Za-z0-9]{8,})")
+_SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{8,}|sk-[A-Za-z0-9_-]{8,}|wandb_[A-Za-z0-9]{8,})")
 REDACTED = "<redacted>"
 
 
@@ -28,8 +28,9 @@ def redact(value: Any, key: str = "") -> Any:
         return {k: redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [redact(v) for v in value]
-    if isinstance(value, str) and (_SECRET_KEY.search(key) or _SECRET_VALUE.match(value)):
-        return REDACTED
+    if isinstance(value, str):
+        # A secret-named field goes whole; a token inside any other string is cut out of it.
+        return REDACTED if _SECRET_KEY.search(key) else _SECRET_VALUE.sub(REDACTED, value)
     return value
 
 

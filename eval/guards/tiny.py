@@ -27,7 +27,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from moderator.tiny import QWEN2_SPLIT, tokenizer_corpus
+from moderator import tiny as moderator_tiny
+from moderator.tiny import tokenizer_corpus
 
 VOCAB_SIZE = 640
 
@@ -48,25 +49,8 @@ def guard_corpus() -> list[str]:
 
 
 def train_byte_level_bpe(special_tokens: Sequence[str], vocab_size: int = VOCAB_SIZE, corpus: Iterable[str] = ()):
-    """A ``tokenizers`` byte-level BPE (Qwen2 split regex) with ``special_tokens`` at ids 0..n-1."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE(unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=list(special_tokens),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(list(corpus) or guard_corpus(), trainer=trainer)
-    return tokenizer
+    """The project's tiny byte-level BPE (``moderator.tiny``) on the guard corpus, specials at ids 0..n-1."""
+    return moderator_tiny.train_byte_level_bpe(list(corpus) or guard_corpus(), vocab_size, special_tokens)
 
 
 def _fast_tokenizer(tokenizer_object, **special: Any):
