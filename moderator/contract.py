@@ -23,6 +23,10 @@ from moderator.taxonomy import UNKNOWN_CATEGORY, Taxonomy, load_taxonomy
 # Bump when the rendered prompt or the target text changes: checkpoints record it.
 PROMPT_FORMAT_VERSION = "1"
 SAFE, UNSAFE = "safe", "unsafe"
+# An exported moderator ships its taxonomy and this config (prompt format, taxonomy hash, threshold),
+# so the service renders and parses with what the model was trained on.
+MODERATOR_CONFIG_FILE = "moderator_config.json"
+TAXONOMY_FILE = "taxonomy.yaml"
 VERDICT_PREFIX = "verdict: "
 
 SYSTEM_PROMPT = (

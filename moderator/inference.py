@@ -15,7 +15,14 @@ from typing import Any
 
 import torch
 
-from moderator.contract import parse_verdict, render_moderator_messages, verdict_choice_token_ids
+from moderator.contract import (
+    MODERATOR_CONFIG_FILE,
+    PROMPT_FORMAT_VERSION,
+    TAXONOMY_FILE,
+    parse_verdict,
+    render_moderator_messages,
+    verdict_choice_token_ids,
+)
 from moderator.schema import SAFEMT_IMAGE_TURNS
 from moderator.taxonomy import UNKNOWN_CATEGORY, Taxonomy, load_taxonomy
 
@@ -60,22 +67,69 @@ def load_model_and_processor(path: str | Path, trust_remote_code: bool = False, 
     return model.eval(), processor
 
 
+class ModeratorConfigError(ValueError):
+    """A checkpoint was trained with another prompt format or taxonomy than the one it would be served with."""
+
+
+def serving_contract(path: str | Path, taxonomy: Taxonomy | None = None) -> tuple[Taxonomy, float | None]:
+    """The taxonomy and decision threshold a checkpoint must be served with.
+
+    An export ships ``moderator_config.json`` and its own ``taxonomy.yaml``; a training output
+    records the taxonomy hash in ``moderator_run.json``. Either way the prompt-format version and
+    the taxonomy hash must match, or the moderator would be shown another prompt, or parse its
+    categories against another list, than it was trained on (all flagged as ``unknown``, silently).
+    """
+    path = Path(path)
+    config_file, run_file = path / MODERATOR_CONFIG_FILE, path / "moderator_run.json"
+    recorded, threshold = None, None
+    if config_file.is_file():
+        recorded = json.loads(config_file.read_text())
+        shipped = path / recorded.get("taxonomy_file", TAXONOMY_FILE)
+        taxonomy = taxonomy or load_taxonomy(shipped)
+        threshold = recorded.get("decision_threshold")
+    elif run_file.is_file():
+        recorded = json.loads(run_file.read_text())
+    taxonomy = taxonomy or load_taxonomy()
+    if recorded is not None:
+        source = config_file if config_file.is_file() else run_file
+        version = recorded.get("prompt_format_version")
+        if version is not None and str(version) != PROMPT_FORMAT_VERSION:
+            raise ModeratorConfigError(
+                f"{source}: trained with prompt format {version}, this code renders format {PROMPT_FORMAT_VERSION}"
+            )
+        sha = recorded.get("taxonomy_sha256")
+        if sha is not None and sha != taxonomy.sha256:
+            raise ModeratorConfigError(
+                f"{source}: trained with taxonomy sha256 {sha[:12]}..., but {taxonomy.path} has "
+                f"{taxonomy.sha256[:12]}...; serve it with the taxonomy it was trained on"
+            )
+    return taxonomy, threshold
+
+
 class Moderator:
     def __init__(self, model: Any, processor: Any, taxonomy: Taxonomy | None = None, threshold: float = 0.5):
         self.model = model
         self.processor = processor
+        # Batched scoring reads the last position and generation appends there: padding must be left.
+        processor.tokenizer.padding_side = "left"
         self.taxonomy = taxonomy or load_taxonomy()
         self.threshold = threshold
         self._prefix, self._safe_id, self._unsafe_id = verdict_choice_token_ids(processor.tokenizer)
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, threshold: float | None = None, trust_remote_code: bool = False, **kwargs: Any
+        cls,
+        path: str | Path,
+        threshold: float | None = None,
+        trust_remote_code: bool = False,
+        taxonomy: Taxonomy | None = None,
     ) -> Moderator:
+        """Load a checkpoint with the taxonomy and threshold it ships (an explicit one must match it)."""
+        taxonomy, shipped_threshold = serving_contract(path, taxonomy)
         model, processor = load_model_and_processor(path, trust_remote_code=trust_remote_code)
         if threshold is None:
-            threshold = _threshold_from_manifest(Path(path))
-        return cls(model, processor, threshold=threshold, **kwargs)
+            threshold = shipped_threshold if shipped_threshold is not None else _threshold_from_manifest(Path(path))
+        return cls(model, processor, taxonomy=taxonomy, threshold=threshold)
 
     def prompt_texts(
         self, dialogues: Sequence[Sequence[Mapping[str, Any]]], image_turns: Sequence[Sequence[int]]
@@ -97,7 +151,8 @@ class Moderator:
         """P(unsafe) from the two verdict tokens' logits after the shared ``verdict: `` prefix."""
         prefix = self.processor.tokenizer.decode(self._prefix)
         inputs = self._inputs([t + prefix for t in texts], images)
-        logits = self.model(**inputs).logits[:, -1, :]  # left padding: the last position is real
+        # Left padding: the last position is real. Only its logits are needed (not vocab x length).
+        logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :]
         pair = torch.stack([logits[:, self._safe_id], logits[:, self._unsafe_id]], dim=-1).float()
         return pair.softmax(dim=-1)[:, 1].tolist()
 

@@ -56,3 +56,44 @@ def test_threshold_decides_when_the_answer_parses(moderator, monkeypatch):
     assert flagged.verdict == "unsafe" and flagged.category == "fraud"
     assert flagged.policy == moderator.taxonomy.by_id["fraud"].policy
     moderator.threshold = 0.5
+
+
+def test_padding_is_left_whatever_the_processor_came_with(tiny_model_dir):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    processor.tokenizer.padding_side = "right"
+    Moderator(AutoModelForImageTextToText.from_pretrained(tiny_model_dir), processor)
+    assert processor.tokenizer.padding_side == "left"
+
+
+def test_checkpoint_trained_with_another_taxonomy_or_prompt_format_is_refused(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from moderator.contract import MODERATOR_CONFIG_FILE, PROMPT_FORMAT_VERSION, TAXONOMY_FILE
+    from moderator.inference import ModeratorConfigError, serving_contract
+    from moderator.taxonomy import DEFAULT_TAXONOMY_PATH, load_taxonomy
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_model_dir, export)
+    edited = DEFAULT_TAXONOMY_PATH.read_text().replace("Do not help harm", "Never help harm")
+    (export / TAXONOMY_FILE).write_text(edited)
+    shipped = load_taxonomy(export / TAXONOMY_FILE)
+    config = {"prompt_format_version": PROMPT_FORMAT_VERSION, "taxonomy_file": TAXONOMY_FILE,
+              "taxonomy_sha256": shipped.sha256, "decision_threshold": 0.3}  # fmt: skip
+    (export / MODERATOR_CONFIG_FILE).write_text(json.dumps(config))
+    # The export's own taxonomy and threshold are used, not the repository's.
+    moderator = Moderator.from_pretrained(export)
+    assert moderator.taxonomy.sha256 == shipped.sha256 != load_taxonomy().sha256 and moderator.threshold == 0.3
+    with pytest.raises(ModeratorConfigError, match="taxonomy sha256"):
+        serving_contract(export, load_taxonomy())  # an explicit, different taxonomy
+    (export / MODERATOR_CONFIG_FILE).write_text(json.dumps({**config, "prompt_format_version": "0"}))
+    with pytest.raises(ModeratorConfigError, match="prompt format 0"):
+        serving_contract(export)
+    run = tmp_path / "sft"
+    run.mkdir()
+    (run / "moderator_run.json").write_text(json.dumps({"prompt_format_version": PROMPT_FORMAT_VERSION,
+                                                        "taxonomy_sha256": "0" * 64}))  # fmt: skip
+    with pytest.raises(ModeratorConfigError, match="moderator_run.json: trained with taxonomy"):
+        serving_contract(run)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,13 +94,28 @@ def test_secrets_are_redacted_from_recorded_configs():
     }
 
 
+def _balanced_subset(prepared_data_dir: Path, out: Path, per_label: int = 4) -> Path:
+    """A prepared dataset of ``per_label`` unsafe and ``per_label`` safe training rows (both labels present)."""
+    import datasets
+
+    train_split = datasets.load_from_disk(str(prepared_data_dir / "dataset"))["train"]
+    labels = train_split["label"]
+    picks = [i for i, label in enumerate(labels) if label == "unsafe"][:per_label]
+    picks += [i for i, label in enumerate(labels) if label == "safe"][:per_label]
+    rows = train_split.select(picks)
+    datasets.DatasetDict(train=rows, validation=rows, test=rows).save_to_disk(str(out / "dataset"))
+    shutil.copy(prepared_data_dir / "stats.json", out / "stats.json")
+    return out
+
+
 def test_overfits_eight_examples_and_the_adapter_reloads_producing_verdicts(
     tiny_model_dir, prepared_data_dir, tmp_path
 ):
+    data = _balanced_subset(prepared_data_dir, tmp_path / "eight")
     out = tmp_path / "overfit"
     argv = tiny_recipe_args(
-        tiny_model_dir, prepared_data_dir, out,
-        "--max_train_samples", "8", "--max_steps", "80", "--learning_rate", "1e-2", "--logging_steps", "5",
+        tiny_model_dir, data, out,
+        "--max_steps", "80", "--learning_rate", "1e-2", "--logging_steps", "5",
         "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
     )  # fmt: skip
     script_args, training_args, model_args = parse(argv)
@@ -109,7 +125,8 @@ def test_overfits_eight_examples_and_the_adapter_reloads_producing_verdicts(
 
     from data_prep.io import load_prepared
 
-    rows = load_prepared(prepared_data_dir)["train"].select(range(8))
+    rows = load_prepared(data)["train"]
+    assert sorted(rows["label"]) == ["safe"] * 4 + ["unsafe"] * 4
     moderator = Moderator.from_pretrained(out)
     prompts = [m[:-1] for m in rows["messages"]]
     verdicts = moderator.moderate_rendered(prompts, [[i.convert("RGB") for i in imgs] for imgs in rows["images"]], 48)
@@ -214,3 +231,17 @@ def test_deepspeed_zero3_two_processes_trains_and_writes_a_loadable_checkpoint(
         [{"role": "user", "content": "What is in this picture?"}], [Image.new("RGB", (56, 56))]
     )
     assert verdict.raw and 0.0 <= verdict.p_unsafe <= 1.0
+
+
+def test_data_rendered_with_another_contract_is_refused(prepared_data_dir, tmp_path):
+    from train.run import check_dataset_contract
+
+    taxonomy = load_taxonomy()
+    check_dataset_contract(prepared_data_dir, taxonomy)  # the real build passes
+    stats = json.loads((prepared_data_dir / "stats.json").read_text())
+    for field, value in (("prompt_format_version", "0"), ("taxonomy", {"taxonomy_sha256": "0" * 64})):
+        stale = tmp_path / field
+        stale.mkdir()
+        (stale / "stats.json").write_text(json.dumps({**stats, field: value}))
+        with pytest.raises(ValueError, match="stats.json: data (rendered|built) with"):
+            check_dataset_contract(stale, taxonomy)

@@ -11,11 +11,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from moderator.contract import MODERATOR_CONFIG_FILE, TAXONOMY_FILE  # noqa: F401  (re-exported)
+
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "safemt-moderator-export/1"
 MODEL_CARD_FILE = "README.md"
-TAXONOMY_FILE = "taxonomy.yaml"
-MODERATOR_CONFIG_FILE = "moderator_config.json"
 EVAL_REPORT_FILE = "eval_report.json"
 # Pickle-based weight/state formats: loading one can run arbitrary code, so an export never holds one.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")

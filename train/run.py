@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -11,7 +12,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, SFTConfig
 
 from data_prep.io import load_prepared
-from moderator.taxonomy import load_taxonomy
+from moderator.contract import PROMPT_FORMAT_VERSION
+from moderator.taxonomy import Taxonomy, load_taxonomy
 from train.config import ModeratorScriptArguments
 from train.modeling import build_model, build_peft_config, build_processor
 from train.provenance import run_provenance, write_provenance
@@ -34,6 +36,26 @@ def resume_checkpoint(training_args: SFTConfig, fresh_start: bool) -> str | None
     return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
 
 
+def check_dataset_contract(dataset_path: str | Path, taxonomy: Taxonomy) -> None:
+    """Refuse data rendered with another prompt format or taxonomy than the code trains and serves with."""
+    stats_file = Path(dataset_path) / "stats.json"
+    if not stats_file.is_file():
+        raise FileNotFoundError(f"{stats_file}: missing; was {dataset_path} written by python -m data_prep.build?")
+    stats = json.loads(stats_file.read_text())
+    version = stats.get("prompt_format_version")
+    if str(version) != PROMPT_FORMAT_VERSION:
+        raise ValueError(
+            f"{stats_file}: data rendered with prompt format {version}, this code uses {PROMPT_FORMAT_VERSION}; "
+            "rebuild the dataset"
+        )
+    sha = (stats.get("taxonomy") or {}).get("taxonomy_sha256")
+    if sha != taxonomy.sha256:
+        raise ValueError(
+            f"{stats_file}: data built with taxonomy sha256 {str(sha)[:12]}..., but {taxonomy.path} has "
+            f"{taxonomy.sha256[:12]}...; rebuild the dataset or pass --taxonomy_path"
+        )
+
+
 def _first(dataset, n: int | None):
     return dataset.select(range(min(n, len(dataset)))) if dataset is not None and n is not None else dataset
 
@@ -42,6 +64,7 @@ def build_trainer(
     script_args: ModeratorScriptArguments, training_args: SFTConfig, model_args: ModelConfig
 ) -> tuple[ModeratorSFTTrainer, PreemptionCallback]:
     taxonomy = load_taxonomy(script_args.taxonomy_path)
+    check_dataset_contract(script_args.dataset_path, taxonomy)
     datasets = load_prepared(script_args.dataset_path)
     train_dataset = _first(datasets[script_args.dataset_train_split], script_args.max_train_samples)
     eval_dataset = None

@@ -158,7 +158,9 @@ class ModeratorSFTTrainer(SFTTrainer):
 
         Every rank runs the same examples, so ZeRO-3's gathered forward passes stay in step.
         """
-        subset = dataset.select(range(min(self.moderation_eval_samples, len(dataset))))
+        # A seeded sample, not the first rows: a split's order must not decide which labels are scored.
+        n = min(self.moderation_eval_samples, len(dataset))
+        subset = dataset.shuffle(seed=self.args.seed).select(range(n)) if n < len(dataset) else dataset
         model = self.accelerator.unwrap_model(self.model)
         tokenizer = self.processing_class.tokenizer
         was_training, padding_side = model.training, tokenizer.padding_side
