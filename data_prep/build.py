@@ -58,7 +58,11 @@ def _file_stem(identifier: str) -> str:
 
 
 class BenignImagePool:
-    """Where a benign dialogue without an image of its own gets one (see README: one image per example)."""
+    """Where a benign dialogue without an image of its own gets one (see README: one image per example).
+
+    With ``safemt`` the pick waits until splits are assigned and draws from the SafeMT images of the
+    dialogue's own split: an image drawn across splits would put test images in training.
+    """
 
     def __init__(self, config: DataPrepConfig, out: Path, safemt_images: Sequence[str]):
         self.mode = config.benign_image_pool
@@ -67,18 +71,33 @@ class BenignImagePool:
         self.folder = out / BENIGN_IMAGE_DIR
         self.paths: list[str] = []
         if self.mode == POOL_SAFEMT:
-            self.paths = sorted(set(safemt_images))
-            if not self.paths:
+            if not safemt_images:
                 raise ConfigError("benign_image_pool 'safemt' needs at least one converted SafeMT record")
         elif self.mode != POOL_PLACEHOLDER:
             self.paths = folder_images(self.mode)
             if not self.paths:
                 raise ConfigError(f"benign_image_pool folder {self.mode} holds no images")
 
+    @property
+    def per_split(self) -> bool:
+        """Whether images are picked after split assignment (``pick_in_split``), not while reading."""
+        return self.mode == POOL_SAFEMT
+
+    def _draw(self, dialogue_id: str, paths: Sequence[str]) -> str:
+        return paths[random.Random(f"{self.seed}:{dialogue_id}").randrange(len(paths))]
+
     def pick(self, dialogue_id: str) -> str:
         if self.mode == POOL_PLACEHOLDER:
             return write_placeholder(self.folder / f"{_file_stem(dialogue_id)}.jpg", dialogue_id, self.size)
-        return self.paths[random.Random(f"{self.seed}:{dialogue_id}").randrange(len(self.paths))]
+        return self._draw(dialogue_id, self.paths)
+
+    def pick_in_split(self, dialogue_id: str, split: str, split_images: Sequence[str]) -> str:
+        if not split_images:
+            raise ConfigError(
+                f"benign_image_pool 'safemt': benign dialogue {dialogue_id!r} is in the {split} split, which has "
+                "no SafeMT images to reuse; use a folder or 'placeholder' pool, or more SafeMT records"
+            )
+        return self._draw(dialogue_id, split_images)
 
 
 def _raw_id(raw: Any) -> str | None:
@@ -187,10 +206,11 @@ def _read_benign(
             continue
         ledger.read["benign"] += 1
         try:
+            image: str | None = None  # None: picked from the pool once splits are known
             if dialogue.source_image is not None:
                 stem = out / BENIGN_IMAGE_DIR / _file_stem(dialogue_id)
                 image = materialize_image(dialogue.source_image, candidate.base_dir, stem)
-            else:
+            elif not pool.per_split:
                 image = pool.pick(dialogue_id)
         except RecordError as exc:
             for k in taken:
@@ -235,17 +255,22 @@ def build(config: DataPrepConfig) -> BuildResult:
         safemt_lengths.append(record.turns)
         rows.extend(safemt_rows(record, image, taxonomy, config.prefixes, config.prefix_label))
 
+    pool: BenignImagePool | None = None
+    pool_rows: list[tuple[int, int]] = []  # (first row, rows) of benign dialogues whose image waits for the split
+    safemt_row_count = len(rows)
     benign_info: dict[str, Any] = {"source": None, "examples_requested": 0, "examples": 0, "dialogues": 0}
     if config.use_benign and config.benign_ratio > 0:
         wanted = round(config.benign_ratio * ledger.converted["safemt"])
         lengths = config.benign_turns or sorted(set(safemt_lengths)) or sorted(config.safemt_turns)
         pool = BenignImagePool(config, out, safemt_images)
         picked, name, passed_over = _read_benign(config, wanted, lengths, out, pool, ledger)
-        new_images = {image for *_, image in picked if image not in checks}
+        new_images = {image for *_, image in picked if image is not None and image not in checks}
         checks.update(check_images(new_images, config.image_check_workers))
         produced = dropped_empty = dropped_images = 0
         for candidate, cuts, dialogue_id, image in picked:
-            if checks[image].error:
+            if image is None:  # rows get a pool image of their split below
+                pool_rows.append((len(rows), len(cuts)))
+            elif checks[image].error:
                 ledger.quarantine("benign", candidate.file, candidate.index, dialogue_id, "images", checks[image].error)
                 continue
             ledger.converted["benign"] += 1
@@ -278,6 +303,22 @@ def build(config: DataPrepConfig) -> BuildResult:
         config.holdout_source,
         config.seed,
     )
+    if pool_rows:
+        assert pool is not None
+        split_images: dict[str, set[str]] = {split: set() for split in SPLITS}
+        for row, split in zip(rows[:safemt_row_count], splits[:safemt_row_count], strict=True):
+            split_images[split].update(row["images"])
+        for first, count in pool_rows:  # every cut of a dialogue shares its split_group, hence its split
+            dialogue_id, split = rows[first]["split_group"], splits[first]
+            image = pool.pick_in_split(dialogue_id, split, sorted(split_images[split]))
+            for row in rows[first : first + count]:
+                row["images"] = [image]
+    # Rows were built SafeMT first, benign last; consumers take the first N rows of a split (evaluation
+    # subsets, --max_train_samples), so each split is shuffled, deterministically for the seed.
+    order = list(range(len(rows)))
+    random.Random(f"{config.seed}:row-order").shuffle(order)
+    rows = [rows[i] for i in order]
+    splits = [splits[i] for i in order]
     sizes = {path: check.size for path, check in checks.items() if check.size}
     used_images = sorted({image for row in rows for image in row["images"]})
     stats: dict[str, Any] = {
@@ -310,13 +351,15 @@ def build(config: DataPrepConfig) -> BuildResult:
     too_long: list[str] = []
     lap("split_and_stats")
     if config.processor and rows:
-        counter = TokenCounter(config.processor, config.trust_remote_code)
+        counter = TokenCounter(config.processor, config.trust_remote_code, config.min_pixels, config.max_pixels)
         lengths = counter.count([row["messages"] for row in rows], [row["images"] for row in rows], sizes)
         for row, n in zip(rows, lengths, strict=True):
             row[LENGTH_COLUMN] = n
         longest = max(range(len(rows)), key=lengths.__getitem__)
         stats["tokens"] = {
             "processor": config.processor,
+            "min_pixels": config.min_pixels,  # image bounds the counts assume (the SFT config's)
+            "max_pixels": config.max_pixels,
             "per_split": {
                 split: summarize([n for n, s in zip(lengths, splits, strict=True) if s == split]) for split in SPLITS
             },

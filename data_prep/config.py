@@ -97,6 +97,14 @@ class DataPrepConfig:
     max_length: int | None = field(
         default=None, metadata={"help": "fail, naming the record, if any example is longer (needs --processor)"}
     )
+    min_pixels: int | None = field(
+        default=None,
+        metadata={"help": "image pixel lower bound for token lengths; keep equal to the SFT config's min_pixels"},
+    )
+    max_pixels: int | None = field(
+        default=None,
+        metadata={"help": "image pixel upper bound for token lengths; keep equal to the SFT config's max_pixels"},
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "allow remote code when loading the processor"})
     taxonomy: str | None = field(
         default=None, metadata={"help": "taxonomy YAML (default configs/policies/safemt.yaml)"}
@@ -137,6 +145,14 @@ class DataPrepConfig:
             problems.append("validation_fraction + test_fraction must be below 1")
         if self.max_length is not None and not self.processor:
             problems.append("max_length needs a processor to count tokens")
+        for name in ("min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name} must be a positive pixel count")
+            elif value is not None and not self.processor:
+                problems.append(f"{name} needs a processor to count tokens")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            problems.append("min_pixels must not exceed max_pixels")
         if len(self.placeholder_size) != 2 or min(self.placeholder_size) < 1:
             problems.append("placeholder_size must be two positive integers: width height")
         if problems:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from data_prep.splits import SPLITS
+from moderator.images import bound_image_pixels
 
 
 class TokenCounter:
@@ -21,11 +22,18 @@ class TokenCounter:
     fraction of the cost.
     """
 
-    def __init__(self, processor_name: str, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        processor_name: str,
+        trust_remote_code: bool = False,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ):
         from transformers import AutoProcessor
 
         self.name = processor_name
         self.processor = AutoProcessor.from_pretrained(processor_name, trust_remote_code=trust_remote_code)
+        bound_image_pixels(self.processor, min_pixels, max_pixels)
         if not hasattr(self.processor, "_get_num_multimodal_tokens"):
             raise ValueError(f"processor {processor_name!r} cannot count image tokens from image sizes")
         self._image_tokens: dict[tuple[int, int], int] = {}

@@ -441,3 +441,88 @@ def test_rows_carry_their_token_length_for_length_grouped_batching(prepared_data
         text = processor.apply_chat_template(row["messages"], tokenize=False)
         full = processor(text=[text], images=row["images"], return_tensors="pt")["input_ids"].shape[1]
         assert row["length"] == full
+
+
+def test_each_split_is_shuffled_so_the_first_rows_hold_both_labels(prepared_data_dir, safemt_dir, tmp_path):
+    # Rows are built SafeMT (unsafe) first and benign (safe) last; evaluation subsets and
+    # --max_train_samples take the first N rows of a split, so those must not all be unsafe.
+    train = load_prepared(prepared_data_dir)["train"]
+    assert set(train.select(range(20))["label"]) == {"safe", "unsafe"}
+
+    def order(out, seed):
+        code, _ = build(safemt_dir, out, "--benign", str(BENIGN_FIXTURE), "--benign_ratio", "0.25", "--seed", seed)
+        assert code == 0
+        return {split: list(zip(data["id"], data["turns"], strict=True)) for split, data in load_prepared(out).items()}
+
+    first, again, other = order(tmp_path / "a", "0"), order(tmp_path / "b", "0"), order(tmp_path / "c", "1")
+    assert first == again
+    assert first != other
+
+
+def test_benign_rows_reuse_safemt_images_of_their_own_split_only(safemt_dir, tmp_path):
+    out = tmp_path / "out"
+    code, stats = build(
+        safemt_dir, out, "--benign", str(BENIGN_FIXTURE), "--benign_ratio", "0.25", "--benign_image_pool", "safemt"
+    )
+    assert code == 0 and stats["benign"]["examples"] == 39
+    splits_of_image = defaultdict(set)
+    safemt_images = defaultdict(set)
+    for split, row in all_rows(load_prepared(out)):
+        path = row["images"][0]["path"]
+        splits_of_image[path].add(split)
+        if row["source"] != "benign_sample":
+            safemt_images[split].add(path)
+    leaked = {path: splits for path, splits in splits_of_image.items() if len(splits) > 1}
+    assert not leaked, f"images in two splits: {leaked}"
+    benign = [(split, row) for split, row in all_rows(load_prepared(out)) if row["source"] == "benign_sample"]
+    assert len(benign) == 39
+    for split, row in benign:  # each benign image is a SafeMT image of the same split
+        assert row["images"][0]["path"] in safemt_images[split]
+
+
+def test_token_lengths_follow_the_training_pixel_bounds(safemt_dir, tmp_path, tiny_model_dir):
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from moderator.images import bound_image_pixels, write_placeholder_images
+
+    write_placeholder_images(safemt_dir, size=(224, 224))  # larger than both bounds below
+    common = ["--benign", "none", "--safemt_turns", "1", "--processor", str(tiny_model_dir)]
+    code, default_stats = build(safemt_dir, tmp_path / "default", *common)
+    assert code == 0 and default_stats["tokens"]["max_pixels"] is None
+    code, stats = build(safemt_dir, tmp_path / "bounded", *common, "--min_pixels", "784", "--max_pixels", "3136")
+    assert code == 0
+    assert (stats["tokens"]["min_pixels"], stats["tokens"]["max_pixels"]) == (784, 3136)
+    assert stats["config"]["max_pixels"] == 3136
+
+    default_lengths = {r["id"]: r["length"] for _, r in all_rows(load_prepared(tmp_path / "default"))}
+    rows = [row for _, row in all_rows(load_prepared(tmp_path / "bounded"))]
+    assert len(rows) == len(default_lengths) == 52
+    # The tiny processor's default bound (112*112 pixels) gives a 224x224 image 16 tokens; 3136 pixels give 4.
+    assert all(default_lengths[row["id"]] - row["length"] == 16 - 4 for row in rows)
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    bound_image_pixels(processor, 784, 3136)
+    image_processor = processor.image_processor
+    assert (image_processor.size["shortest_edge"], image_processor.size["longest_edge"]) == (784, 3136)
+    for row in rows[:5]:
+        text = processor.apply_chat_template(row["messages"], tokenize=False)
+        images = [Image.open(image["path"]).convert("RGB") for image in row["images"]]
+        full = processor(text=[text], images=images, add_special_tokens=False)["input_ids"][0]
+        assert row["length"] == len(full)
+
+
+def test_pixel_bounds_without_a_processor_or_out_of_order_are_config_errors(safemt_dir, tmp_path, capsys):
+    assert main(["--safemt", str(safemt_dir), "--out", str(tmp_path / "o"), "--max_pixels", "3136"]) == 2
+    assert "max_pixels needs a processor" in capsys.readouterr().err
+    argv = ["--safemt", str(safemt_dir), "--out", str(tmp_path / "o"), "--processor", "x", "--min_pixels", "9"]
+    assert main([*argv, "--max_pixels", "4"]) == 2
+    assert "min_pixels must not exceed max_pixels" in capsys.readouterr().err
+
+
+def test_the_real_data_config_uses_the_sft_pixel_bounds():
+    import yaml
+
+    data = yaml.safe_load((REPO_ROOT / "configs/data/safemt.yaml").read_text())
+    sft = yaml.safe_load((REPO_ROOT / "configs/sft/qwen2_5_vl_7b_lora.yaml").read_text())
+    assert (data["min_pixels"], data["max_pixels"]) == (sft["min_pixels"], sft["max_pixels"]) == (3136, 401408)
