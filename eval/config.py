@@ -103,8 +103,13 @@ class EvalConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     benign: str | None = None  # JSONL of {"id", "messages", "image"?}; images resolve next to it
     benign_limit: int | None = None  # None: same as limit
-    detection_split: str | None = None  # a data_prep.build output: its test split scores the moderator
-    restrict_to_split: bool = False  # evaluate only SafeMT ids in detection_split's test split (held out)
+    # A data_prep.build output: its test split scores the moderator, its validation split sets the
+    # decision threshold (target_fpr) recorded in the report for export.
+    detection_split: str | None = None
+    # Evaluate only SafeMT ids in detection_split's test split (held out). None: true when
+    # detection_split is set, so the moderator is never attacked with dialogues it trained on.
+    restrict_to_split: bool | None = None
+    target_fpr: float = 0.05  # FPR on benign validation rows that the recorded threshold allows
     turns: list[int] = field(default_factory=lambda: list(TURN_COUNTS))
     limit: int | None = None  # first N records of each <k>_turn.json
     max_new_tokens: int = 256
@@ -154,6 +159,8 @@ class EvalConfig:
             fail("turns", f"must be a non-empty subset of {list(TURN_COUNTS)}, got {self.turns}")
         if len(set(self.turns)) != len(self.turns):
             fail("turns", f"repeats a length: {self.turns}")
+        if not 0.0 <= self.target_fpr <= 1.0:
+            fail("target_fpr", f"must be in [0, 1], got {self.target_fpr}")
         if self.restrict_to_split and not self.detection_split:
             fail("restrict_to_split", "needs detection_split (the prepared dataset whose test ids to keep)")
         for key in ("limit", "benign_limit"):
@@ -164,6 +171,13 @@ class EvalConfig:
             if getattr(self, key) < 1:
                 fail(key, f"must be >= 1, got {getattr(self, key)}")
         return self
+
+    @property
+    def restricted_to_split(self) -> bool:
+        """Whether only the test split's SafeMT ids are evaluated (``restrict_to_split`` resolved)."""
+        if self.restrict_to_split is None:
+            return bool(self.detection_split)
+        return self.restrict_to_split
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for a config dump or W&B (holds no secret: only the API key's variable name)."""

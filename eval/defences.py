@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from moderator.taxonomy import UNKNOWN_CATEGORY, Taxonomy
@@ -186,14 +188,49 @@ def guard_options(config: Any) -> dict[str, Any]:
     return options
 
 
+def model_fingerprint(model: str) -> str | None:
+    """What identifies the weights at a local model path (None for a hub name: its revision is not pinned here).
+
+    An export's ``manifest.json`` holds the sha256 of every file (and the decision threshold), so its own
+    sha256 identifies the export. Without one: the sha256 of ``adapter_config.json`` / ``config.json``
+    plus the size and mtime of the weight files, cheap and enough to notice a rewrite.
+    """
+    path = Path(model)
+    if not path.is_dir():
+        return None
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        return "manifest:" + hashlib.sha256(manifest.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "config.json"):
+        if (path / name).is_file():
+            digest.update(name.encode() + b"\0" + (path / name).read_bytes() + b"\0")
+    for weights in sorted(path.glob("*.safetensors")):
+        stat = weights.stat()
+        digest.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}\0".encode())
+    return "files:" + digest.hexdigest()
+
+
 def defence_settings(config: Any) -> dict[str, Any]:
-    """The settings of a :class:`eval.config.DefenceConfig` that change its decisions."""
+    """The settings of a :class:`eval.config.DefenceConfig` that change its decisions.
+
+    For the moderator this includes the weights' identity and the threshold it will actually use
+    (``threshold: None`` reads the export's manifest), so a re-export to the same path or a changed
+    manifest threshold does not reuse stale cached decisions. It reads files: compute it once per run.
+    """
     settings = {"kind": config.kind}
     if config.kind == "guard":
         settings.update(model=config.model, guard_kind=config.guard_kind, options=guard_options(config))
     elif config.kind == "moderator":
+        from moderator.inference import resolve_threshold
+
+        threshold = resolve_threshold(config.model, config.threshold)
         settings.update(model=config.model, threshold=config.threshold, mode=config.mode)
-        settings["max_new_tokens"] = config.max_new_tokens
+        settings.update(
+            max_new_tokens=config.max_new_tokens,
+            model_fingerprint=model_fingerprint(config.model),
+            resolved_threshold=threshold,
+        )
     return settings
 
 
@@ -209,8 +246,7 @@ def load_defence(config: Any, taxonomy: Taxonomy | None = None) -> Defence:
     if config.kind == "moderator":
         from moderator.inference import Moderator
 
-        moderator = Moderator.from_pretrained(config.model, threshold=config.threshold)
-        if taxonomy is not None:
-            moderator.taxonomy = taxonomy
+        # The eval's taxonomy supplies the injected policies; its category ids must be the model's.
+        moderator = Moderator.from_pretrained(config.model, threshold=config.threshold, taxonomy=taxonomy)
         return ModeratorDefence(moderator, config.label, config.mode, config.max_new_tokens, defence_settings(config))
     raise ValueError(f"defence kind {config.kind!r} is not one of none, guard, moderator")

@@ -254,6 +254,28 @@ class OpenAIJudge(Judge):
         self.max_attempts, self.retry_wait_s, self.concurrency = max_attempts, retry_wait_s, concurrency
 
     def _complete_one(self, messages: list[dict[str, str]]) -> str:
+        """The answer, or ``error: <ExceptionName>`` when the request failed for good.
+
+        One bad item (a 400 content filter, an outage outlasting the retries) must not abort the whole
+        evaluation: its answer is cached like any other and left out of the ASR as unlabelled. Delete
+        its line from the judgements cache to ask again.
+        """
+        import openai
+
+        try:
+            return self._request_with_retries(messages)
+        except (openai.APIError, TimeoutError) as error:
+            # Class and status only: the exception text may echo request details; the key is never logged.
+            status = getattr(error, "status_code", None)
+            logger.warning(
+                "judge %s: request failed for good (%s%s); recorded as unlabelled",
+                self.name,
+                type(error).__name__,
+                f", HTTP {status}" if status is not None else "",
+            )
+            return f"error: {type(error).__name__}"
+
+    def _request_with_retries(self, messages: list[dict[str, str]]) -> str:
         from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_attempt, wait_exponential
 
         retrying = Retrying(

@@ -20,6 +20,8 @@ Then ``eval.report.write_report`` gets the rows and, per defence, detection metr
 from __future__ import annotations
 
 import json
+import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -34,6 +36,8 @@ from eval.targets import ChatModel, ChatRequest, load_target
 from moderator.contract import SAFE, UNSAFE
 from moderator.schema import RecordError, parse_safemt_record
 from moderator.taxonomy import Taxonomy, load_taxonomy
+
+logger = logging.getLogger(__name__)
 
 
 class EvalDataError(ValueError):
@@ -181,48 +185,51 @@ def open_images(samples: Sequence[EvalSample]) -> list[list[Any]]:
 
 
 SPLIT_ID_PREFIX = "test-split:"  # keeps test-split decisions apart from eval samples in the cache
+THRESHOLD_SPLIT = "validation"  # the decision threshold is chosen here, never on test
 
 
 @dataclass(frozen=True)
 class SplitRow:
-    """One row of the prepared dataset's test split (detection metrics only)."""
+    """One row of a prepared dataset split (detection metrics on test, the threshold on validation)."""
 
     index: int
     id: str
     k: int
     benign: bool
     category: str | None
+    split: str = "test"
 
     @property
     def key(self) -> tuple[str, int, bool]:
-        return (SPLIT_ID_PREFIX + self.id, self.k, self.benign)
+        prefix = SPLIT_ID_PREFIX if self.split == "test" else f"{self.split}-split:"
+        return (prefix + self.id, self.k, self.benign)
 
 
-def load_detection_split(path: str | Path) -> tuple[Any, list[SplitRow]]:
-    """The ``test`` split of a dataset written by ``data_prep.build`` and its rows' labels."""
+def load_detection_split(path: str | Path, split: str = "test") -> tuple[Any, list[SplitRow]]:
+    """One split (``test`` by default) of a dataset written by ``data_prep.build`` and its rows' labels."""
     from data_prep.io import load_prepared
 
     try:
         splits = load_prepared(path)
     except FileNotFoundError as exc:
         raise EvalDataError(f"detection_split: {exc}") from None
-    if "test" not in splits:
-        raise EvalDataError(f"{path}: the prepared dataset has no 'test' split (has {sorted(splits)})")
-    test = splits["test"]
-    missing = [c for c in ("messages", "images", "label", "category", "id", "turns") if c not in test.column_names]
+    if split not in splits:
+        raise EvalDataError(f"{path}: the prepared dataset has no {split!r} split (has {sorted(splits)})")
+    data = splits[split]
+    missing = [c for c in ("messages", "images", "label", "category", "id", "turns") if c not in data.column_names]
     if missing:
-        raise EvalDataError(f"{path}: test split lacks column(s) {missing}")
+        raise EvalDataError(f"{path}: {split} split lacks column(s) {missing}")
     rows = []
     # Column access reads only that column: the images are not decoded here.
     for index, (row_id, label, category, turns) in enumerate(
-        zip(test["id"], test["label"], test["category"], test["turns"], strict=True)
+        zip(data["id"], data["label"], data["category"], data["turns"], strict=True)
     ):
         if label not in (SAFE, UNSAFE):
             raise EvalDataError(
-                f"{path}: test row {index} (id={row_id!r}): field 'label': {label!r} is not safe/unsafe"
+                f"{path}: {split} row {index} (id={row_id!r}): field 'label': {label!r} is not safe/unsafe"
             )
-        rows.append(SplitRow(index, row_id, int(turns), label == SAFE, category or None))
-    return test, rows
+        rows.append(SplitRow(index, row_id, int(turns), label == SAFE, category or None, split))
+    return data, rows
 
 
 @dataclass(frozen=True)
@@ -253,6 +260,9 @@ class EvalRun:
     def __post_init__(self) -> None:
         self.split: Any = None  # the prepared test split (a datasets.Dataset), when configured
         self.split_rows: list[SplitRow] = []
+        self.threshold_split: Any = None  # the prepared validation split: the moderator's threshold
+        self.threshold_rows: list[SplitRow] = []
+        self._defence_sigs: dict[str, str] = {}
         self.out_dir = Path(self.config.out_dir)
         cache_dir = self.out_dir / "cache"
         self.decisions = JsonlCache(cache_dir / "decisions.jsonl", ("defence", "sig", "id", "k", "benign"))
@@ -268,10 +278,15 @@ class EvalRun:
         cfg = self.config
         if cfg.detection_split and self.split is None:
             self.split, self.split_rows = load_detection_split(cfg.detection_split)
-        samples = load_safemt_samples(
-            cfg.safemt_dir, cfg.turns, None if cfg.restrict_to_split else cfg.limit, self.taxonomy
-        )
-        if cfg.restrict_to_split:
+            self.threshold_split, self.threshold_rows = load_detection_split(cfg.detection_split, THRESHOLD_SPLIT)
+            if not any(row.benign for row in self.threshold_rows):
+                raise EvalDataError(
+                    f"{cfg.detection_split}: the {THRESHOLD_SPLIT} split has no benign (safe) row, so no decision "
+                    f"threshold can be chosen for target_fpr={cfg.target_fpr}"
+                )
+        restricted = cfg.restricted_to_split
+        samples = load_safemt_samples(cfg.safemt_dir, cfg.turns, None if restricted else cfg.limit, self.taxonomy)
+        if restricted:
             # Only dialogues the moderator never trained on (a prefix row's id is "<id>@<k>of<n>").
             held_out = {row.id.split("@")[0] for row in self.split_rows if not row.benign}
             samples = [s for s in samples if s.id in held_out]
@@ -286,7 +301,10 @@ class EvalRun:
 
     # -- keys ---------------------------------------------------------------------------------------
     def _defence_sig(self, defence: DefenceConfig) -> str:
-        return settings_digest(defence_settings(defence))
+        # Memoised: the moderator's settings hash files on disk (see defence_settings).
+        if defence.label not in self._defence_sigs:
+            self._defence_sigs[defence.label] = settings_digest(defence_settings(defence))
+        return self._defence_sigs[defence.label]
 
     def _target_sig(self, target: TargetConfig) -> str:
         settings = {
@@ -331,11 +349,17 @@ class EvalRun:
         # moderator can read them, so the baselines' detection metrics come from the eval samples.
         return self.split_rows if defence.kind == "moderator" else []
 
+    def _threshold_rows_for(self, defence: DefenceConfig) -> list[SplitRow]:
+        return self.threshold_rows if defence.kind == "moderator" else []
+
     def decide(self, samples: Sequence[EvalSample]) -> None:
         for cfg in self.config.defences:
             missing = [s for s in samples if self._decision_key(cfg, s) not in self.decisions]
-            missing_split = [r for r in self._split_rows_for(cfg) if self._decision_key(cfg, r) not in self.decisions]
-            if not missing and not missing_split:
+            missing_splits = [
+                [r for r in rows if self._decision_key(cfg, r) not in self.decisions]
+                for rows in (self._split_rows_for(cfg), self._threshold_rows_for(cfg))
+            ]
+            if not missing and not any(missing_splits):
                 continue
             defence = self.defence_loader(cfg, self.taxonomy)
             try:
@@ -347,14 +371,16 @@ class EvalRun:
                     self.config.batch_size,
                     desc=f"defence {cfg.label}",
                 )
-                compute_missing(
-                    self.decisions,
-                    missing_split,
-                    partial(self._decision_key, cfg),
-                    partial(self._decide_split_rows, cfg, defence),
-                    self.config.batch_size,
-                    desc=f"{cfg.label} on test split",
-                )
+                for missing_split in missing_splits:  # one split at a time: a batch reads one dataset
+                    if missing_split:
+                        compute_missing(
+                            self.decisions,
+                            missing_split,
+                            partial(self._decision_key, cfg),
+                            partial(self._decide_split_rows, cfg, defence),
+                            self.config.batch_size,
+                            desc=f"{cfg.label} on {missing_split[0].split} split",
+                        )
             finally:
                 defence.close()
 
@@ -370,7 +396,8 @@ class EvalRun:
         return self._decision_records(cfg, batch, decisions)
 
     def _decide_split_rows(self, cfg: DefenceConfig, defence: Defence, batch: list[SplitRow]) -> list[dict]:
-        rows = self.split.select([r.index for r in batch])
+        data = {"test": self.split, THRESHOLD_SPLIT: self.threshold_split}[batch[0].split]  # one split per batch
+        rows = data.select([r.index for r in batch])
         prompts = [_without_target(row["messages"], row["id"]) for row in rows]
         images = [[image.convert("RGB") for image in row["images"]] for row in rows]
         return self._decision_records(cfg, batch, defence.decide_rendered(prompts, images))
@@ -571,8 +598,11 @@ class EvalRun:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         detection = detection_results(self, samples)
-        turns = [k for k in self.config.turns if any(s.k == k and not s.benign for s in samples)]
-        return write_report(rows, self.out_dir, turns=turns, detection=detection or None, title=self.config.title)
+        # The configured K, as in eval.safety_index and the SafeMT definition: a length without labelled
+        # samples contributes ASR 0 (the report's unlabelled/n columns show it had no data).
+        return write_report(
+            rows, self.out_dir, turns=self.config.turns, detection=detection or None, title=self.config.title
+        )
 
 
 def _without_target(messages: list[dict[str, Any]], row_id: str) -> list[dict[str, Any]]:
@@ -589,8 +619,11 @@ def detection_results(run: EvalRun, samples: Sequence[EvalSample]) -> dict[str, 
     length) are the positives, benign dialogues the negatives. The score is the defence's P(unsafe)
     when it gives one, else its flag. Category accuracy is computed for our moderator only (the
     guards' categories are their own codes, not SafeMT scenarios). ``data`` says which set was used.
+    With ``detection_split``, the moderator also gets ``threshold`` (``threshold_for_fpr`` on its
+    validation-split scores at ``target_fpr``; None if only "flag nothing" meets it), which
+    ``train.export`` reads as ``detection.<name>.threshold``.
     """
-    from eval.metrics import detection_metrics
+    from eval.metrics import detection_metrics, threshold_for_fpr
 
     results = {}
     for defence in run.config.defences:
@@ -610,6 +643,30 @@ def detection_results(run: EvalRun, samples: Sequence[EvalSample]) -> dict[str, 
             }
         metrics = detection_metrics(y_true, y_score, y_pred, **categories)
         metrics["data"] = "test split" if split_rows else "eval samples"
+        threshold_rows = run._threshold_rows_for(defence)
+        if threshold_rows:
+            # Chosen on validation (never test), read by train.export as detection.<name>.threshold.
+            scored = [run.decision(defence, row) for row in threshold_rows]
+            threshold = threshold_for_fpr(
+                [0 if row.benign else 1 for row in threshold_rows],
+                [d.score if d.score is not None else float(d.flagged) for d in scored],
+                run.config.target_fpr,
+            )
+            if math.isinf(threshold):
+                # Only "flag nothing" meets the budget: no usable P(unsafe) threshold; say so, do not invent one.
+                logger.warning(
+                    "%s: no threshold keeps the %s FPR <= %s; detection.%s.threshold left null",
+                    defence.label,
+                    THRESHOLD_SPLIT,
+                    run.config.target_fpr,
+                    defence.label,
+                )
+                metrics["threshold"] = None
+                metrics["threshold_note"] = "only flagging nothing meets threshold_target_fpr on the validation split"
+            else:
+                metrics["threshold"] = threshold
+            metrics["threshold_target_fpr"] = run.config.target_fpr
+            metrics["threshold_split"] = THRESHOLD_SPLIT
         results[defence.label] = metrics
     return results
 

@@ -3,7 +3,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import openai
 import pytest
 
 from eval.config import load_config
@@ -229,16 +228,24 @@ def test_transient_failures_are_retried_with_tenacity(flaky_endpoint, monkeypatc
     assert "sk-test-secret" not in json.dumps(judge.settings)
 
 
-def test_retries_stop_after_max_attempts_and_client_errors_are_not_retried(flaky_endpoint, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+def test_retries_stop_after_max_attempts_and_client_errors_are_not_retried(flaky_endpoint, monkeypatch, caplog):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-never-logged")
     _FlakyEndpoint.plan = [500, 500, 500]
-    with pytest.raises(openai.InternalServerError):
-        _flaky_judge(flaky_endpoint, max_attempts=2).complete([[{"role": "user", "content": "hi"}]])
+    # A failure that outlasts the retries is an answer, not an exception that kills the whole run.
+    answers = _flaky_judge(flaky_endpoint, max_attempts=2).complete([[{"role": "user", "content": "hi"}]])
+    assert answers == ["error: InternalServerError"]
     assert len(_FlakyEndpoint.requests) == 2
+    # A 400 (e.g. a content filter) is not retried; that item gets an error label, the others their answers.
     _FlakyEndpoint.plan, _FlakyEndpoint.requests = [400], []
-    with pytest.raises(openai.BadRequestError):
-        _flaky_judge(flaky_endpoint, max_attempts=5).complete([[{"role": "user", "content": "hi"}]])
-    assert len(_FlakyEndpoint.requests) == 1
+    record = _record("jbv_fraud_42", 1)
+    with caplog.at_level("WARNING", logger="eval.judge"):
+        judgements = _flaky_judge(flaky_endpoint, max_attempts=5).judge_safety([_item(record), _item(record, "ok")])
+    assert [j.raw for j in judgements] == ["error: BadRequestError", "Unsafe."]
+    assert not judgements[0].labelled and judgements[0].label == "error: BadRequestError"
+    assert attack_success_rate([j.label for j in judgements]) == 1.0  # the error is left out of the ASR
+    assert len(_FlakyEndpoint.requests) == 2  # one per item: the 400 was not retried
+    assert "BadRequestError" in caplog.text and "HTTP 400" in caplog.text
+    assert "sk-test-never-logged" not in caplog.text
 
 
 def test_settings_known_before_loading_equal_the_loaded_judges(monkeypatch):
