@@ -5,10 +5,29 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
 
 from moderator.schema import TURN_COUNTS
+
+
+def bound_image_pixels(processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Make a Qwen2-VL-style processor resize images into [min_pixels, max_pixels] (bounds image tokens).
+
+    Used by training and by data prep's token lengths, so both count the same image tokens. The
+    bounds go in ``size`` (shortest_edge/longest_edge); the ``min_pixels``/``max_pixels`` attributes
+    are deprecated in transformers 5.
+    """
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None or not (min_pixels or max_pixels):
+        return
+    size = dict(getattr(image_processor, "size", None) or {})
+    if min_pixels:
+        size["shortest_edge"] = min_pixels
+    if max_pixels:
+        size["longest_edge"] = max_pixels
+    image_processor.size = size
 
 
 def placeholder_image(key: str, size: tuple[int, int] = (64, 48)) -> Image.Image:

@@ -75,35 +75,49 @@ def serving_contract(path: str | Path, taxonomy: Taxonomy | None = None) -> tupl
     """The taxonomy and decision threshold a checkpoint must be served with.
 
     An export ships ``moderator_config.json`` and its own ``taxonomy.yaml``; a training output
-    records the taxonomy hash in ``moderator_run.json``. Either way the prompt-format version and
-    the taxonomy hash must match, or the moderator would be shown another prompt, or parse its
-    categories against another list, than it was trained on (all flagged as ``unknown``, silently).
+    records its taxonomy in ``moderator_run.json``. The prompt-format version and the category ids
+    must match what it was trained on, or the moderator would be shown another prompt, or parse its
+    categories against another list (all flagged as ``unknown``, silently). Policy texts may differ:
+    the moderator never sees them, so they can be edited without retraining.
     """
     path = Path(path)
     config_file, run_file = path / MODERATOR_CONFIG_FILE, path / "moderator_run.json"
-    recorded, threshold = None, None
-    if config_file.is_file():
-        recorded = json.loads(config_file.read_text())
-        shipped = path / recorded.get("taxonomy_file", TAXONOMY_FILE)
-        taxonomy = taxonomy or load_taxonomy(shipped)
+    source = config_file if config_file.is_file() else run_file if run_file.is_file() else None
+    if source is None:
+        return taxonomy or load_taxonomy(), None
+    recorded = json.loads(source.read_text())
+    threshold = None
+    if source == config_file:
+        shipped = load_taxonomy(path / recorded.get("taxonomy_file", TAXONOMY_FILE))
+        recorded = {**recorded, **shipped.provenance()}
         threshold = recorded.get("decision_threshold")
-    elif run_file.is_file():
-        recorded = json.loads(run_file.read_text())
+        taxonomy = taxonomy or shipped
     taxonomy = taxonomy or load_taxonomy()
-    if recorded is not None:
-        source = config_file if config_file.is_file() else run_file
-        version = recorded.get("prompt_format_version")
-        if version is not None and str(version) != PROMPT_FORMAT_VERSION:
-            raise ModeratorConfigError(
-                f"{source}: trained with prompt format {version}, this code renders format {PROMPT_FORMAT_VERSION}"
-            )
-        sha = recorded.get("taxonomy_sha256")
-        if sha is not None and sha != taxonomy.sha256:
-            raise ModeratorConfigError(
-                f"{source}: trained with taxonomy sha256 {sha[:12]}..., but {taxonomy.path} has "
-                f"{taxonomy.sha256[:12]}...; serve it with the taxonomy it was trained on"
-            )
+    version = recorded.get("prompt_format_version")
+    if version is not None and str(version) != PROMPT_FORMAT_VERSION:
+        raise ModeratorConfigError(
+            f"{source}: trained with prompt format {version}, this code renders format {PROMPT_FORMAT_VERSION}"
+        )
+    if not taxonomy.matches(recorded):
+        raise ModeratorConfigError(
+            f"{source}: trained with other taxonomy categories than {taxonomy.path}; serve it with the "
+            "taxonomy it was trained on (policy texts may differ, category ids may not)"
+        )
     return taxonomy, threshold
+
+
+def resolve_threshold(path: str | Path, threshold: float | None = None) -> float:
+    """Explicit threshold, else the one the checkpoint ships (moderator_config.json, manifest.json), else 0.5."""
+    if threshold is not None:
+        return float(threshold)
+    path = Path(path)
+    for name in (MODERATOR_CONFIG_FILE, "manifest.json"):
+        file = path / name
+        if file.is_file():
+            value = json.loads(file.read_text()).get("decision_threshold")
+            if value is not None:
+                return float(value)
+    return 0.5
 
 
 class Moderator:
@@ -125,11 +139,9 @@ class Moderator:
         taxonomy: Taxonomy | None = None,
     ) -> Moderator:
         """Load a checkpoint with the taxonomy and threshold it ships (an explicit one must match it)."""
-        taxonomy, shipped_threshold = serving_contract(path, taxonomy)
+        taxonomy, _ = serving_contract(path, taxonomy)
         model, processor = load_model_and_processor(path, trust_remote_code=trust_remote_code)
-        if threshold is None:
-            threshold = shipped_threshold if shipped_threshold is not None else _threshold_from_manifest(Path(path))
-        return cls(model, processor, taxonomy=taxonomy, threshold=threshold)
+        return cls(model, processor, taxonomy=taxonomy, threshold=resolve_threshold(path, threshold))
 
     def prompt_texts(
         self, dialogues: Sequence[Sequence[Mapping[str, Any]]], image_turns: Sequence[Sequence[int]]
@@ -215,15 +227,6 @@ class Moderator:
     ) -> Verdict:
         turns = None if image_turns is None else [image_turns]
         return self.moderate_batch([dialogue], [list(images)], turns)[0]
-
-
-def _threshold_from_manifest(path: Path) -> float:
-    manifest = path / "manifest.json"
-    if manifest.exists():
-        value = json.loads(manifest.read_text()).get("decision_threshold")
-        if value is not None:
-            return float(value)
-    return 0.5
 
 
 def main() -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -51,9 +53,20 @@ class Taxonomy:
         scenario = self.by_id.get(category_id)
         return scenario.policy if scenario else None
 
-    def provenance(self) -> dict[str, str]:
+    def provenance(self) -> dict[str, Any]:
         """What a trained or exported model records about the taxonomy it was built with."""
-        return {"taxonomy_version": self.version, "taxonomy_sha256": self.sha256}
+        return {"taxonomy_version": self.version, "taxonomy_sha256": self.sha256, "taxonomy_ids": self.ids}
+
+    def matches(self, recorded: Mapping[str, Any]) -> bool:
+        """Whether a model or dataset recorded with ``recorded`` (a ``provenance()``) fits this taxonomy.
+
+        The moderator sees the category ids (in its prompt and its parser), never the policy texts,
+        so policies may be edited freely: only the id list must be the same. Records without ids
+        fall back to the exact file hash.
+        """
+        if recorded.get("taxonomy_ids") is not None:
+            return list(recorded["taxonomy_ids"]) == self.ids
+        return recorded.get("taxonomy_sha256") == self.sha256
 
 
 def load_taxonomy(path: str | Path | None = None) -> Taxonomy:

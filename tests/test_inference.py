@@ -67,7 +67,7 @@ def test_padding_is_left_whatever_the_processor_came_with(tiny_model_dir):
     assert processor.tokenizer.padding_side == "left"
 
 
-def test_checkpoint_trained_with_another_taxonomy_or_prompt_format_is_refused(tiny_model_dir, tmp_path):
+def test_checkpoint_is_served_with_its_categories_and_prompt_format(tiny_model_dir, tmp_path):
     import json
     import shutil
 
@@ -77,23 +77,29 @@ def test_checkpoint_trained_with_another_taxonomy_or_prompt_format_is_refused(ti
 
     export = tmp_path / "export"
     shutil.copytree(tiny_model_dir, export)
-    edited = DEFAULT_TAXONOMY_PATH.read_text().replace("Do not help harm", "Never help harm")
-    (export / TAXONOMY_FILE).write_text(edited)
+    # The export ships a taxonomy whose policy text was edited after training: allowed.
+    (export / TAXONOMY_FILE).write_text(
+        DEFAULT_TAXONOMY_PATH.read_text().replace("Do not help harm", "Never help harm")
+    )
     shipped = load_taxonomy(export / TAXONOMY_FILE)
     config = {"prompt_format_version": PROMPT_FORMAT_VERSION, "taxonomy_file": TAXONOMY_FILE,
               "taxonomy_sha256": shipped.sha256, "decision_threshold": 0.3}  # fmt: skip
     (export / MODERATOR_CONFIG_FILE).write_text(json.dumps(config))
-    # The export's own taxonomy and threshold are used, not the repository's.
     moderator = Moderator.from_pretrained(export)
     assert moderator.taxonomy.sha256 == shipped.sha256 != load_taxonomy().sha256 and moderator.threshold == 0.3
-    with pytest.raises(ModeratorConfigError, match="taxonomy sha256"):
-        serving_contract(export, load_taxonomy())  # an explicit, different taxonomy
+    assert serving_contract(export, load_taxonomy())[0].sha256 == load_taxonomy().sha256  # same ids: fine
+
+    renamed = tmp_path / "renamed.yaml"
+    renamed.write_text(DEFAULT_TAXONOMY_PATH.read_text().replace("id: fraud", "id: scams"))
+    with pytest.raises(ModeratorConfigError, match="other taxonomy categories"):
+        serving_contract(export, load_taxonomy(renamed))
     (export / MODERATOR_CONFIG_FILE).write_text(json.dumps({**config, "prompt_format_version": "0"}))
     with pytest.raises(ModeratorConfigError, match="prompt format 0"):
         serving_contract(export)
-    run = tmp_path / "sft"
+
+    run = tmp_path / "sft"  # a training output records its category ids in moderator_run.json
     run.mkdir()
-    (run / "moderator_run.json").write_text(json.dumps({"prompt_format_version": PROMPT_FORMAT_VERSION,
-                                                        "taxonomy_sha256": "0" * 64}))  # fmt: skip
-    with pytest.raises(ModeratorConfigError, match="moderator_run.json: trained with taxonomy"):
+    recorded = {"prompt_format_version": PROMPT_FORMAT_VERSION, **load_taxonomy(renamed).provenance()}
+    (run / "moderator_run.json").write_text(json.dumps(recorded))
+    with pytest.raises(ModeratorConfigError, match="moderator_run.json: trained with other taxonomy categories"):
         serving_contract(run)

@@ -211,6 +211,9 @@ def test_tiny_sweep_trial_trains_and_reports_the_sweep_metric_to_wandb(tiny_mode
         "SWEEP_RUNS_DIR": str(tmp_path / "sweeps"),
         "DS_ACCELERATOR": "cpu",
     }
+    # An earlier in-process wandb.init exports WANDB_SERVICE; a child attached to that service has its
+    # run file flushed asynchronously by the parent. The trial gets its own service, as under an agent.
+    env.pop("WANDB_SERVICE", None)
     result = subprocess.run(
         agent_command(config, point), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=540
     )

@@ -32,7 +32,11 @@ def test_caution_scenarios_are_the_sensitive_advice_ones():
 
 def test_hash_and_version_are_recorded_and_follow_the_content(tmp_path):
     taxonomy = load_taxonomy()
-    assert taxonomy.provenance() == {"taxonomy_version": taxonomy.version, "taxonomy_sha256": taxonomy.sha256}
+    assert taxonomy.provenance() == {
+        "taxonomy_version": taxonomy.version,
+        "taxonomy_sha256": taxonomy.sha256,
+        "taxonomy_ids": taxonomy.ids,
+    }
     edited = tmp_path / "edited.yaml"
     edited.write_text(DEFAULT_TAXONOMY_PATH.read_text().replace("Do not help harm", "Never help harm"))
     assert load_taxonomy(edited).sha256 != taxonomy.sha256
@@ -51,3 +55,16 @@ def test_malformed_taxonomy_is_refused(tmp_path, mutation, message):
     bad.write_text(mutation(DEFAULT_TAXONOMY_PATH.read_text()))
     with pytest.raises(TaxonomyError, match=message):
         load_taxonomy(bad)
+
+
+def test_policy_edits_keep_a_model_servable_but_category_changes_do_not(tmp_path):
+    taxonomy = load_taxonomy()
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(DEFAULT_TAXONOMY_PATH.read_text().replace("Do not help harm", "Never help harm"))
+    renamed = tmp_path / "renamed.yaml"
+    renamed.write_text(DEFAULT_TAXONOMY_PATH.read_text().replace("id: fraud", "id: scams"))
+    assert load_taxonomy(edited).matches(taxonomy.provenance())
+    assert not load_taxonomy(renamed).matches(taxonomy.provenance())
+    # Records from before ids were kept fall back to the exact file hash.
+    legacy = {"taxonomy_sha256": taxonomy.sha256}
+    assert taxonomy.matches(legacy) and not load_taxonomy(edited).matches(legacy)

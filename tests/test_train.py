@@ -239,9 +239,10 @@ def test_data_rendered_with_another_contract_is_refused(prepared_data_dir, tmp_p
     taxonomy = load_taxonomy()
     check_dataset_contract(prepared_data_dir, taxonomy)  # the real build passes
     stats = json.loads((prepared_data_dir / "stats.json").read_text())
-    for field, value in (("prompt_format_version", "0"), ("taxonomy", {"taxonomy_sha256": "0" * 64})):
+    other_ids = {**taxonomy.provenance(), "taxonomy_ids": ["scams", *taxonomy.ids[1:]]}
+    for field, value in (("prompt_format_version", "0"), ("taxonomy", other_ids)):
         stale = tmp_path / field
         stale.mkdir()
         (stale / "stats.json").write_text(json.dumps({**stats, field: value}))
-        with pytest.raises(ValueError, match="stats.json: data (rendered|built) with"):
+        with pytest.raises(ValueError, match="stats.json: data (rendered with prompt format|built with other)"):
             check_dataset_contract(stale, taxonomy)

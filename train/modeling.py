@@ -11,6 +11,7 @@ from peft import LoraConfig
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import ModelConfig
 
+from moderator.images import bound_image_pixels
 from train.config import ModeratorScriptArguments
 
 logger = logging.getLogger(__name__)
@@ -30,15 +31,7 @@ def build_processor(
         revision=model_args.model_revision,
         trust_remote_code=trust_remote_code,
     )
-    image_processor = getattr(processor, "image_processor", None)
-    if image_processor is not None and (script_args.min_pixels or script_args.max_pixels):
-        # Bound image tokens: Qwen2-VL-style processors resize into [min_pixels, max_pixels].
-        size = dict(getattr(image_processor, "size", None) or {})
-        if script_args.min_pixels:
-            image_processor.min_pixels = size["shortest_edge"] = script_args.min_pixels
-        if script_args.max_pixels:
-            image_processor.max_pixels = size["longest_edge"] = script_args.max_pixels
-        image_processor.size = size
+    bound_image_pixels(processor, script_args.min_pixels, script_args.max_pixels)
     return processor
 
 

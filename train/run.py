@@ -48,11 +48,10 @@ def check_dataset_contract(dataset_path: str | Path, taxonomy: Taxonomy) -> None
             f"{stats_file}: data rendered with prompt format {version}, this code uses {PROMPT_FORMAT_VERSION}; "
             "rebuild the dataset"
         )
-    sha = (stats.get("taxonomy") or {}).get("taxonomy_sha256")
-    if sha != taxonomy.sha256:
+    if not taxonomy.matches(stats.get("taxonomy") or {}):
         raise ValueError(
-            f"{stats_file}: data built with taxonomy sha256 {str(sha)[:12]}..., but {taxonomy.path} has "
-            f"{taxonomy.sha256[:12]}...; rebuild the dataset or pass --taxonomy_path"
+            f"{stats_file}: data built with other taxonomy categories than {taxonomy.path}; "
+            "rebuild the dataset or pass --taxonomy_path"
         )
 
 
