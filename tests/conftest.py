@@ -123,3 +123,16 @@ def served_model(tiny_model_dir, tmp_path_factory):
             process.kill()
             process.wait(timeout=10)
         log.close()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_wandb_per_test():
+    """Reset wandb after a test that used it: its settings singleton would keep that test's WANDB_DIR
+    for every later run in this process, and WANDB_SERVICE would attach child processes to it."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None:
+        if wandb.run is not None:
+            wandb.finish()
+        wandb.teardown()
+        os.environ.pop("WANDB_SERVICE", None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ def _payloads(data: bytes):
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
         chunk = data[pos + HEADER : pos + HEADER + length]
+        if len(chunk) < length:  # a record still being written: stop before it
+            return
         pos += HEADER + length
         if kind == FULL:
             yield chunk
@@ -40,7 +43,7 @@ def _payloads(data: bytes):
             pos += BLOCK - (pos % BLOCK) if pos % BLOCK else 0
 
 
-def read_offline_run(run_dir: Path) -> dict[str, Any]:
+def read_offline_run(run_dir: Path, wait_s: float = 30.0) -> dict[str, Any]:
     """Return ``{"config", "history", "summary", "artifacts"}`` for an offline run folder.
 
     Each artifact is ``{"name", "type", "aliases", "metadata", "files": {path: {"digest", "size"}}}``;
@@ -49,15 +52,25 @@ def read_offline_run(run_dir: Path) -> dict[str, Any]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     (path,) = Path(run_dir).glob("run-*.wandb")
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    # wandb-core flushes the file after ``wandb.finish()`` returns: wait (bounded) for the exit record.
+    deadline = time.monotonic() + wait_s
+    while True:
+        data = path.read_bytes()
+        assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+        records = []
+        for payload in _payloads(data):
+            record = pb.Record()
+            record.ParseFromString(payload)
+            records.append(record)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        assert time.monotonic() < deadline, f"{path}: no exit record after {wait_s} s (run not finished?)"
+        time.sleep(0.2)
     config: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     artifacts: list[dict[str, Any]] = []
-    for payload in _payloads(data):
-        record = pb.Record()
-        record.ParseFromString(payload)
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "config":
             for item in record.config.update:
