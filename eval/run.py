@@ -40,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"report: {config.out_dir}/report.md")
     for target, defences in report["results"].items():
         for defence, summary in defences.items():
-            print(f"{target} / {defence}: SI={summary['si']} ASR={summary['asr']}")
+            asr = {k: v for k, v in (summary["asr"] or {}).items() if summary["n_labelled"].get(k)}
+            print(f"{target} / {defence}: SI={summary['si']} ASR (lengths with data)={asr}")
     return 0
 
 

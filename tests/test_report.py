@@ -163,3 +163,27 @@ def test_wandb_offline_run_gets_the_table_and_plot(tmp_path, monkeypatch):
     assert table["columns"][:6] == ["target", "defence", "n_attack", "asr_1", "asr_2", "si"]
     by_group = {(d[0], d[1]): d for d in table["data"]}
     assert by_group[("tgt", "moderator")][5] == 0.9104
+
+
+def test_a_length_without_data_counts_in_the_si_but_is_shown_as_missing(tmp_path, monkeypatch):
+    # K = (1, 2, 4) but nothing was judged at k=4: ASR_4 contributes 0 to the SI (reference rule),
+    # while the table says n/a and the plot has no point there.
+    report = write_report(ROWS, tmp_path, turns=(1, 2, 4), title="Missing length")
+    none = report["results"]["tgt"]["none"]
+    assert none["n_labelled"] == {"1": 2, "2": 3, "4": 0}
+    assert none["si"] == safety_index([r for r in ROWS if r["defence"] == "none" and not r["benign"]], (1, 2, 4))
+    table_row = next(line for line in (tmp_path / "report.md").read_text().splitlines() if "| tgt | none |" in line)
+    assert table_row.split("|")[6].strip() == "n/a" and table_row.split("|")[4].strip() == "0.500"
+    import matplotlib.axes
+
+    from eval.report import plot_asr_vs_turns
+
+    plotted, original = {}, matplotlib.axes.Axes.plot
+
+    def spy(self, x, y, *args, **kwargs):
+        plotted[kwargs.get("label")] = list(x)
+        return original(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    plot_asr_vs_turns(report, tmp_path / "plot.png")
+    assert plotted["tgt / none"] == [1, 2]
