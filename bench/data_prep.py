@@ -22,9 +22,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from moderator.schema import TURN_COUNTS, safemt_turn_file
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO_ROOT / "tests" / "data" / "safemt_sample"
-LENGTHS = (1, 2, 4, 6, 8)
+LENGTHS = TURN_COUNTS
 TARGET_SECONDS, TARGET_GB = 60.0, 2.0
 
 
@@ -57,7 +59,7 @@ def write_image(path: Path, seed: int) -> None:
 
 def synthesise(folder: Path, ids: int) -> int:
     """Write ``{1,2,4,6,8}_turn.json`` with ``ids`` fresh ids and one image per id; return the record count."""
-    samples = {k: json.loads((SAMPLE_DIR / f"{k}_turn.json").read_text()) for k in (1, 2, 4)}
+    samples = {k: json.loads(safemt_turn_file(SAMPLE_DIR, k).read_text()) for k in (1, 2, 4)}
     files: dict[int, list[dict]] = {k: [] for k in LENGTHS}
     images = []
     for n in range(ids):
@@ -74,7 +76,7 @@ def synthesise(folder: Path, ids: int) -> int:
             record.update(id=new_id, image_path=image_path)
             files[k].append(record)
     for k, records in files.items():
-        (folder / f"{k}_turn.json").write_text(json.dumps(records, indent=4))
+        safemt_turn_file(folder, k).write_text(json.dumps(records, indent=4))
     for path in images:
         path.parent.mkdir(parents=True, exist_ok=True)
     todo = [(p, s) for s, p in enumerate(images) if not p.exists()]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.config import ConfigError
-from moderator.schema import TURN_COUNTS
+from moderator.schema import TURN_COUNTS, safemt_turn_file
 
 HUB_TURN_COLUMNS = ("turns", "turn", "num_turns", "n_turns")
 _SPLIT_TURNS = re.compile(r"^(\d+)[_-]?turns?$")
@@ -74,7 +74,7 @@ def open_safemt(
     turns_t = tuple(sorted(set(turns)))
     if path.is_dir():
         for folder in (path, path / "Data"):
-            present = [k for k in TURN_COUNTS if (folder / f"{k}_turn.json").is_file()]
+            present = [k for k in TURN_COUNTS if safemt_turn_file(folder, k).is_file()]
             if present:
                 wanted = [k for k in present if k in turns_t]
                 if not wanted:
@@ -106,7 +106,7 @@ def open_safemt(
 
 def _github_records(folder: Path, turns: tuple[int, ...]) -> Iterator[RawRecord | FileProblem]:
     for k in turns:
-        path = folder / f"{k}_turn.json"
+        path = safemt_turn_file(folder, k)
         if path.is_file():
             yield from read_json_array(path, k)
 

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from moderator.contract import SAFE, UNSAFE
+from moderator.contract import ROLE_NAMES, SAFE, UNSAFE
 from moderator.taxonomy import Taxonomy, load_taxonomy
 
 logger = logging.getLogger(__name__)
@@ -77,8 +77,6 @@ REFUSAL_PATTERNS = re.compile(
     re.IGNORECASE,
 )
 
-_ROLE_NAMES = {"user": "User", "assistant": "Assistant"}
-
 
 @dataclass(frozen=True)
 class JudgeItem:
@@ -110,7 +108,7 @@ class RefusalJudgement:
 def _transcript(item: JudgeItem) -> str:
     lines = ["<conversation>"]
     for index, message in enumerate(item.dialogue):
-        name = _ROLE_NAMES.get(message["role"], message["role"])
+        name = ROLE_NAMES.get(message["role"], message["role"])
         image = "[image] " if index == 0 and item.has_image else ""
         lines.append(f"{name}: {image}{message['content'].strip()}")
     lines.append("</conversation>")

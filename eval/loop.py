@@ -34,7 +34,7 @@ from eval.defences import BLOCK, INJECT, Defence, DefenceDecision, defence_setti
 from eval.judge import Judge, JudgeItem, heuristic_refusal, judge_settings, load_judge
 from eval.targets import ChatModel, ChatRequest, load_target
 from moderator.contract import SAFE, UNSAFE
-from moderator.schema import RecordError, parse_safemt_record
+from moderator.schema import RecordError, parse_safemt_record, safemt_turn_file
 from moderator.taxonomy import Taxonomy, load_taxonomy
 
 logger = logging.getLogger(__name__)
@@ -65,12 +65,12 @@ def load_safemt_samples(
 ) -> list[EvalSample]:
     """Records of the ``<k>_turn.json`` files present for ``turns`` (GitHub layout), first ``limit`` of each."""
     safemt_dir = Path(safemt_dir)
-    present = [k for k in turns if (safemt_dir / f"{k}_turn.json").is_file()]
+    present = [k for k in turns if safemt_turn_file(safemt_dir, k).is_file()]
     if not present:
-        raise EvalDataError(f"{safemt_dir}: none of {[f'{k}_turn.json' for k in turns]} exists")
+        raise EvalDataError(f"{safemt_dir}: none of {[safemt_turn_file('', k).name for k in turns]} exists")
     samples = []
     for k in present:
-        path = safemt_dir / f"{k}_turn.json"
+        path = safemt_turn_file(safemt_dir, k)
         try:
             records = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:

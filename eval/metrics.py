@@ -42,9 +42,10 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 from moderator.contract import SAFE, UNSAFE
+from moderator.schema import TURN_COUNTS
 
 LABELS = (SAFE, UNSAFE)
-SAFEMT_TURNS = (1, 2, 4, 6, 8)
+SAFEMT_TURNS = TURN_COUNTS  # the SafeMT reference's K
 RESULT_FIELDS = ("id", "k", "label")
 
 

@@ -42,7 +42,8 @@ SYSTEM_PROMPT = (
     "Category ids: {categories}"
 )
 
-_ROLE_NAMES = {"user": "User", "assistant": "Assistant"}
+# How turns are labelled when a dialogue is shown as a transcript (moderator and judge alike).
+ROLE_NAMES = {"user": "User", "assistant": "Assistant"}
 
 
 class DialogueError(ValueError):
@@ -75,12 +76,12 @@ def render_moderator_messages(
     parts: list[dict[str, Any]] = [{"type": "text", "text": "<conversation>\n"}]
     for index, message in enumerate(dialogue):
         role = message.get("role")
-        if role not in _ROLE_NAMES:
-            raise DialogueError(f"message {index}: role {role!r} is not one of {sorted(_ROLE_NAMES)}")
+        if role not in ROLE_NAMES:
+            raise DialogueError(f"message {index}: role {role!r} is not one of {sorted(ROLE_NAMES)}")
         content = message.get("content")
         if not isinstance(content, str):
             raise DialogueError(f"message {index}: content must be a string, got {type(content).__name__}")
-        parts.append({"type": "text", "text": f"{_ROLE_NAMES[role]}: "})
+        parts.append({"type": "text", "text": f"{ROLE_NAMES[role]}: "})
         for _ in range(image_turns.count(index)):
             parts.append({"type": "image"})
         parts.append({"type": "text", "text": content.strip() + "\n"})

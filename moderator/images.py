@@ -9,7 +9,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from moderator.schema import TURN_COUNTS
+from moderator.schema import TURN_COUNTS, safemt_turn_file
 
 
 def bound_image_pixels(processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
@@ -44,7 +44,7 @@ def write_placeholder_images(safemt_dir: str | Path, size: tuple[int, int] = (64
     safemt_dir = Path(safemt_dir)
     written = set()
     for k in TURN_COUNTS:
-        path = safemt_dir / f"{k}_turn.json"
+        path = safemt_turn_file(safemt_dir, k)
         if not path.exists():
             continue
         for record in json.loads(path.read_text()):

@@ -14,11 +14,19 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from moderator.taxonomy import Taxonomy
 
 TURN_COUNTS = (1, 2, 4, 6, 8)
+
+
+def safemt_turn_file(folder: str | Path, turns: int) -> Path:
+    """The GitHub release's file for ``turns``-turn dialogues: ``<folder>/<turns>_turn.json``."""
+    return Path(folder) / f"{turns}_turn.json"
+
+
 SAFEMT_FIELDS = ("id", "scenario", "image_path", "dialogue", "question")
 HUB_IMAGE_FIELD = "image_rel_path"
 ID_PATTERN = re.compile(r"^(?P<source>[a-z]+)_(?P<slug>[a-z_]+)_(?P<n>\d+)$")
