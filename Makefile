@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: env demo test bench lint format clean
+.PHONY: env demo test bench lint format clean lock
 
 env: $(VENV)/.installed
 
@@ -58,6 +58,19 @@ lint: env
 format: env
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
+
+# Re-resolve the lock: a throwaway venv with only torch pinned, newest releases within pyproject.toml's
+# bounds, frozen into constraints.txt (its header kept). Run `make test` on it before committing.
+LOCK_VENV ?= .venv-lock
+lock:
+	rm -rf $(LOCK_VENV) && python3 -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip setuptools wheel
+	$(LOCK_VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(LOCK_VENV)/bin/pip install -q -c <(echo "$(TORCH_SPEC)") --no-build-isolation "deepspeed>=0.19.8"
+	$(LOCK_VENV)/bin/pip install -q -c <(echo "$(TORCH_SPEC)") -e ".[dev]"
+	{ grep '^#' constraints.txt; $(LOCK_VENV)/bin/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)
 
 clean:
 	rm -rf $(DEMO_DIR)

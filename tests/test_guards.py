@@ -345,6 +345,17 @@ def test_load_guard_rejects_unknown_kinds():
         load_guard("llamaguard", "/nonexistent")
 
 
+def test_llama_guard_4_names_the_supported_transformers_on_a_broken_release(monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "5.24.0")
+    with pytest.raises(RuntimeError, match=r"transformers 5\.24\.0 .*supported: transformers>=5\.23,<5\.24"):
+        load_guard("llama_guard_4", "/nonexistent")  # refused before any file is read
+    monkeypatch.setattr(transformers, "__version__", "5.23.0")
+    with pytest.raises(OSError):  # a supported release goes on to load (and the path does not exist)
+        load_guard("llama_guard_4", "/nonexistent")
+
+
 # -- end to end on tiny checkpoints ----------------------------------------------------------------------
 
 # kind -> tiny factory name in eval.guards.tiny

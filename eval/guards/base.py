@@ -125,6 +125,10 @@ class Guard(ABC):
             raise RuntimeError(f"{self.name}: no model loaded; build it with load_guard({self.kind!r}, path)")
 
     # -- loading ------------------------------------------------------------------------------------
+    @classmethod
+    def check_supported(cls) -> None:
+        """Raise before loading when the installed libraries are known to break this guard."""
+        return None
     model_loader: ClassVar[str] = "transformers:AutoModelForImageTextToText"
     processor_loader: ClassVar[str] = "transformers:AutoProcessor"
 
@@ -139,6 +143,7 @@ class Guard(ABC):
         **options: Any,
     ) -> Guard:
         """Load weights (safetensors only) and processor; float32 on CPU, bfloat16 on GPU unless ``dtype``."""
+        cls.check_supported()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is None or dtype == "auto":
             dtype = torch.float32 if device == "cpu" else torch.bfloat16

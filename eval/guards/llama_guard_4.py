@@ -27,6 +27,19 @@ from eval.guards.llama_guard_format import (
 )
 
 IMAGE_TOKEN = "<|image|>"
+# transformers 5.24.0's Llama4ForConditionalGeneration.forward reads `image_outputs` from the text
+# model's output, which has none (AttributeError on every call). 5.23 works; constraints.txt locks it.
+BROKEN_TRANSFORMERS = ("5.24.",)
+SUPPORTED_TRANSFORMERS = ">=5.23,<5.24"
+
+
+def require_supported_transformers(version: str) -> None:
+    if version.startswith(BROKEN_TRANSFORMERS):
+        raise RuntimeError(
+            f"llama_guard_4: transformers {version} cannot run Llama 4 models (AttributeError 'image_outputs' "
+            f"in its Llama4ForConditionalGeneration); supported: transformers{SUPPORTED_TRANSFORMERS} "
+            "(`pip install -c constraints.txt -e .` uses the tested lock)"
+        )
 # What the hub template emits after each message: a literal "\n\n" (backslash, n) then a blank line.
 MESSAGE_END = "\\n\\n\n\n"
 
@@ -55,6 +68,12 @@ class LlamaGuard4(GenerativeGuard):
     verdict_prefix: ClassVar[str] = "\n\n"
     score_words: ClassVar[tuple[str, str]] = ("safe", "unsafe")
     default_max_new_tokens: ClassVar[int] = 20
+
+    @classmethod
+    def check_supported(cls) -> None:
+        import transformers
+
+        require_supported_transformers(transformers.__version__)
 
     def build_inputs(self, dialogue: Sequence[Mapping[str, Any]], images: Sequence[Image.Image]) -> list[GuardPrompt]:
         messages = validate_dialogue(dialogue, images)
