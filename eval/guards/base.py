@@ -129,6 +129,7 @@ class Guard(ABC):
     def check_supported(cls) -> None:
         """Raise before loading when the installed libraries are known to break this guard."""
         return None
+
     model_loader: ClassVar[str] = "transformers:AutoModelForImageTextToText"
     processor_loader: ClassVar[str] = "transformers:AutoProcessor"
 

@@ -40,6 +40,8 @@ def require_supported_transformers(version: str) -> None:
             f"in its Llama4ForConditionalGeneration); supported: transformers{SUPPORTED_TRANSFORMERS} "
             "(`pip install -c constraints.txt -e .` uses the tested lock)"
         )
+
+
 # What the hub template emits after each message: a literal "\n\n" (backslash, n) then a blank line.
 MESSAGE_END = "\\n\\n\n\n"
 
