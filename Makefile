@@ -25,12 +25,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt tools/patch_torchvision_cpu.p
 
 # The main job on the built-in tiny default: data prep -> SFT -> export -> eval, all on CPU, offline.
 demo: env
-	$(PY) -m moderator.tiny $(DEMO_DIR)/base
+	$(PY) -m tiny_models.moderator $(DEMO_DIR)/base
 	$(PY) -m moderator.images $(DEMO_DIR)/safemt --copy-from tests/data/safemt_sample
 	$(PY) -m data_prep.build --config configs/data/demo.yaml --out $(DEMO_DIR)/data
 	$(PY) train/sft.py --config configs/sft/tiny_cpu.yaml --output_dir $(DEMO_DIR)/sft --fresh_start true
-	$(PY) -m train.export --checkpoint $(DEMO_DIR)/sft --out $(DEMO_DIR)/export --dataset $(DEMO_DIR)/data
-	$(PY) -m eval.guards.tiny mllama $(DEMO_DIR)/llama_guard
+	$(PY) -m export --checkpoint $(DEMO_DIR)/sft --out $(DEMO_DIR)/export --dataset $(DEMO_DIR)/data
+	$(PY) -m tiny_models.guards mllama $(DEMO_DIR)/llama_guard
 	$(PY) -m eval.run --config configs/eval/demo.yaml --out_dir $(DEMO_DIR)/eval
 	@echo
 	@echo "demo finished:"
@@ -47,7 +47,7 @@ test: env
 # throughput ours vs stock TRL on that data. Figures go in bench/RESULTS.md.
 BENCH_DIR ?= runs/bench
 bench: env
-	$(PY) -m moderator.tiny $(BENCH_DIR)/base
+	$(PY) -m tiny_models.moderator $(BENCH_DIR)/base
 	$(PY) -m bench.data_prep --work $(BENCH_DIR)/data_prep --processor $(BENCH_DIR)/base
 	$(PY) -m bench.train_throughput --model $(BENCH_DIR)/base --data $(BENCH_DIR)/data_prep/out --work $(BENCH_DIR)/train
 

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"synthesised {records} records and {args.ids} images in {time.perf_counter() - started:.1f} s")
         processor = args.processor
         if processor == "tiny":
-            from moderator.tiny import build_tiny_qwen2_5_vl
+            from tiny_models.moderator import build_tiny_qwen2_5_vl
 
             processor = str(build_tiny_qwen2_5_vl(work / "tiny"))
         command = [sys.executable, "-m", "data_prep.build", "--safemt", str(safemt), "--out", str(work / "out")]

@@ -121,7 +121,7 @@ def run_once(setting: str, model: str, data: str, work: Path, steps: int, batch:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="runs/demo/base", help="model dir (python -m moderator.tiny DIR)")
+    parser.add_argument("--model", default="runs/demo/base", help="model dir (python -m tiny_models.moderator DIR)")
     parser.add_argument("--data", default="runs/demo/data", help="prepared dataset (python -m data_prep.build)")
     parser.add_argument("--work", default="runs/bench/train", help="scratch output dir")
     parser.add_argument("--steps", type=int, default=50, help="50 x 8 = one mega-batch of the length-grouped sampler")

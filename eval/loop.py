@@ -621,7 +621,7 @@ def detection_results(run: EvalRun, samples: Sequence[EvalSample]) -> dict[str, 
     guards' categories are their own codes, not SafeMT scenarios). ``data`` says which set was used.
     With ``detection_split``, the moderator also gets ``threshold`` (``threshold_for_fpr`` on its
     validation-split scores at ``target_fpr``; None if only "flag nothing" meets it), which
-    ``train.export`` reads as ``detection.<name>.threshold``.
+    ``export`` reads as ``detection.<name>.threshold``.
     """
     from eval.metrics import detection_metrics, threshold_for_fpr
 
@@ -645,7 +645,7 @@ def detection_results(run: EvalRun, samples: Sequence[EvalSample]) -> dict[str, 
         metrics["data"] = "test split" if split_rows else "eval samples"
         threshold_rows = run._threshold_rows_for(defence)
         if threshold_rows:
-            # Chosen on validation (never test), read by train.export as detection.<name>.threshold.
+            # Chosen on validation (never test), read by export as detection.<name>.threshold.
             scored = [run.decision(defence, row) for row in threshold_rows]
             threshold = threshold_for_fpr(
                 [0 if row.benign else 1 for row in threshold_rows],

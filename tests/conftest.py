@@ -28,7 +28,7 @@ SAMPLE_DIR = REPO_ROOT / "tests" / "data" / "safemt_sample"
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A complete tiny checkpoint on disk, loaded by tests through ``from_pretrained``."""
-    from moderator.tiny import build_tiny_qwen2_5_vl
+    from tiny_models.moderator import build_tiny_qwen2_5_vl
 
     return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2_5_vl"))
 

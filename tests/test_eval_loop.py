@@ -55,7 +55,7 @@ class RecordingTarget:
 
 @pytest.fixture(scope="module")
 def tiny_guard_dir(tmp_path_factory):
-    from eval.guards.tiny import build_tiny_mllama
+    from tiny_models.guards import build_tiny_mllama
 
     return build_tiny_mllama(tmp_path_factory.mktemp("tiny-llama-guard"))
 

@@ -18,14 +18,14 @@ import pytest
 import yaml
 from trl import ModelConfig, SFTConfig, TrlParser
 
+from export.equivalence import EquivalenceError, check_equivalence, compare_scores, write_equivalence_samples
+from export.exporting import ExportError, export, main, parse_export_args
+from export.manifest import MANIFEST_FILE, verify_export
 from moderator.contract import PROMPT_FORMAT_VERSION, render_moderator_messages
 from moderator.taxonomy import DEFAULT_TAXONOMY_PATH, UNKNOWN_CATEGORY, load_taxonomy
 from tests.conftest import REPO_ROOT, SAMPLE_DIR, tiny_recipe_args
 from tests.wandb_offline import read_offline_run
 from train.config import ModeratorScriptArguments
-from train.export_equivalence import EquivalenceError, check_equivalence, compare_scores, write_equivalence_samples
-from train.export_manifest import MANIFEST_FILE, verify_export
-from train.exporting import ExportError, export, main, parse_export_args
 from train.provenance import PROVENANCE_FILE, REDACTED
 from train.run import train
 
@@ -200,7 +200,7 @@ def test_moderator_loads_the_merged_export_with_the_manifest_threshold(merged_ex
 
 def _verify_cli(directory: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "train.export", "verify", str(directory)],
+        [sys.executable, "-m", "export", "verify", str(directory)],
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
     )  # fmt: skip
 

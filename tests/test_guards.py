@@ -358,7 +358,7 @@ def test_llama_guard_4_names_the_supported_transformers_on_a_broken_release(monk
 
 # -- end to end on tiny checkpoints ----------------------------------------------------------------------
 
-# kind -> tiny factory name in eval.guards.tiny
+# kind -> tiny factory name in tiny_models.guards
 TINY_ARCHITECTURES = {
     "llama_guard_3_vision": "mllama",
     "shieldgemma_2": "gemma3",
@@ -371,7 +371,7 @@ TINY_ARCHITECTURES = {
 @pytest.fixture(scope="session")
 def tiny_guard_dir(tmp_path_factory):
     """Build (once per session) the tiny checkpoint for a guard kind."""
-    from eval.guards import tiny
+    from tiny_models import guards as tiny
 
     built: dict[str, Path] = {}
 

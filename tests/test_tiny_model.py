@@ -6,8 +6,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from moderator.contract import render_moderator_messages
 from moderator.images import write_placeholder_images
-from moderator.tiny import IMAGE_SIDE
 from tests.conftest import SAMPLE_DIR
+from tiny_models.moderator import IMAGE_SIDE
 
 
 def test_tiny_checkpoint_is_complete_and_safetensors_only(tiny_model_dir):

@@ -1,16 +1,16 @@
 """Export a trained moderator as a verified, self-contained serving directory.
 
-    python -m train.export --checkpoint runs/demo/sft --out runs/demo/export [--adapter-only]
+    python -m export --checkpoint runs/demo/sft --out runs/demo/export [--adapter-only]
         [--eval-report runs/demo/eval/report.json] [--threshold 0.4] [--equivalence-samples 8]
         [--dataset runs/demo/data] [--push-to-hub org/name] [--wandb-artifact name]
-    python -m train.export verify runs/demo/export
+    python -m export verify runs/demo/export
 
-Logic in ``train/exporting.py``.
+Logic in ``export/exporting.py``.
 """
 
 import sys
 
-from train.exporting import main
+from export.exporting import main
 
 if __name__ == "__main__":
     sys.exit(main())

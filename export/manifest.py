@@ -1,4 +1,4 @@
-"""The export manifest: the sha256 of every file, and ``verify`` (``python -m train.export verify <dir>``).
+"""The export manifest: the sha256 of every file, and ``verify`` (``python -m export verify <dir>``).
 
 Kept free of torch/transformers imports so verifying a directory is fast.
 """
@@ -59,7 +59,7 @@ def verify_export(directory: str | Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise VerificationError(f"{directory}: not a directory")
     if not manifest_path.is_file():
-        raise VerificationError(f"{manifest_path}: missing; not an export made by `python -m train.export`")
+        raise VerificationError(f"{manifest_path}: missing; not an export made by `python -m export`")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

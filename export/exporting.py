@@ -1,6 +1,6 @@
 """Export a trained moderator as a self-contained, verifiable serving directory.
 
-``python -m train.export --checkpoint runs/sft --out runs/export`` (entry: ``train/export.py``):
+``python -m export --checkpoint runs/sft --out runs/export`` (entry: ``export/__main__.py``):
 
 1. loads the checkpoint (a PEFT adapter directory, or a full checkpoint) and scores a few validation
    dialogues with it in this process: P(unsafe) and the greedy verdict text;
@@ -11,7 +11,7 @@
 3. loads the export in a fresh process and scores the same dialogues: the export is refused when a
    P(unsafe) differs beyond the tolerance or a generated verdict differs;
 4. writes a model card (``README.md``) and ``manifest.json`` with the provenance and the sha256 of
-   every other file, which ``python -m train.export verify <dir>`` checks;
+   every other file, which ``python -m export verify <dir>`` checks;
 5. optionally uploads the directory to the Hugging Face Hub and/or logs it as a W&B model artifact.
 
 Parts: ``export_manifest.py`` (hashes, ``verify``), ``export_equivalence.py`` (the fresh-process
@@ -37,10 +37,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from moderator.contract import PROMPT_FORMAT_VERSION
-from moderator.taxonomy import REPO_ROOT, Taxonomy, load_taxonomy
-from train.export_card import hub_id, render_model_card
-from train.export_equivalence import (
+from export.card import hub_id, render_model_card
+from export.equivalence import (
     FLOAT32_TOLERANCE,
     HALF_PRECISION_TOLERANCE,
     compare_scores,
@@ -52,7 +50,7 @@ from train.export_equivalence import (
     score_samples,
     write_equivalence_samples,
 )
-from train.export_manifest import (
+from export.manifest import (
     EVAL_REPORT_FILE,
     MANIFEST_FILE,
     MANIFEST_FORMAT,
@@ -67,6 +65,8 @@ from train.export_manifest import (
     sha256_file,
     verify_export,
 )
+from moderator.contract import PROMPT_FORMAT_VERSION
+from moderator.taxonomy import REPO_ROOT, Taxonomy, load_taxonomy
 from train.provenance import PROVENANCE_FILE, git_commit, redact
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -553,16 +553,16 @@ def parse_export_args(argv: Sequence[str] | None = None) -> ExportArguments:
 
     parser = HfArgumentParser(
         ExportArguments,
-        prog="python -m train.export",
+        prog="python -m export",
         description="Export a trained moderator (merged or adapter-only) with a manifest, model card and an "
-        "equivalence check. `python -m train.export verify <dir>` checks an export against its manifest.",
+        "equivalence check. `python -m export verify <dir>` checks an export against its manifest.",
     )
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     return args
 
 
 def _verify_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.export verify", description="Check an export's hashes.")
+    parser = argparse.ArgumentParser(prog="python -m export verify", description="Check an export's hashes.")
     parser.add_argument("directory")
     args = parser.parse_args(argv)
     try:

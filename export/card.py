@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from export.manifest import TAXONOMY_FILE
 from moderator.contract import render_target
 from moderator.taxonomy import Taxonomy
-from train.export_manifest import TAXONOMY_FILE
 
 SAFEMT_LICENCE = "CC BY-NC 4.0"
 
@@ -196,7 +196,7 @@ def render_model_card(
         )
     lines += [
         "",
-        "Every file's sha256 is in `manifest.json`; check a copy with `python -m train.export verify <dir>`.",
+        "Every file's sha256 is in `manifest.json`; check a copy with `python -m export verify <dir>`.",
         "",
     ]
     if report is not None:

@@ -1,7 +1,7 @@
 """Tiny random-weight checkpoints in the baseline guards' architectures, built fully offline.
 
 Each factory builds the real config class with random weights, a small byte-level BPE tokenizer
-trained locally (the moderator's Qwen2 pre-tokenizer split, see ``moderator.tiny``) plus the family's
+trained locally (the moderator's Qwen2 pre-tokenizer split, see ``tiny_models.moderator``) plus the family's
 special tokens, the family's real processor, and writes everything with ``save_pretrained``, so the
 guard adapters load them through the same ``from_pretrained`` path as the hub checkpoints. The
 guards' own chat templates are not available offline; the adapters build their native prompts
@@ -27,8 +27,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from moderator import tiny as moderator_tiny
-from moderator.tiny import tokenizer_corpus
+from tiny_models import moderator as moderator_tiny
+from tiny_models.moderator import tokenizer_corpus
 
 VOCAB_SIZE = 640
 
@@ -49,7 +49,7 @@ def guard_corpus() -> list[str]:
 
 
 def train_byte_level_bpe(special_tokens: Sequence[str], vocab_size: int = VOCAB_SIZE, corpus: Iterable[str] = ()):
-    """The project's tiny byte-level BPE (``moderator.tiny``) on the guard corpus, specials at ids 0..n-1."""
+    """The project's tiny byte-level BPE (``tiny_models.moderator``) on the guard corpus, specials at ids 0..n-1."""
     return moderator_tiny.train_byte_level_bpe(list(corpus) or guard_corpus(), vocab_size, special_tokens)
 
 

@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from export.manifest import ExportError
 from moderator.taxonomy import REPO_ROOT, Taxonomy
-from train.export_manifest import ExportError
 
 FLOAT32_TOLERANCE = 1e-3
 HALF_PRECISION_TOLERANCE = 2e-2  # bf16/fp16 merges round differently from the unmerged sum
@@ -156,7 +156,7 @@ def score_in_fresh_process(
     with tempfile.TemporaryDirectory(prefix="export-score-") as tmp:
         out = Path(tmp) / "scores.json"
         command = [
-            sys.executable, "-m", "train.export", "_score",
+            sys.executable, "-m", "export", "_score",
             "--model", str(model_dir), "--samples", str(samples_file), "--out", str(out),
             "--max-new-tokens", str(max_new_tokens), "--dtype", dtype, "--device", device,
         ]  # fmt: skip
@@ -242,8 +242,8 @@ def check_equivalence(
 
 
 def score_main(argv: Sequence[str]) -> int:
-    """``python -m train.export _score``: the fresh process of the equivalence check; writes JSON."""
-    parser = argparse.ArgumentParser(prog="python -m train.export _score")
+    """``python -m export _score``: the fresh process of the equivalence check; writes JSON."""
+    parser = argparse.ArgumentParser(prog="python -m export _score")
     parser.add_argument("--model", required=True)
     parser.add_argument("--samples", required=True)
     parser.add_argument("--out", required=True)

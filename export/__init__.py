@@ -1,0 +1,1 @@
+"""Export stage: a trained checkpoint -> a verified, self-contained serving directory (``python -m export``)."""
