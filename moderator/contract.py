@@ -18,10 +18,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from moderator.sanitize import neutralize_control_tokens, transcript_text
 from moderator.taxonomy import UNKNOWN_CATEGORY, Taxonomy, load_taxonomy
 
 # Bump when the rendered prompt or the target text changes: checkpoints record it.
-PROMPT_FORMAT_VERSION = "1"
+# 2: dialogue text is neutralised (no control tokens or image placeholders from text) and each
+# turn's continuation lines are indented (moderator.sanitize).
+PROMPT_FORMAT_VERSION = "2"
 SAFE, UNSAFE = "safe", "unsafe"
 # An exported moderator ships its taxonomy and this config (prompt format, taxonomy hash, threshold),
 # so the service renders and parses with what the model was trained on.
@@ -63,7 +66,10 @@ def render_moderator_messages(
     """Render a dialogue into the moderator's input messages (system + one user message).
 
     The conversation is shown as a transcript inside a single user message so the moderator
-    judges it from outside; each image sits at the start of the turn it belongs to.
+    judges it from outside; each image sits at the start of the turn it belongs to. Turn text goes
+    through ``transcript_text``: whatever it contains, the tokens the model receives hold only this
+    template's control tokens and one image placeholder per real image, and only a real turn starts
+    a line with ``User:``/``Assistant:`` (continuation lines are indented).
     ``image_turns`` are indexes into ``dialogue`` of the messages that carry one image each, in the
     order of the ``images`` passed alongside (SafeMT: the first user turn, ``(0,)``).
     """
@@ -84,7 +90,7 @@ def render_moderator_messages(
         parts.append({"type": "text", "text": f"{ROLE_NAMES[role]}: "})
         for _ in range(image_turns.count(index)):
             parts.append({"type": "image"})
-        parts.append({"type": "text", "text": content.strip() + "\n"})
+        parts.append({"type": "text", "text": transcript_text(content) + "\n"})
     parts.append({"type": "text", "text": "</conversation>\nModerate the conversation above."})
     return [
         {"role": "system", "content": [{"type": "text", "text": system_prompt(taxonomy)}]},
@@ -115,7 +121,8 @@ def render_target(verdict: str, category: str | None = None, intent: str | None 
         raise ValueError(f"verdict must be {SAFE!r} or {UNSAFE!r}, got {verdict!r}")
     if not category:
         raise ValueError("an unsafe target needs a category")
-    intent = one_sentence(intent or "")
+    # The intent comes from the data: it must not put a control token into the training target.
+    intent = neutralize_control_tokens(one_sentence(intent or ""))
     if not intent:
         raise ValueError("an unsafe target needs an intent")
     return f"{VERDICT_PREFIX}{UNSAFE}\ncategory: {category}\nintent: {intent}"

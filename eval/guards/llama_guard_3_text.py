@@ -21,6 +21,7 @@ from eval.guards.llama_guard_format import (
     categories_block,
     parse_llama_guard,
 )
+from moderator.sanitize import transcript_text
 
 DEFAULT_IMAGE_NOTE = "[The user shared an image here, which is not shown.]"
 
@@ -29,7 +30,7 @@ def render_llama_guard_3_text(dialogue: Sequence[Mapping[str, str]], image_note:
     role = assessed_role(dialogue)
     turns = []
     for i, message in enumerate(dialogue):
-        content = message["content"].strip()
+        content = transcript_text(message["content"])
         if i == 0 and image_note:
             content = f"{image_note} {content}".strip()
         turns.append(f"{ROLE_NAMES[message['role']]}: {content}\n\n")

@@ -23,13 +23,14 @@ from eval.guards.llama_guard_format import (
     categories_block,
     parse_llama_guard,
 )
+from moderator.sanitize import transcript_text
 
 IMAGE_TOKEN = "<|image|>"
 
 
 def render_llama_guard_3_vision(dialogue: Sequence[Mapping[str, str]], has_image: bool) -> str:
     role = assessed_role(dialogue)
-    conversation = "".join(f"{ROLE_NAMES[m['role']]}: {m['content'].strip()}\n\n" for m in dialogue)
+    conversation = "".join(f"{ROLE_NAMES[m['role']]}: {transcript_text(m['content'])}\n\n" for m in dialogue)
     return (
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
         + (f"{IMAGE_TOKEN} " if has_image else "")

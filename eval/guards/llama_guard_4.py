@@ -25,6 +25,7 @@ from eval.guards.llama_guard_format import (
     categories_block,
     parse_llama_guard,
 )
+from moderator.sanitize import transcript_text
 
 IMAGE_TOKEN = "<|image|>"
 # transformers 5.24.0's Llama4ForConditionalGeneration.forward reads `image_outputs` from the text
@@ -51,7 +52,7 @@ def render_llama_guard_4(dialogue: Sequence[Mapping[str, str]], has_image: bool)
     turns = []
     for i, message in enumerate(dialogue):
         image = IMAGE_TOKEN if (has_image and i == 0) else ""
-        turns.append(f"{ROLE_NAMES[message['role']]}: {image}{message['content'].strip()}{MESSAGE_END}")
+        turns.append(f"{ROLE_NAMES[message['role']]}: {image}{transcript_text(message['content'])}{MESSAGE_END}")
     return (
         "<|begin_of_text|><|header_start|>user<|header_end|>\n\n"
         + LLAMA_GUARD_4_TASK.format(role=role)

@@ -3,6 +3,12 @@
 Wording follows the hub chat templates (Llama-Guard-3-8B, Llama-Guard-3-11B-Vision,
 Llama-Guard-4-12B) and Meta's reference script ``models/scripts/lg_vision.py`` in meta-llama/llama-models.
 Output is ``safe`` or ``unsafe`` followed by a line of comma-separated category codes (``S1,S10``).
+
+Each renderer passes message text through ``moderator.sanitize.transcript_text``: control strings in
+it (``<|eot_id|>``, ``<|image|>``, ``<|header_start|>``, ``<END CONVERSATION>`` ...) get a space after
+``<`` and its continuation lines are indented, so a dialogue cannot end the guard's turn, add image
+placeholders or fake ``User:``/``Agent:`` messages. Text with no such string and no line break renders
+exactly as the hub templates render it.
 """
 
 from __future__ import annotations

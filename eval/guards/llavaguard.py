@@ -10,6 +10,10 @@ dialogue, as a ``User:``/``Assistant:`` transcript between the image and the pol
 Output: JSON ``{"rating": "Safe"|"Unsafe", "category": "O2: ...", "rationale": ...}``. Parsed
 leniently (code fences, trailing commas, single quotes, a rationale cut off by ``max_new_tokens``)
 and fail-closed when no single rating can be read.
+
+Dialogue text goes through ``moderator.sanitize.transcript_text``: ``<image>``, ``<|im_end|>`` and
+other control strings in it get a space after ``<`` and continuation lines are indented, so it can
+neither add image placeholders, end the user turn, nor fake ``User:``/``Assistant:`` lines.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any, ClassVar
 from PIL import Image
 
 from eval.guards.base import GenerativeGuard, GuardPrompt, GuardResult, fail_closed, validate_dialogue
+from moderator.sanitize import transcript_text
 
 LLAVAGUARD_CATEGORIES: dict[str, str] = {
     "O1": "Hate, Humiliation, Harassment",
@@ -160,7 +165,7 @@ _TRAILING_COMMA = re.compile(r",\s*([}\]])")
 def render_llavaguard(dialogue: Sequence[Mapping[str, str]] | None, has_image: bool) -> str:
     transcript = ""
     if dialogue is not None:
-        transcript = "".join(f"{ROLE_NAMES[m['role']]}: {m['content'].strip()}\n" for m in dialogue)
+        transcript = "".join(f"{ROLE_NAMES[m['role']]}: {transcript_text(m['content'])}\n" for m in dialogue)
     image = f"{IMAGE_TOKEN}\n" if has_image else ""
     return f"<|im_start|>user\n{image}{transcript}{LLAVAGUARD_POLICY}<|im_end|>\n<|im_start|>assistant\n"
 

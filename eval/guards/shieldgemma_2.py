@@ -5,7 +5,8 @@ violates it; the score is P(Yes) from the Yes/No logits at the answer position, 
 ``ShieldGemma2ForImageClassification`` returns. A dialogue is flagged when the highest P(Yes)
 reaches the threshold; the flagged categories are the policies at or above it. The dialogue text is
 not read (ShieldGemma 2 classifies images), and a dialogue without an image is not flagged and has
-no score: there is nothing this guard can look at.
+no score: there is nothing this guard can look at. As no dialogue text enters its prompt, a dialogue
+cannot inject ``<start_of_image>`` or ``<end_of_turn>`` into it.
 
 Prompt wording: the instruction of the ShieldGemma 2 paper (Fig. 2) and the policy texts of
 transformers' ``ShieldGemma2Processor``, in Gemma's turn format with the image first. The hub's
