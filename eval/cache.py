@@ -4,7 +4,8 @@ Each line is one JSON object; its key is the tuple of ``key_fields`` values. Res
 and flushed once per batch, so a crash loses at most the batch in flight. On reopening, a last line
 cut off mid-write is dropped with a warning (and cut from the file so later appends stay valid);
 a broken line anywhere else is an error naming the file and line, because that is not a crash
-artefact and silently skipping it would hide lost results. A key seen twice keeps its last value.
+artefact and silently skipping it would hide lost results. A key seen twice keeps its last value,
+which is how a recomputed record (see ``recompute`` in :func:`compute_missing`) replaces a stale one.
 """
 
 from __future__ import annotations
@@ -119,19 +120,25 @@ def compute_missing(
     compute_batch: Callable[[list[Item]], list[Mapping[str, Any]]],
     batch_size: int,
     desc: str = "",
+    recompute: Callable[[Mapping[str, Any]], bool] | None = None,
 ) -> int:
     """Compute and cache the records of the items whose key is not cached yet; return how many.
 
     ``compute_batch`` gets up to ``batch_size`` items and returns one record per item (each
     record must carry the cache's key fields). Each batch is appended and flushed before the next
-    starts, so an interruption keeps every finished batch.
+    starts, so an interruption keeps every finished batch. An item whose cached record makes
+    ``recompute(record)`` true (e.g. a judge call that failed) is computed again; its new record is
+    appended and supersedes the old one.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     todo, seen = [], set()
     for item in items:
         item_key = tuple(key(item))
-        if item_key not in cache and item_key not in seen:
+        if item_key in seen:
+            continue
+        cached = cache.get(item_key)
+        if cached is None or (recompute is not None and recompute(cached)):
             todo.append(item)
             seen.add(item_key)
     done = 0

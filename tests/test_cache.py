@@ -102,3 +102,25 @@ def test_results_must_match_their_items(tmp_path):
 def test_settings_digest_is_order_independent_and_changes_with_values():
     assert settings_digest({"a": 1, "b": 2}) == settings_digest({"b": 2, "a": 1})
     assert settings_digest({"a": 1}) != settings_digest({"a": 2})
+
+
+def test_records_flagged_by_recompute_are_computed_again_and_replace_the_cached_ones(tmp_path):
+    # A judge that was down on the first run left "error" records; they must not stay cached forever.
+    path = tmp_path / "cache.jsonl"
+
+    def first_run(batch):
+        return [{"id": f"s{i}", "k": i % 3, "value": "error" if i in (1, 3) else i * i} for i in batch]
+
+    compute_missing(JsonlCache(path, KEY_FIELDS), range(5), _key, first_run, batch_size=2)
+    # Without recompute, cached records are final.
+    assert compute_missing(JsonlCache(path, KEY_FIELDS), range(5), _key, _squares([]), batch_size=2) == 0
+
+    calls: list[int] = []
+    cache = JsonlCache(path, KEY_FIELDS)
+    failed = lambda record: record["value"] == "error"  # noqa: E731
+    assert compute_missing(cache, range(5), _key, _squares(calls), batch_size=2, recompute=failed) == 2
+    assert calls == [1, 3]
+    reopened = JsonlCache(path, KEY_FIELDS)
+    assert [reopened.get(_key(i))["value"] for i in range(5)] == [0, 1, 4, 9, 16]
+    # Once filled in, nothing is asked again.
+    assert compute_missing(reopened, range(5), _key, _squares([]), batch_size=2, recompute=failed) == 0

@@ -1,23 +1,33 @@
 import json
+import socket
 import threading
+import time
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from eval.cache import JsonlCache, compute_missing
 from eval.config import load_config
 from eval.judge import (
     CAUTION_RULE,
+    JudgeFailure,
+    JudgeFailureError,
     JudgeItem,
     LocalJudge,
     OpenAIJudge,
+    check_judge_failures,
     heuristic_refusal,
     normalise_label,
     normalise_refusal,
     refusal_messages,
+    row_judge_outcome,
+    row_needs_rejudge,
     safety_messages,
+    summarise_judge_rows,
 )
-from eval.metrics import attack_success_rate
+from eval.metrics import attack_success_rate, count_outcomes, safety_index
 from moderator.taxonomy import load_taxonomy
 from tests.conftest import LOOPBACK, SAMPLE_DIR
 
@@ -159,33 +169,64 @@ def test_openai_judge_against_a_real_local_server(served_model, monkeypatch):
     judge.close()
 
 
-# -- retries: a fake endpoint that fails twice, then answers ------------------------------------------
+# -- a fake OpenAI-compatible endpoint on loopback: failures, malformed answers, content filters ----
 
 
-class _FlakyEndpoint(BaseHTTPRequestHandler):
-    plan: list[int] = []  # status codes to send, in order; then 200s
+def _completion(model: str, content: str | None, finish_reason: str = "stop") -> dict:
+    message = {"role": "assistant", "content": content}
+    choice = {"index": 0, "message": message, "finish_reason": finish_reason}
+    return {"id": "x", "object": "chat.completion", "created": 0, "model": model, "choices": [choice]}
+
+
+def _json(payload) -> tuple[str, bytes]:
+    return "application/json", json.dumps(payload).encode()
+
+
+class _FakeEndpoint(BaseHTTPRequestHandler):
+    """Answers each POST with the next entry of ``plan`` (then ``answer``).
+
+    An entry is an HTTP status (a JSON error body), or one of: ``html`` (HTTP 200, an HTML page),
+    ``garbage`` (200, text/plain), ``bad_json`` (200, application/json that is not JSON),
+    ``no_choices``, ``null_content``, ``filtered`` (200 with ``finish_reason: content_filter``),
+    ``filtered_400`` (Azure's 400 with code ``content_filter``), or ``text:<answer>``.
+    """
+
+    plan: list = []
+    answer = "Unsafe."
     requests: list[dict] = []
 
     def do_POST(self):  # noqa: N802 (http.server's name)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-        status = type(self).plan.pop(0) if type(self).plan else 200
-        if status == 200:
-            payload = {
-                "id": "x",
-                "object": "chat.completion",
-                "created": 0,
-                "model": body["model"],
-                "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": "Unsafe."}, "finish_reason": "stop"}
-                ],
-            }
+        cls = type(self)
+        cls.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        step = cls.plan.pop(0) if cls.plan else f"text:{cls.answer}"
+        status, headers = 200, {}
+        if isinstance(step, int):
+            status = step
+            # A short Retry-After (in ms, which the openai client reads) keeps the client's retries fast.
+            headers["retry-after-ms"] = "1"
+            content_type, data = _json({"error": {"message": f"planned failure {step}", "type": "server_error"}})
+        elif step == "html":
+            content_type, data = "text/html", b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+        elif step == "garbage":
+            content_type, data = "text/plain", b"\x00garbage \xff not a completion"
+        elif step == "bad_json":
+            content_type, data = "application/json", b"{not json"
+        elif step == "no_choices":
+            content_type, data = _json({"id": "x", "object": "chat.completion", "model": body["model"]})
+        elif step == "null_content":
+            content_type, data = _json(_completion(body["model"], None))
+        elif step == "filtered":
+            content_type, data = _json(_completion(body["model"], None, finish_reason="content_filter"))
+        elif step == "filtered_400":
+            status = 400
+            error = {"message": "The response was filtered", "type": None, "param": "prompt", "code": "content_filter"}
+            content_type, data = _json({"error": error})
         else:
-            payload = {"error": {"message": f"planned failure {status}", "type": "server_error"}}
-        data = json.dumps(payload).encode()
+            content_type, data = _json(_completion(body["model"], step.removeprefix("text:")))
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
+        for name, value in {**headers, "Content-Type": content_type, "Content-Length": str(len(data))}.items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -194,10 +235,10 @@ class _FlakyEndpoint(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def flaky_endpoint():
-    _FlakyEndpoint.plan, _FlakyEndpoint.requests = [], []
-    server = ThreadingHTTPServer((LOOPBACK, 0), _FlakyEndpoint)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+def fake_endpoint():
+    _FakeEndpoint.plan, _FakeEndpoint.requests, _FakeEndpoint.answer = [], [], "Unsafe."
+    server = ThreadingHTTPServer((LOOPBACK, 0), _FakeEndpoint)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield f"http://{LOOPBACK}:{server.server_address[1]}/v1"
@@ -207,20 +248,25 @@ def flaky_endpoint():
         thread.join(timeout=5)
 
 
-def _flaky_judge(base_url: str, max_attempts: int) -> OpenAIJudge:
+def _fake_judge(base_url: str, max_attempts: int = 1, **kwargs) -> OpenAIJudge:
     return OpenAIJudge(
-        model="judge-model", base_url=base_url, max_attempts=max_attempts, retry_wait_s=0.01, timeout_s=5, concurrency=1
+        model="judge-model", base_url=base_url, max_attempts=max_attempts, timeout_s=5, concurrency=1, **kwargs
     )
 
 
-def test_transient_failures_are_retried_with_tenacity(flaky_endpoint, monkeypatch):
+def test_transient_failures_are_retried_by_the_openai_client_honouring_retry_after(fake_endpoint, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret")
-    _FlakyEndpoint.plan = [500, 503]
-    judge = _flaky_judge(flaky_endpoint, max_attempts=3)
+    _FakeEndpoint.plan = [500, 503, 429]
+    judge = _fake_judge(fake_endpoint, max_attempts=4)
+    # The client's own retries, not a second retry layer on top of a client with retries off.
+    assert judge.client.max_retries == 3
+    started = time.monotonic()
     [judgement] = judge.judge_safety([_item(_record("jbv_fraud_42", 1))])
-    assert judgement.label == "unsafe" and judgement.raw == "Unsafe."
-    assert len(_FlakyEndpoint.requests) == 3
-    sent = _FlakyEndpoint.requests[-1]
+    # The server asked for 1 ms between tries; the client's own backoff would sleep >= 2.6 s here.
+    assert time.monotonic() - started < 1.5
+    assert judgement.label == "unsafe" and judgement.raw == "Unsafe." and judgement.outcome == "labelled"
+    assert len(_FakeEndpoint.requests) == 4
+    sent = _FakeEndpoint.requests[-1]
     assert sent["path"] == "/v1/chat/completions" and sent["auth"] == "Bearer sk-test-secret"
     assert sent["body"]["model"] == "judge-model" and sent["body"]["temperature"] == 0.0
     assert sent["body"]["messages"][0]["role"] == "system"
@@ -228,24 +274,177 @@ def test_transient_failures_are_retried_with_tenacity(flaky_endpoint, monkeypatc
     assert "sk-test-secret" not in json.dumps(judge.settings)
 
 
-def test_retries_stop_after_max_attempts_and_client_errors_are_not_retried(flaky_endpoint, monkeypatch, caplog):
+def test_retries_stop_after_max_attempts_and_client_errors_are_not_retried(fake_endpoint, monkeypatch, caplog):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-never-logged")
-    _FlakyEndpoint.plan = [500, 500, 500]
-    # A failure that outlasts the retries is an answer, not an exception that kills the whole run.
-    answers = _flaky_judge(flaky_endpoint, max_attempts=2).complete([[{"role": "user", "content": "hi"}]])
-    assert answers == ["error: InternalServerError"]
-    assert len(_FlakyEndpoint.requests) == 2
-    # A 400 (e.g. a content filter) is not retried; that item gets an error label, the others their answers.
-    _FlakyEndpoint.plan, _FlakyEndpoint.requests = [400], []
+    _FakeEndpoint.plan = [500, 500, 500]
+    # A failure that outlasts the retries is an error entry, not an exception that kills the whole run.
+    [answer] = _fake_judge(fake_endpoint, max_attempts=2).complete([[{"role": "user", "content": "hi"}]])
+    assert answer == JudgeFailure("error", "InternalServerError (HTTP 500)")
+    assert len(_FakeEndpoint.requests) == 2
+    # A 400 is not retried; that item gets an error label, the others their answers.
+    _FakeEndpoint.plan, _FakeEndpoint.requests = [400], []
     record = _record("jbv_fraud_42", 1)
     with caplog.at_level("WARNING", logger="eval.judge"):
-        judgements = _flaky_judge(flaky_endpoint, max_attempts=5).judge_safety([_item(record), _item(record, "ok")])
-    assert [j.raw for j in judgements] == ["error: BadRequestError", "Unsafe."]
-    assert not judgements[0].labelled and judgements[0].label == "error: BadRequestError"
+        judgements = _fake_judge(fake_endpoint, max_attempts=5).judge_safety([_item(record), _item(record, "ok")])
+    assert [j.label for j in judgements] == ["error: BadRequestError (HTTP 400)", "unsafe"]
+    assert [j.outcome for j in judgements] == ["error", "labelled"]
     assert attack_success_rate([j.label for j in judgements]) == 1.0  # the error is left out of the ASR
-    assert len(_FlakyEndpoint.requests) == 2  # one per item: the 400 was not retried
-    assert "BadRequestError" in caplog.text and "HTTP 400" in caplog.text
+    assert len(_FakeEndpoint.requests) == 2  # one per item: the 400 was not retried
+    assert "BadRequestError (HTTP 400)" in caplog.text
     assert "sk-test-never-logged" not in caplog.text
+
+
+@pytest.mark.parametrize("response", ["html", "garbage", "bad_json", "no_choices", "null_content"])
+def test_a_malformed_response_is_an_error_entry_not_a_crash(fake_endpoint, response):
+    # HTTP 200 with an HTML page (a proxy's error page) used to crash the run with an AttributeError.
+    _FakeEndpoint.plan = [response, "text:Unsafe.", response]
+    judge = _fake_judge(fake_endpoint)
+    record = _record("jbv_fraud_42", 1)
+    safety = judge.judge_safety([_item(record), _item(record, "second")])
+    assert safety[0].outcome == "error" and safety[0].label.startswith("error: MalformedResponse")
+    assert safety[1].label == "unsafe"  # the next item is unaffected
+    [refusal] = judge.judge_refusal([_item(record)])
+    assert refusal.refused is None and refusal.outcome == "error" and refusal.raw.startswith("error: Malformed")
+
+
+def test_answers_that_are_neither_verdict_are_unparsed_not_errors(fake_endpoint):
+    _FakeEndpoint.answer = "purple monkey dishwasher"
+    judge = _fake_judge(fake_endpoint)
+    [judgement] = judge.judge_safety([_item(_record("jbv_fraud_42", 1))])
+    assert judgement.label == "purple monkey dishwasher" and judgement.outcome == "unparsed"
+    [refusal] = judge.judge_refusal([_item(_record("jbv_fraud_42", 1))])
+    assert refusal.refused is None and refusal.outcome == "unparsed"
+
+
+def test_a_content_filter_refusal_is_its_own_counted_outcome(fake_endpoint):
+    # Azure-style 400 with code content_filter, and a 200 whose finish_reason is content_filter.
+    _FakeEndpoint.plan = ["filtered_400", "filtered", "filtered"]
+    judge = _fake_judge(fake_endpoint, max_attempts=3)
+    items = [_item(_record(i, 1)) for i in ("jbv_fraud_42", "mllm_economic_harm_1", "mm_malware_14")]
+    judgements = judge.judge_safety([*items, items[0]])
+    assert [j.label for j in judgements] == ["content_filter", "content_filter", "content_filter", "unsafe"]
+    assert [j.outcome for j in judgements] == ["content_filter"] * 3 + ["labelled"]
+    assert judgements[0].raw == "content_filter: HTTP 400 content_filter"
+    assert len(_FakeEndpoint.requests) == 4  # a content filter is an answer: not retried
+    # Left out of the ASR, but counted on its own (not lumped in with errors or unparsed answers).
+    results = [{"id": str(i), "k": 1, "label": j.label} for i, j in enumerate(judgements)]
+    assert count_outcomes(results, (1,))[1] == {"safe": 0, "unsafe": 1, "unparsed": 0, "error": 0, "content_filter": 3}
+    rows = [{"benign": False, "label": j.label, "judge_raw": j.raw} for j in judgements]
+    assert not any(row_needs_rejudge(row) for row in rows)  # the same input would be filtered again
+    assert summarise_judge_rows(rows, 0.05).outcomes["content_filter"] == 3
+
+
+def test_a_dead_endpoint_gives_error_entries_and_fails_fast_after_consecutive_failures(fake_endpoint):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind((LOOPBACK, 0))
+        dead_url = f"http://{LOOPBACK}:{sock.getsockname()[1]}/v1"
+    [answer] = _fake_judge(dead_url).complete([[{"role": "user", "content": "hi"}]])
+    assert answer == JudgeFailure("error", "APIConnectionError")
+    # An endpoint answering 500 to everything: after 3 failures in a row the rest fail without a call.
+    _FakeEndpoint.plan = [500] * 10
+    judge = _fake_judge(fake_endpoint, max_consecutive_errors=3, probe_interval_s=3600)
+    items = [_item(_record("jbv_fraud_42", 1), f"reply {i}") for i in range(5)]
+    judgements = judge.judge_safety(items)
+    assert len(_FakeEndpoint.requests) == 3
+    assert all(j.outcome == "error" for j in judgements)
+    assert judgements[-1].label == "error: JudgeUnavailable (3+ calls in a row failed)"
+    # The endpoint comes back: the next due probe gets an answer and the calls go through again.
+    _FakeEndpoint.plan, _FakeEndpoint.requests = [], []
+    judge.probe_interval_s = 0.0
+    assert [j.label for j in judge.judge_safety(items[:2])] == ["unsafe", "unsafe"]
+    assert len(_FakeEndpoint.requests) == 2
+
+
+# -- rows: which judge calls to ask again, and the failure-share gate -------------------------------
+
+
+def _row(sample_id: str, k: int, label, judge_raw, benign: bool = False, refused=None) -> dict:
+    return {
+        "judge": "j",
+        "id": sample_id,
+        "k": k,
+        "benign": benign,
+        "label": label,
+        "judge_raw": judge_raw,
+        "refused": refused,
+    }
+
+
+@pytest.mark.parametrize(
+    ("row", "outcome"),
+    [
+        (_row("a", 1, "unsafe", "Unsafe."), "labelled"),
+        (_row("a", 1, "safe", None), None),  # blocked: the fixed refusal, no judge call
+        (_row("a", 1, "error: InternalServerError", "error: InternalServerError"), "error"),  # today's cache lines
+        (_row("a", 1, "content_filter", "content_filter: finish_reason content_filter"), "content_filter"),
+        (_row("a", 1, "maybe", "maybe"), "unparsed"),
+        (_row("b", 1, None, "Refused.", benign=True, refused=True), "labelled"),
+        (_row("b", 1, None, None, benign=True, refused=False), None),  # heuristic refusal check
+        (_row("b", 1, None, "error: APITimeoutError", benign=True), "error"),
+        (_row("b", 1, None, "perhaps", benign=True), "unparsed"),
+    ],
+)
+def test_row_judge_outcome(row, outcome):
+    assert row_judge_outcome(row) == outcome
+    assert row_needs_rejudge(row) is (outcome == "error")
+
+
+def test_the_failure_gate_passes_at_the_allowed_share_and_fails_above_it_with_a_summary():
+    rows = [_row(f"s{i}", 1, "safe", "safe") for i in range(19)]
+    rows += [_row("blocked", 1, "safe", None), _row("benign", 1, None, None, benign=True, refused=True)]
+    one_error = [*rows, _row("e1", 1, "error: APIConnectionError", "error: APIConnectionError")]
+    summary = check_judge_failures(one_error, 0.05)  # 1 of 20 judge calls = 5%: allowed
+    assert (summary.calls, summary.failed, summary.failed_share) == (20, 1, 0.05)
+    two = [*one_error, _row("u", 2, "maybe", "maybe"), _row("b2", 1, None, "error: APIConnectionError", benign=True)]
+    with pytest.raises(JudgeFailureError) as caught:
+        check_judge_failures(two, 0.05)
+    assert caught.value.summary.outcomes == {"labelled": 19, "unparsed": 1, "error": 2, "content_filter": 0}
+    message = str(caught.value)
+    assert message.startswith("judge j: 3 of 22 judge calls gave no verdict (13.6%, exceeds max_judge_failure_share")
+    assert (
+        "2 error (request failed or malformed response; asked again next run, e.g. 'error: APIConnectionError')"
+        in message
+    )
+    assert "1 unparsed" in message and "content_filter" not in message
+    assert check_judge_failures(two, 1.0).exceeded is False
+    with pytest.raises(ValueError, match=r"max_judge_failure_share must be in \[0, 1\]"):
+        check_judge_failures(rows, 1.5)
+
+
+def test_a_dead_judge_fails_the_gate_and_the_next_run_asks_again_and_fills_in(fake_endpoint, tmp_path):
+    # Two runs of the judge phase as eval.loop runs it: rows cached per item in a JsonlCache.
+    items = [(i, k) for i in ("mllm_economic_harm_1", "jbv_fraud_42") for k in (1, 2)]
+    key_fields = ("id", "k")
+
+    def judge_batch(judge, batch):
+        judgements = judge.judge_safety([_item(_record(i, k), reply=f"{i}@{k}") for i, k in batch])
+        return [_row(i, k, j.label, j.raw) for (i, k), j in zip(batch, judgements, strict=True)]
+
+    cache_path = tmp_path / "judgements.jsonl"
+    _FakeEndpoint.plan = [500] * len(items)  # the judge is down
+    down = _fake_judge(fake_endpoint)
+    compute_missing(JsonlCache(cache_path, key_fields), items, tuple, partial(judge_batch, down), batch_size=2)
+    first = list(JsonlCache(cache_path, key_fields).records())
+    assert all(row_needs_rejudge(row) for row in first)
+    # Everything failed: no SI (the reference rule would give 1.0) and the gate fails the run.
+    assert safety_index(first, (1, 2)) is None
+    with pytest.raises(JudgeFailureError, match="4 of 4 judge calls gave no verdict"):
+        check_judge_failures(first, 0.05)
+
+    # The judge is back: the cached errors are asked again (and nothing else), and fill in.
+    _FakeEndpoint.requests = []
+    up = _fake_judge(fake_endpoint)
+    cache = JsonlCache(cache_path, key_fields)
+    done = compute_missing(cache, items, tuple, partial(judge_batch, up), batch_size=2, recompute=row_needs_rejudge)
+    assert done == len(items) == len(_FakeEndpoint.requests)
+    second = list(JsonlCache(cache_path, key_fields).records())
+    assert {row["label"] for row in second} == {"unsafe"}
+    assert check_judge_failures(second, 0.05).failed == 0
+    assert safety_index(second, (1, 2)) == 0.0
+    # A third run asks nothing.
+    assert (
+        compute_missing(cache, items, tuple, partial(judge_batch, up), batch_size=2, recompute=row_needs_rejudge) == 0
+    )
 
 
 def test_settings_known_before_loading_equal_the_loaded_judges(monkeypatch):
@@ -300,3 +499,48 @@ def test_refusal_match_judge_labels_refusals_safe_and_compliance_unsafe():
     ]
     assert [j.label for j in judge.judge_safety(items)] == ["safe", "unsafe", "safe", "unsafe"]
     assert [r.refused for r in judge.judge_refusal(items)] == [True, False, False, False]
+
+
+class _CompliantTarget:
+    """A target that never refuses (no model: the judge phase is what is tested)."""
+
+    name = "compliant"
+
+    def generate(self, requests, max_new_tokens):
+        return [f"Sure, here is how ({len(request.dialogue)} messages)." for request in requests]
+
+    def close(self):
+        pass
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 15 item 3, wiring pending in eval/loop.py + eval/config.py (not owned here): judge_all must pass "
+    "recompute=row_needs_rejudge to compute_missing, and run() must call check_judge_failures(rows, "
+    "config.max_judge_failure_share) after writing the report. Remove this marker once wired.",
+)
+def test_eval_run_with_a_dead_judge_fails_and_the_next_run_fills_in(fake_endpoint, safemt_dir, tmp_path):
+    from eval.config import DefenceConfig, EvalConfig, JudgeConfig, TargetConfig
+    from eval.loop import EvalRun
+
+    judge = JudgeConfig(kind="openai", model="judge-model", base_url=fake_endpoint, max_attempts=1, concurrency=1)
+    config = EvalConfig(
+        safemt_dir=str(safemt_dir),
+        targets=[TargetConfig(model="unused", name="compliant")],
+        defences=[DefenceConfig(kind="none")],
+        judge=judge,
+        turns=[1, 2],
+        limit=2,
+        out_dir=str(tmp_path / "eval"),
+    ).validate()
+
+    _FakeEndpoint.plan = [500] * 4  # the judge is down for the whole first run
+    with pytest.raises(JudgeFailureError, match="4 of 4 judge calls gave no verdict"):
+        EvalRun(config, target_loader=lambda cfg: _CompliantTarget()).run()
+    first = json.loads((tmp_path / "eval" / "report.json").read_text())["results"]["compliant"]["none"]
+    assert first["si"] is None  # not the perfect 1.0 a dead judge used to earn
+
+    _FakeEndpoint.requests = []  # the judge is back: the cached errors are asked again and fill in
+    report = EvalRun(config, target_loader=lambda cfg: _CompliantTarget()).run()
+    assert len(_FakeEndpoint.requests) == 4
+    assert report["results"]["compliant"]["none"]["si"] == 0.0
