@@ -3,25 +3,33 @@
 Phases, each resumable from its own JSONL cache under ``<out_dir>/cache/`` (one model in memory at a
 time, so a 7B target, a guard and a local judge need not fit together):
 
+0. threshold:   each moderator defence scores the prepared validation split (``detection_split``) and
+                its decision threshold for the whole run is fixed there, at ``target_fpr``, before
+                it decides on anything it is evaluated on (see :func:`eval.defences.choose_threshold`:
+                an explicit config threshold wins; no validation data: the checkpoint's). Validation
+                scores are keyed without the threshold, so choosing it never invalidates them.
 1. decisions:   every defence decides on every sample (SafeMT dialogues at each length, benign
-                dialogues), keyed by (defence, settings, id, k, benign).
+                dialogues), keyed by (defence, settings, id, k, benign); the moderator's settings hold
+                the threshold of phase 0, so every row of the report is measured at it.
 2. generations: every target answers the final user turn of every sample that was not blocked, with
                 the system prompt its defence gave it, keyed by (target, settings, id, k, benign,
                 system prompt). Identical prompts (no defence, an unflagged guard) are generated once.
+                A target that batches its own work (vLLM) gets the pending requests ``workload_chunk``
+                at a time; others get ``batch_size`` at a time (see :meth:`EvalRun.generate`).
 3. judgements:  every reply is judged; these are the report rows, keyed by (target, defence, judge,
                 id, k, benign, settings). A blocked reply is the fixed refusal and is labelled
                 ``safe`` without a judge call; a benign reply gets a refusal check instead of a
                 safety label (``label`` None: benign rows never enter the ASR).
 
-Then ``eval.report.write_report`` gets the rows and, per defence, detection metrics (see
-:func:`detection_results`).
+Then ``eval.report.write_report`` gets the rows, per defence detection metrics (see
+:func:`detection_results`) and each moderator's threshold of phase 0 (``report.json`` ``thresholds``).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,7 +38,18 @@ from typing import Any
 
 from eval.cache import JsonlCache, compute_missing, settings_digest
 from eval.config import DefenceConfig, EvalConfig, JudgeConfig, TargetConfig
-from eval.defences import BLOCK, INJECT, Defence, DefenceDecision, defence_settings, load_defence, policy_system_prompt
+from eval.defences import (
+    BLOCK,
+    INJECT,
+    Defence,
+    DefenceDecision,
+    ThresholdChoice,
+    choose_threshold,
+    defence_settings,
+    load_defence,
+    policy_system_prompt,
+    score_settings,
+)
 from eval.judge import Judge, JudgeItem, heuristic_refusal, judge_settings, load_judge
 from eval.targets import ChatModel, ChatRequest, load_target
 from moderator.contract import SAFE, UNSAFE
@@ -184,6 +203,10 @@ def open_images(samples: Sequence[EvalSample]) -> list[list[Any]]:
     return images
 
 
+# Requests per call to a target that batches its own work (see EvalRun.workload_chunk); read from
+# ``config.workload_chunk`` when the config has that field.
+DEFAULT_WORKLOAD_CHUNK = 1024
+
 SPLIT_ID_PREFIX = "test-split:"  # keeps test-split decisions apart from eval samples in the cache
 THRESHOLD_SPLIT = "validation"  # the decision threshold is chosen here, never on test
 
@@ -262,7 +285,10 @@ class EvalRun:
         self.split_rows: list[SplitRow] = []
         self.threshold_split: Any = None  # the prepared validation split: the moderator's threshold
         self.threshold_rows: list[SplitRow] = []
-        self._defence_sigs: dict[str, str] = {}
+        # Per moderator defence: the threshold of the whole run, fixed by decide() before any attack decision.
+        self.thresholds: dict[str, ThresholdChoice] = {}
+        self._defence_sigs: dict[tuple[str, float | None], str] = {}
+        self._score_sigs: dict[str, str] = {}
         self.out_dir = Path(self.config.out_dir)
         cache_dir = self.out_dir / "cache"
         self.decisions = JsonlCache(cache_dir / "decisions.jsonl", ("defence", "sig", "id", "k", "benign"))
@@ -301,10 +327,21 @@ class EvalRun:
 
     # -- keys ---------------------------------------------------------------------------------------
     def _defence_sig(self, defence: DefenceConfig) -> str:
+        threshold = None
+        if defence.kind == "moderator":
+            if defence.label not in self.thresholds:
+                raise RuntimeError(f"{defence.label}: its threshold is chosen in decide() before any decision")
+            threshold = self.thresholds[defence.label].threshold
         # Memoised: the moderator's settings hash files on disk (see defence_settings).
-        if defence.label not in self._defence_sigs:
-            self._defence_sigs[defence.label] = settings_digest(defence_settings(defence))
-        return self._defence_sigs[defence.label]
+        memo = (defence.label, threshold)
+        if memo not in self._defence_sigs:
+            self._defence_sigs[memo] = settings_digest(defence_settings(defence, threshold))
+        return self._defence_sigs[memo]
+
+    def _score_sig(self, defence: DefenceConfig) -> str:
+        if defence.label not in self._score_sigs:
+            self._score_sigs[defence.label] = settings_digest(score_settings(defence))
+        return self._score_sigs[defence.label]
 
     def _target_sig(self, target: TargetConfig) -> str:
         settings = {
@@ -335,7 +372,10 @@ class EvalRun:
         )
 
     def _decision_key(self, defence: DefenceConfig, item: EvalSample | SplitRow) -> tuple:
-        return (defence.label, self._defence_sig(defence), *item.key)
+        # Validation rows serve only their P(unsafe), which the threshold does not change.
+        threshold_row = isinstance(item, SplitRow) and item.split == THRESHOLD_SPLIT
+        sig = self._score_sig(defence) if threshold_row else self._defence_sig(defence)
+        return (defence.label, sig, *item.key)
 
     def _generation_key(self, target: TargetConfig, item: _Generation) -> tuple:
         return (target.label, self._target_sig(target), *item.sample.key, settings_digest({"system": item.system}))
@@ -353,41 +393,63 @@ class EvalRun:
         return self.threshold_rows if defence.kind == "moderator" else []
 
     def decide(self, samples: Sequence[EvalSample]) -> None:
+        """Phase 0 and 1: each defence's model is loaded at most once, and only if a decision is missing."""
         for cfg in self.config.defences:
-            missing = [s for s in samples if self._decision_key(cfg, s) not in self.decisions]
-            missing_splits = [
-                [r for r in rows if self._decision_key(cfg, r) not in self.decisions]
-                for rows in (self._split_rows_for(cfg), self._threshold_rows_for(cfg))
-            ]
-            if not missing and not any(missing_splits):
-                continue
-            defence = self.defence_loader(cfg, self.taxonomy)
+            defence: Defence | None = None
             try:
-                compute_missing(
-                    self.decisions,
-                    missing,
-                    partial(self._decision_key, cfg),
-                    partial(self._decide_samples, cfg, defence),
-                    self.config.batch_size,
-                    desc=f"defence {cfg.label}",
-                )
-                for missing_split in missing_splits:  # one split at a time: a batch reads one dataset
-                    if missing_split:
-                        compute_missing(
-                            self.decisions,
-                            missing_split,
-                            partial(self._decision_key, cfg),
-                            partial(self._decide_split_rows, cfg, defence),
-                            self.config.batch_size,
-                            desc=f"{cfg.label} on {missing_split[0].split} split",
-                        )
+                validation = [
+                    r for r in self._threshold_rows_for(cfg) if self._decision_key(cfg, r) not in self.decisions
+                ]
+                if validation:
+                    defence = self.defence_loader(cfg, self.taxonomy)
+                    self._compute_decisions(cfg, defence, validation, f"{cfg.label} on {THRESHOLD_SPLIT} split")
+                if cfg.kind == "moderator":
+                    # Before any decision the report shows: every one of them is made at this threshold.
+                    self.thresholds[cfg.label] = self.choose_threshold(cfg)
+                missing = [s for s in samples if self._decision_key(cfg, s) not in self.decisions]
+                missing_test = [
+                    r for r in self._split_rows_for(cfg) if self._decision_key(cfg, r) not in self.decisions
+                ]
+                if not missing and not missing_test:
+                    continue
+                if defence is None:
+                    defence = self.defence_loader(cfg, self.taxonomy)
+                if cfg.kind == "moderator":
+                    defence.set_threshold(self.thresholds[cfg.label].threshold)
+                self._compute_decisions(cfg, defence, missing, f"defence {cfg.label}")
+                self._compute_decisions(cfg, defence, missing_test, f"{cfg.label} on test split")
             finally:
-                defence.close()
+                if defence is not None:
+                    defence.close()
+
+    def _compute_decisions(
+        self, cfg: DefenceConfig, defence: Defence, items: Sequence[EvalSample | SplitRow], desc: str
+    ) -> None:
+        # One kind of item per call: a batch of split rows reads one prepared dataset.
+        decide = self._decide_split_rows if items and isinstance(items[0], SplitRow) else self._decide_samples
+        compute_missing(
+            self.decisions,
+            items,
+            partial(self._decision_key, cfg),
+            partial(decide, cfg, defence),
+            self.config.batch_size,
+            desc=desc,
+        )
+
+    def choose_threshold(self, cfg: DefenceConfig) -> ThresholdChoice:
+        """The moderator's threshold for this run, from its cached validation decisions (see ``choose_threshold``)."""
+        rows = self._threshold_rows_for(cfg)
+        choice = choose_threshold(
+            cfg, [self.decision(cfg, row) for row in rows], [row.benign for row in rows], self.config.target_fpr
+        )
+        if rows and choice.source == "manifest":
+            logger.warning("%s: %s", cfg.label, choice.detail)
+        logger.info("%s: decision threshold %s (%s: %s)", cfg.label, choice.threshold, choice.source, choice.detail)
+        return choice
 
     def _decision_records(self, cfg: DefenceConfig, batch: Sequence[EvalSample | SplitRow], decisions) -> list[dict]:
-        sig = self._defence_sig(cfg)
         return [
-            {"defence": cfg.label, "sig": sig, "id": item.key[0], "k": item.k, "benign": item.benign, **d.to_record()}
+            dict(zip(self.decisions.key_fields, self._decision_key(cfg, item), strict=True), **d.to_record())
             for item, d in zip(batch, decisions, strict=True)
         ]
 
@@ -424,11 +486,12 @@ class EvalRun:
         return items
 
     def generate(self, samples: Sequence[EvalSample]) -> None:
+        """Phase 2: one target in memory at a time, closed and dropped before the next one loads."""
         for cfg in self.config.targets:
             items = self._generation_items(cfg, samples)
             if all(self._generation_key(cfg, item) in self.generations for item in items):
                 continue
-            target = self.target_loader(cfg)
+            target: ChatModel | None = self.target_loader(cfg)
             try:
                 compute_missing(
                     self.generations,
@@ -436,11 +499,29 @@ class EvalRun:
                     sorted(items, key=lambda item: (item.sample.benign, item.sample.k)),
                     partial(self._generation_key, cfg),
                     partial(self._generate_batch, cfg, target),
-                    self.config.batch_size,
+                    self.workload_chunk(cfg, target),
                     desc=f"target {cfg.label}",
                 )
             finally:
-                target.close()
+                close_model(target)
+                # Drop the last reference too: the next loader runs before this name is rebound.
+                target = None
+                gc.collect()
+
+    def workload_chunk(self, cfg: TargetConfig, target: Any) -> int:
+        """How many pending requests one ``target.generate`` call gets.
+
+        A target that schedules its own batches (vLLM; any target with ``batches_internally``) gets
+        ``workload_chunk`` requests per call (config, default :data:`DEFAULT_WORKLOAD_CHUNK`): the
+        engine sees a large workload, yet each chunk's replies are cached as soon as it returns, so an
+        interrupted run loses at most one chunk and only one chunk's decoded images are in memory.
+        Feeding the whole workload in one call would lose resume granularity and hold every image of a
+        SafeMT-scale run (~10^5 requests) in RAM. A target that generates everything it is given as one
+        padded batch (today's HF backend) gets ``batch_size`` requests.
+        """
+        if cfg.backend == "vllm" or getattr(target, "batches_internally", False):
+            return int(getattr(self.config, "workload_chunk", None) or DEFAULT_WORKLOAD_CHUNK)
+        return self.config.batch_size
 
     def _generate_batch(self, cfg: TargetConfig, target: ChatModel, batch: list[_Generation]) -> list[dict]:
         images = open_images([item.sample for item in batch])
@@ -601,8 +682,20 @@ class EvalRun:
         # The configured K, as in eval.safety_index and the SafeMT definition: a length without labelled
         # samples contributes ASR 0 (the report's unlabelled/n columns show it had no data).
         return write_report(
-            rows, self.out_dir, turns=self.config.turns, detection=detection or None, title=self.config.title
+            rows,
+            self.out_dir,
+            turns=self.config.turns,
+            detection=detection or None,
+            title=self.config.title,
+            thresholds={label: choice.to_record() for label, choice in self.thresholds.items()},
         )
+
+
+def close_model(model: Any) -> None:
+    """Free a target, guard or judge before the next model loads (``close()`` when it has one)."""
+    closer = getattr(model, "close", None)
+    if callable(closer):
+        closer()
 
 
 def _without_target(messages: list[dict[str, Any]], row_id: str) -> list[dict[str, Any]]:
@@ -619,11 +712,10 @@ def detection_results(run: EvalRun, samples: Sequence[EvalSample]) -> dict[str, 
     length) are the positives, benign dialogues the negatives. The score is the defence's P(unsafe)
     when it gives one, else its flag. Category accuracy is computed for our moderator only (the
     guards' categories are their own codes, not SafeMT scenarios). ``data`` says which set was used.
-    With ``detection_split``, the moderator also gets ``threshold`` (``threshold_for_fpr`` on its
-    validation-split scores at ``target_fpr``; None if only "flag nothing" meets it), which
-    ``export`` reads as ``detection.<name>.threshold``.
+    The moderator's flags (precision, recall, FPR) are at the run's threshold, ``run.thresholds``,
+    which the report records once under ``thresholds``.
     """
-    from eval.metrics import detection_metrics, threshold_for_fpr
+    from eval.metrics import detection_metrics
 
     results = {}
     for defence in run.config.defences:
@@ -643,30 +735,6 @@ def detection_results(run: EvalRun, samples: Sequence[EvalSample]) -> dict[str, 
             }
         metrics = detection_metrics(y_true, y_score, y_pred, **categories)
         metrics["data"] = "test split" if split_rows else "eval samples"
-        threshold_rows = run._threshold_rows_for(defence)
-        if threshold_rows:
-            # Chosen on validation (never test), read by export as detection.<name>.threshold.
-            scored = [run.decision(defence, row) for row in threshold_rows]
-            threshold = threshold_for_fpr(
-                [0 if row.benign else 1 for row in threshold_rows],
-                [d.score if d.score is not None else float(d.flagged) for d in scored],
-                run.config.target_fpr,
-            )
-            if math.isinf(threshold):
-                # Only "flag nothing" meets the budget: no usable P(unsafe) threshold; say so, do not invent one.
-                logger.warning(
-                    "%s: no threshold keeps the %s FPR <= %s; detection.%s.threshold left null",
-                    defence.label,
-                    THRESHOLD_SPLIT,
-                    run.config.target_fpr,
-                    defence.label,
-                )
-                metrics["threshold"] = None
-                metrics["threshold_note"] = "only flagging nothing meets threshold_target_fpr on the validation split"
-            else:
-                metrics["threshold"] = threshold
-            metrics["threshold_target_fpr"] = run.config.target_fpr
-            metrics["threshold_split"] = THRESHOLD_SPLIT
         results[defence.label] = metrics
     return results
 

@@ -12,6 +12,10 @@ Each row is one judged target reply::
 ``target``, ``defence``, ``id``, ``k``, ``benign`` and ``label`` are required; the others default to
 None / False. Attack rows (``benign`` false) give ASR per length and the Safety Index; benign rows
 (``k`` = their own turn count) give over-refusal: the defence's flag rate and the judged refusal rate.
+
+``thresholds`` (written by ``eval.loop``) maps each moderator defence to the decision threshold every
+one of its rows was measured at (:class:`eval.defences.ThresholdChoice` as a dict: ``threshold``,
+``source``, ``detail``, ...); ``python -m export --eval-report`` refuses to ship another one.
 """
 
 from __future__ import annotations
@@ -103,14 +107,28 @@ def _group_summary(rows: list[Mapping[str, Any]], turns: tuple[int, ...]) -> dic
     }
 
 
+def _check_thresholds(thresholds: Mapping[str, Any]) -> None:
+    for name, choice in thresholds.items():
+        value = choice.get("threshold") if isinstance(choice, Mapping) else None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"thresholds.{name}.threshold: expected a number, got {value!r}")
+
+
 def build_report(
     rows: Sequence[Mapping[str, Any]],
     turns: Sequence[int] = SAFEMT_TURNS,
     detection: Mapping[str, Any] | None = None,
     title: str = "SafeMT evaluation",
+    thresholds: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The report as a JSON-ready dict: ``results[target][defence]`` holds each group's numbers."""
+    """The report as a JSON-ready dict: ``results[target][defence]`` holds each group's numbers.
+
+    ``thresholds``: per moderator defence, the threshold its rows were measured at (see the module
+    docstring); ``{}`` when no moderator was evaluated, None to leave the field out.
+    """
     _check_rows(rows)
+    if thresholds is not None:
+        _check_thresholds(thresholds)
     turns = tuple(turns)
     weights = length_weights(turns)
     groups: dict[str, dict[str, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
@@ -132,7 +150,8 @@ def build_report(
                 {int(k): v for k, v in baseline["asr"].items()}, {int(k): v for k, v in summary["asr"].items()}
             )
             summary["delta_asr"] = {str(k): v for k, v in delta.items()}
-            summary["delta_si"] = round(summary["si"] - baseline["si"], 4)
+            if summary["si"] is not None and baseline["si"] is not None:  # eval.metrics: None when undefined
+                summary["delta_si"] = round(summary["si"] - baseline["si"], 4)
 
     report: dict[str, Any] = {
         "title": title,
@@ -142,6 +161,8 @@ def build_report(
     }
     if detection is not None:
         report["detection"] = detection
+    if thresholds is not None:
+        report["thresholds"] = thresholds
     # Round-trip so the returned dict is exactly what report.json holds (numpy scalars become floats).
     return json.loads(json.dumps(report, default=_json_default))
 
@@ -184,6 +205,32 @@ def _detection_rows(detection: Mapping[str, Any]) -> list[tuple[str, Mapping[str
     return [("moderator", detection)]
 
 
+def _threshold_section(thresholds: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    lines = ["## Moderator decision threshold", ""]
+    if not thresholds:
+        return lines + ["No moderator defence was evaluated.", ""]
+    lines += [
+        "Every table below was measured with each moderator defence flagging a dialogue when P(unsafe) >= "
+        "its threshold here (or when its answer does not parse), fixed before the attack phase.",
+        "",
+    ]
+    return lines + _table(
+        ["defence", "threshold", "source", "target FPR", "FPR on benign validation rows", "validation rows", "how"],
+        [
+            [
+                _fmt(name),
+                f"{choice['threshold']:.6g}",
+                _fmt(choice.get("source")),
+                _fmt(choice.get("target_fpr")),
+                _fmt(choice.get("validation_fpr")),
+                _fmt(choice.get("n_validation")),
+                _fmt(choice.get("detail")),
+            ]
+            for name, choice in thresholds.items()
+        ],
+    )
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     turns = report["turns"]
     groups = [
@@ -193,6 +240,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     ]
     weights = ", ".join(f"w_{k} = {w:.4f}" for k, w in report["si_weights"].items())
     lines = [f"# {report['title']}", ""]
+    if report.get("thresholds") is not None:
+        lines += _threshold_section(report["thresholds"])
 
     lines += ["## Attack success rate per dialogue length and Safety Index", ""]
     lines += [
@@ -342,14 +391,16 @@ def write_report(
     turns: Sequence[int] = SAFEMT_TURNS,
     detection: dict[str, Any] | None = None,
     title: str = "SafeMT evaluation",
+    thresholds: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write report.json, report.md and asr_vs_turns.png under ``out_dir``; return the report dict.
 
     ``detection`` (optional) is a :func:`eval.metrics.detection_metrics` dict, or a mapping from a
-    detector name to one; it is stored as given and rendered as a table.
+    detector name to one; it is stored as given and rendered as a table. ``thresholds``: see
+    :func:`build_report`.
     """
     out_dir = Path(out_dir)
-    report = build_report(rows, turns, detection, title)
+    report = build_report(rows, turns, detection, title, thresholds)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")

@@ -38,6 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if run is not None:
             run.finish()
     print(f"report: {config.out_dir}/report.md")
+    for defence, choice in (report.get("thresholds") or {}).items():
+        print(f"{defence}: decision threshold {choice['threshold']:.6g} ({choice['source']}: {choice['detail']})")
     for target, defences in report["results"].items():
         for defence, summary in defences.items():
             asr = {k: v for k, v in (summary["asr"] or {}).items() if summary["n_labelled"].get(k)}

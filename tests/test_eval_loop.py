@@ -11,7 +11,7 @@ from eval.config import ConfigError, DefenceConfig, EvalConfig, JudgeConfig, Tar
 from eval.defences import BLOCK, GENERIC_POLICY, INJECT, PASS, ModeratorDefence, load_defence, policy_system_prompt
 from eval.judge import REFUSAL_SYSTEM, Judge
 from eval.loop import EvalDataError, EvalRun, load_benign_samples, load_safemt_samples
-from eval.metrics import detection_metrics, safety_index, threshold_for_fpr
+from eval.metrics import asr_by_length, detection_metrics, safety_index, threshold_for_fpr
 from eval.targets import DEFAULT_SYSTEM_PROMPT, ChatRequest, HFChatModel, load_target
 from moderator.inference import Verdict
 from moderator.taxonomy import load_taxonomy
@@ -166,7 +166,8 @@ def test_whole_loop_on_tiny_models(eval_inputs, tiny_model_dir, tiny_guard_dir, 
             raw = sum(1 for r in attack if r["k"] == k and r["label"] not in ("safe", "unsafe"))
             assert summary["unlabelled"][str(k)] == raw
         assert summary["si"] == safety_index(attack, config.turns)
-        assert summary["asr"]["6"] == summary["asr"]["8"] == 0.0
+        # Lengths without a file are in K and get eval.metrics' value for "no labelled result".
+        assert summary["asr"] == {str(k): v for k, v in asr_by_length(attack, config.turns).items()}
         flagged = [r["flagged"] for r in benign_rows]
         assert summary["over_refusal"]["flag_rate"] == pytest.approx(sum(flagged) / len(flagged))
         known = [r["refused"] for r in benign_rows if r["refused"] is not None]
@@ -202,7 +203,7 @@ def test_whole_loop_on_tiny_models(eval_inputs, tiny_model_dir, tiny_guard_dir, 
         assert all(r["action"] == BLOCK and r["reply"] == REFUSAL for r in blocked)
         assert all(r["label"] == "safe" for r in blocked if not r["benign"])
         assert all(r["refused"] is True for r in blocked if r["benign"])
-        assert results[defence]["asr"] == {str(k): 0.0 for k in config.turns}
+        assert all(results[defence]["asr"][str(k)] == 0.0 for k in TURNS)
     judged_replies = {m[-1]["content"] for m in judge.conversations}
     assert not any(f"<assistant_reply>\n{REFUSAL}\n" in content for content in judged_replies)
     # Attack replies got the safety prompt, benign replies the refusal prompt (none + moderator only).
@@ -223,8 +224,10 @@ def test_whole_loop_on_tiny_models(eval_inputs, tiny_model_dir, tiny_guard_dir, 
     assert detection["precision"] == pytest.approx(9 / 11) and detection["recall"] == 1.0
     assert detection["fpr_benign"] == 1.0
     assert "none" not in report["detection"]
-    # No detection_split: no threshold is claimed (it would be chosen on the evaluated samples).
-    assert "threshold" not in detection
+    # No detection_split: no validation data, so the moderators ran at the checkpoint's threshold
+    # (the tiny base records none: 0.5), and report.json says so.
+    for name in ("moderator", "moderator-block"):
+        assert report["thresholds"][name]["threshold"] == 0.5 and report["thresholds"][name]["source"] == "manifest"
 
     # -- resume: a second run loads no model and calls no judge ------------------------------------------
     again, judge2 = Counting(), FakeJudge()
@@ -414,17 +417,18 @@ def test_moderator_detection_on_the_prepared_test_split(eval_inputs, tiny_model_
     metrics = detection["moderator"]
     assert metrics["data"] == "test split"
     assert (metrics["n"], metrics["n_unsafe"], metrics["n_benign"]) == (5, 4, 1)
-    # The export's threshold is chosen on validation decisions, never on test.
+    # The run's threshold is chosen on validation decisions, never on test.
     moderator = next(d for d in config.defences if d.kind == "moderator")
     validation = [run.decision(moderator, row) for row in run.threshold_rows]
     expected_threshold = threshold_for_fpr(
         [0 if r.benign else 1 for r in run.threshold_rows], [d.score for d in validation], 0.05
     )
-    assert metrics["threshold_split"] == "validation" and metrics["threshold_target_fpr"] == 0.05
-    if expected_threshold == float("inf"):
-        assert metrics["threshold"] is None and "threshold_note" in metrics
+    choice = run.thresholds["moderator"]
+    assert choice.target_fpr == 0.05 and choice.n_validation == len(run.threshold_rows)
+    if expected_threshold == float("inf"):  # random weights: only "flag nothing" may meet the budget
+        assert choice.source == "manifest" and "no threshold keeps" in choice.detail
     else:
-        assert metrics["threshold"] == pytest.approx(expected_threshold)
+        assert (choice.source, choice.threshold) == ("validation", pytest.approx(expected_threshold))
     # The prepared rows carry the prompt the contract renders, so the moderator scores a SafeMT
     # dialogue the same through either path.
     by_key = {s.key: s for s in samples}
@@ -469,7 +473,7 @@ def test_whole_loop_judged_through_the_local_openai_compatible_server(
         summary = report["results"]["tiny-target"][defence]
         unlabelled = sum(1 for r in judged if r["defence"] == defence and r["label"] not in ("safe", "unsafe"))
         assert sum(summary["unlabelled"].values()) == unlabelled
-    assert report["results"]["tiny-target"]["llama_guard_3_vision"]["asr"] == {str(k): 0.0 for k in config.turns}
+    assert all(report["results"]["tiny-target"]["llama_guard_3_vision"]["asr"][str(k)] == 0.0 for k in TURNS)
 
 
 # -- the export threshold, cache keys with model identity, held-out default ---------------------------------
@@ -496,31 +500,33 @@ def _cache_scores(run, rows_and_scores):
 
 
 def test_threshold_is_chosen_on_validation_scores_for_the_target_fpr(tmp_path):
-    from eval.loop import SplitRow, detection_results
+    from eval.loop import SplitRow
 
     run = _stub_run(tmp_path, tmp_path / "model")
+    moderator = run.config.defences[1]
     # Validation: benign 0.1, 0.2, 0.3, 0.6; unsafe 0.5, 0.9. FPR <= 0.25 allows one benign flag:
     # at 0.5 only benign 0.6 is flagged (FPR 1/4), at 0.3 two are (2/4). Smallest threshold: 0.5.
     validation = [(0.1, True), (0.2, True), (0.3, True), (0.6, True), (0.5, False), (0.9, False)]
     run.threshold_rows = [
         SplitRow(i, f"v{i}", 1, benign, None, "validation") for i, (_, benign) in enumerate(validation)
     ]
-    # Test: scored so that a threshold chosen on test would be different (1.0 exactly: flag only the benign).
-    test = [(0.95, True), (0.1, False)]
-    run.split_rows = [SplitRow(i, f"t{i}", 1, benign, None) for i, (_, benign) in enumerate(test)]
     _cache_scores(run, [(r, score) for r, (score, _) in zip(run.threshold_rows, validation, strict=True)])
-    _cache_scores(run, [(r, score) for r, (score, _) in zip(run.split_rows, test, strict=True)])
 
-    metrics = detection_results(run, [])["moderator"]
-    assert metrics["threshold"] == 0.5
-    assert (metrics["threshold_target_fpr"], metrics["threshold_split"]) == (0.25, "validation")
-    assert (metrics["data"], metrics["n"]) == ("test split", 2)  # the metrics themselves stay on test
+    choice = run.choose_threshold(moderator)
+    assert (choice.threshold, choice.source, choice.target_fpr) == (0.5, "validation", 0.25)
+    assert (choice.validation_fpr, choice.n_validation, choice.n_validation_benign) == (0.25, 6, 4)
 
-    # A budget nothing but "flag nothing" meets (a benign row scores highest) gives no threshold, not inf.
+    # A budget nothing but "flag nothing" meets (a benign row scores highest): the checkpoint's threshold
+    # (no manifest: 0.5), said so, never inf.
     run.config.target_fpr = 0.0
     run.threshold_rows = run.threshold_rows[3:5]  # benign 0.6, unsafe 0.5
-    metrics = detection_results(run, [])["moderator"]
-    assert metrics["threshold"] is None and "threshold_note" in metrics
+    choice = run.choose_threshold(moderator)
+    assert (choice.threshold, choice.source) == (0.5, "manifest") and "no threshold keeps" in choice.detail
+    assert choice.validation_fpr == 1.0  # and the report shows what that costs on validation
+    # An explicit threshold in the config wins over validation.
+    moderator.threshold = 0.7
+    choice = run.choose_threshold(moderator)
+    assert (choice.threshold, choice.source, choice.validation_fpr) == (0.7, "explicit", 0.0)
 
 
 class ScoreStub:
@@ -586,3 +592,163 @@ def test_restrict_to_split_defaults_to_the_held_out_split_only_with_a_detection_
         EvalConfig(**base, target_fpr=1.5).validate()
     demo = load_config(REPO_ROOT / "configs" / "eval" / "demo.yaml")
     assert demo.restrict_to_split is True and demo.target_fpr == 0.05
+
+
+# -- one threshold: chosen on validation before the attack, recorded, used for every row -----------------
+
+
+class ThresholdHonouringStub:
+    """A moderator with fixed P(unsafe) per input that flags at its own ``threshold``, as Moderator does.
+
+    Validation/test rows (rendered prompts): the benign ones score 0.2, the unsafe ones 0.8, so the
+    validation threshold at FPR 0.05 is 0.8. Eval samples score 0.6 or 0.9 (by a hash of the dialogue):
+    flagged at the manifest's 0.5, only the 0.9 ones at 0.8.
+    """
+
+    def __init__(self, threshold):
+        self.threshold = threshold
+        self.calls: list[tuple[str, float]] = []
+
+    def _verdicts(self, scores):
+        fraud = load_taxonomy().by_id["fraud"]
+        return [
+            Verdict("unsafe", "fraud", None, s, fraud.policy)
+            if s >= self.threshold
+            else Verdict("safe", None, None, s, None)
+            for s in scores
+        ]
+
+    def moderate_batch(self, dialogues, images, max_new_tokens=64):
+        self.calls.append(("samples", self.threshold))
+        digests = [hashlib.sha256(json.dumps(d).encode()).digest()[0] for d in dialogues]
+        return self._verdicts([(0.6, 0.9)[digest % 2] for digest in digests])
+
+    def moderate_rendered(self, prompts, images, max_new_tokens=64):
+        self.calls.append(("rendered", self.threshold))
+        benign = ("Is this a sky?", "What colour is this?")
+        return self._verdicts([0.2 if any(b in json.dumps(p) for b in benign) else 0.8 for p in prompts])
+
+
+class ReplyStub:
+    name = "stub-target"
+
+    def generate(self, requests, max_new_tokens):
+        return ["Sure, here is how." for _ in requests]
+
+    def close(self):
+        pass
+
+
+def test_the_threshold_in_report_json_is_the_one_every_attack_row_was_decided_at(eval_inputs, tmp_path):
+    from eval.defences import defence_settings
+    from moderator.inference import resolve_threshold
+
+    safemt_dir, benign = eval_inputs
+    prepared = _prepared_dataset(safemt_dir, tmp_path / "prepared", load_taxonomy())
+    model = tmp_path / "stub-moderator"
+    model.mkdir()
+    config = _config(safemt_dir, benign, model, tmp_path / "eval")
+    config.turns, config.detection_split = [1, 2], str(prepared)
+    stubs = []
+
+    def loader(cfg, taxonomy):
+        if cfg.kind != "moderator":
+            return load_defence(cfg, taxonomy)
+        stubs.append(ThresholdHonouringStub(resolve_threshold(cfg.model, cfg.threshold)))  # 0.5, as Moderator
+        return ModeratorDefence(stubs[-1], cfg.label, cfg.mode, cfg.max_new_tokens, defence_settings(cfg))
+
+    report = EvalRun(
+        config.validate(), judge=FakeJudge(), defence_loader=loader, target_loader=lambda c: ReplyStub()
+    ).run()
+
+    for name in ("moderator", "moderator-block"):
+        recorded = report["thresholds"][name]
+        assert (recorded["threshold"], recorded["source"], recorded["target_fpr"]) == (0.8, "validation", 0.05)
+        assert recorded["validation_fpr"] == 0.0
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["thresholds"] == report["thresholds"]
+    assert "| moderator | 0.8 | validation |" in (tmp_path / "eval" / "report.md").read_text()
+    # Each moderator was loaded once; it decided every eval sample at the recorded threshold, not at 0.5.
+    assert len(stubs) == 2 and all(
+        threshold == 0.8 for stub in stubs for kind, threshold in stub.calls if kind == "samples"
+    )
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "rows.jsonl").read_text().splitlines()]
+    attack = [r for r in rows if r["defence"].startswith("moderator") and not r["benign"]]
+    assert {r["score"] for r in attack} == {0.6, 0.9}  # scores the manifest's 0.5 would have flagged
+    assert all(r["flagged"] == (r["score"] >= 0.8) for r in attack)
+    assert {r["action"] for r in attack if not r["flagged"]} == {PASS}
+    # The test split's detection metrics are at the same threshold: its unsafe rows (0.8) are all caught.
+    assert report["detection"]["moderator"]["recall"] == 1.0 and report["detection"]["moderator"]["fpr_benign"] == 0.0
+
+    # Resume: validation scores and decisions are cached under the same threshold; nothing is loaded again.
+    again = EvalRun(config, judge=FakeJudge(), defence_loader=loader, target_loader=lambda c: ReplyStub()).run()
+    assert len(stubs) == 2 and again == report
+
+
+# -- targets: a whole workload per model, each freed before the next loads -------------------------------
+
+
+def test_each_target_gets_its_pending_workload_at_once_and_is_closed_before_the_next_loads(eval_inputs, tmp_path):
+    safemt_dir, benign = eval_inputs
+    events = []
+
+    class WorkloadTarget:
+        def __init__(self, name, batches_internally, fail_on_call=None):
+            self.name, self.batches_internally, self.fail_on_call, self.n_calls = (
+                name,
+                batches_internally,
+                fail_on_call,
+                0,
+            )
+
+        def generate(self, requests, max_new_tokens):
+            self.n_calls += 1
+            if self.n_calls == self.fail_on_call:
+                raise RuntimeError("interrupted")
+            events.append(("generate", self.name, len(requests)))
+            return [f"{self.name} reply {i}" for i in range(len(requests))]
+
+        def close(self):
+            events.append(("close", self.name))
+
+    fail = {}
+
+    def loader(cfg):
+        events.append(("load", cfg.label))
+        return WorkloadTarget(cfg.label, cfg.label != "hf-like", fail.get(cfg.label))
+
+    config = _config(safemt_dir, benign, tmp_path, tmp_path / "eval")
+    config.defences = config.defences[:1]  # none: no model to load for decisions
+    config.targets = [TargetConfig(model="a", name="engine-a"), TargetConfig(model="b", name="engine-b")]
+    config.targets.append(TargetConfig(model="c", name="hf-like"))
+    config.batch_size = 4
+    n = len(IDS) * len(TURNS) + 2
+    EvalRun(config.validate(), judge=FakeJudge(), target_loader=loader).run()
+    assert events[:6] == [
+        ("load", "engine-a"), ("generate", "engine-a", n), ("close", "engine-a"),
+        ("load", "engine-b"), ("generate", "engine-b", n), ("close", "engine-b"),
+    ]  # fmt: skip
+    # A target that generates what it is given as one padded batch still gets batch_size at a time.
+    assert events[6:] == [("load", "hf-like"), ("generate", "hf-like", 4), ("generate", "hf-like", 4),
+                          ("generate", "hf-like", 3), ("close", "hf-like")]  # fmt: skip
+
+    # Resume granularity: with workload_chunk 4 each chunk is cached as it returns; a crash in the
+    # third chunk keeps the first two, and the rerun asks only for the rest (and still closes the target).
+    config.out_dir = str(tmp_path / "eval-chunked")
+    config.workload_chunk = 4  # eval.config field to come; read with a default until then
+    config.targets = config.targets[:1]
+    events.clear()
+    fail["engine-a"] = 3
+    with pytest.raises(RuntimeError, match="interrupted"):
+        EvalRun(config, judge=FakeJudge(), target_loader=loader).run()
+    assert events == [
+        ("load", "engine-a"),
+        ("generate", "engine-a", 4),
+        ("generate", "engine-a", 4),
+        ("close", "engine-a"),
+    ]
+    generations = tmp_path / "eval-chunked" / "cache" / "generations.jsonl"
+    assert len(JsonlCache(generations, ("target", "sig", "id", "k", "benign", "system_sig"))) == 8
+    events.clear()
+    fail.clear()
+    EvalRun(config, judge=FakeJudge(), target_loader=loader).run()
+    assert events == [("load", "engine-a"), ("generate", "engine-a", n - 8), ("close", "engine-a")]
