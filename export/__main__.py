@@ -5,7 +5,9 @@
         [--dataset runs/demo/data] [--push-to-hub org/name] [--wandb-artifact name]
     python -m export verify runs/demo/export
 
-Logic in ``export/exporting.py``.
+The threshold shipped is the one the ``--eval-report``'s tables were measured at; a ``--threshold``
+that differs from it is refused (without a report: ``--threshold``, else 0.5). Logic in
+``export/exporting.py``.
 """
 
 import sys

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from export.manifest import TAXONOMY_FILE
+from export.manifest import TAXONOMY_FILE, ExportError
 from moderator.contract import render_target
 from moderator.taxonomy import Taxonomy
 
@@ -28,6 +29,29 @@ def _cell(value: Any) -> str:
 
 def _demote_headings(markdown: str, levels: int = 2) -> str:
     return "\n".join(("#" * levels + line) if line.startswith("#") else line for line in markdown.splitlines())
+
+
+def measured_at_sentence(report: Mapping[str, Any], shipped: float) -> str:
+    """What threshold the report's tables were measured at; refuses tables of another threshold than ``shipped``."""
+    thresholds = report.get("thresholds") or {}
+    if not thresholds:
+        return (
+            "The evaluation ran no moderator defence: its tables show the targets without defence and with "
+            "the baseline guards only."
+        )
+    values = {name: float(choice["threshold"]) for name, choice in thresholds.items()}
+    other = {name: value for name, value in values.items() if not math.isclose(value, shipped, abs_tol=1e-9)}
+    if other:
+        raise ExportError(
+            f"the eval report's tables were measured at thresholds {other}, but the card describes threshold {shipped}"
+        )
+    name = "moderator" if "moderator" in thresholds else sorted(thresholds)[0]
+    choice = thresholds[name]
+    return (
+        f"Every table below was measured with the moderator flagging at P(unsafe) >= **{shipped:.6g}**, the "
+        f"threshold this export ships (report field `thresholds.{name}`, source `{choice.get('source')}`: "
+        f"{choice.get('detail')})."
+    )
 
 
 def render_model_card(
@@ -204,7 +228,9 @@ def render_model_card(
             "## Evaluation",
             "",
             "From the evaluation report shipped as `eval_report.json` (SafeMT attack success rate per "
-            "dialogue length, Safety Index, detection metrics and over-refusal on benign dialogues):",
+            "dialogue length, Safety Index, detection metrics and over-refusal on benign dialogues).",
+            "",
+            measured_at_sentence(report, threshold),
             "",
             _demote_headings(render_markdown(report)),
             "",

@@ -14,8 +14,12 @@
    every other file, which ``python -m export verify <dir>`` checks;
 5. optionally uploads the directory to the Hugging Face Hub and/or logs it as a W&B model artifact.
 
-Parts: ``export_manifest.py`` (hashes, ``verify``), ``export_equivalence.py`` (the fresh-process
-check), ``export_card.py`` (the model card); this module holds the inputs, the flow and the CLI.
+The decision threshold shipped is the one the ``--eval-report``'s tables were measured at (its
+``thresholds``, fixed by the eval on the validation split before attacking); a ``--threshold`` that
+differs from it is refused. Without a report: ``--threshold``, else 0.5.
+
+Parts: ``export/manifest.py`` (hashes, ``verify``), ``export/equivalence.py`` (the fresh-process
+check), ``export/card.py`` (the model card); this module holds the inputs, the flow and the CLI.
 
 The export is built in ``.<out>.partial`` next to ``<out>`` and renamed only once everything passed,
 so ``<out>`` never holds a half-written or unchecked model.
@@ -84,11 +88,18 @@ class ExportArguments:
         default=False, metadata={"help": "Export the LoRA adapter + processor + taxonomy instead of merged weights."}
     )
     eval_report: str | None = field(
-        default=None, metadata={"help": "report.json from `python -m eval.run`: its tables go into the model card."}
+        default=None,
+        metadata={
+            "help": "report.json from `python -m eval.run`: its tables go into the model card, and the threshold "
+            "they were measured at (its `thresholds`) is the one shipped."
+        },
     )
     threshold: float | None = field(
         default=None,
-        metadata={"help": "Decision threshold on P(unsafe); default: the eval report's detection threshold, else 0.5."},
+        metadata={
+            "help": "Decision threshold on P(unsafe); default: the one the eval report was measured at, else 0.5. "
+            "With --eval-report it must equal the report's."
+        },
     )
     equivalence_samples: int = field(
         default=8, metadata={"help": "Dialogues compared between the checkpoint and the export (0 skips the check)."}
@@ -198,6 +209,7 @@ def load_eval_report(path: str | Path) -> dict[str, Any]:
     missing = [key for key in REPORT_KEYS if key not in report]
     if missing:
         raise ExportError(f"{path}: not an eval report, missing field(s) {missing}")
+    threshold_from_report(report, path)  # names a bad thresholds field before the tables are rendered
     try:
         render_markdown(report)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -214,47 +226,61 @@ def _check_threshold(value: Any, where: str) -> float:
 
 
 def threshold_from_report(report: Mapping[str, Any], report_path: str | Path) -> tuple[float, str] | None:
-    """The moderator's threshold recorded in the report's ``detection`` block, if any.
+    """``(threshold, where it came from)``: the one threshold the report's tables were measured at.
 
-    ``detection`` is one metrics dict or a mapping detector name -> metrics dict; with several
-    detectors the one named ``moderator`` wins, else exactly one may carry a threshold.
+    ``eval.loop`` records, per moderator defence, the threshold it fixed before the attack phase and
+    decided every row at (``thresholds.<defence>``). None when the eval ran no moderator. A report
+    without ``thresholds`` (an older eval, which attacked at the manifest threshold and only
+    recommended another) and one whose moderators ran at different thresholds are refused: no single
+    shipped threshold would match its tables.
     """
-    detection = report.get("detection")
-    if not isinstance(detection, Mapping):
-        return None
-    if detection.get("threshold") is not None and not isinstance(detection["threshold"], Mapping):
-        field_name = "detection.threshold"
-        return _check_threshold(detection["threshold"], f"{report_path}: {field_name}"), f"eval report {field_name}"
-    with_threshold = {
-        name: metrics["threshold"]
-        for name, metrics in detection.items()
-        if isinstance(metrics, Mapping) and metrics.get("threshold") is not None
-    }
-    if not with_threshold:
-        return None
-    if "moderator" in with_threshold:
-        name = "moderator"
-    elif len(with_threshold) == 1:
-        (name,) = with_threshold
-    else:
+    thresholds = report.get("thresholds")
+    if thresholds is None:
         raise ExportError(
-            f"{report_path}: detection gives thresholds for {sorted(with_threshold)}; pass --threshold to choose"
+            f"{report_path}: no 'thresholds' field, so the threshold its tables were measured at is unknown "
+            "(written by an older eval); re-run `python -m eval.run` and export with the new report"
         )
-    field_name = f"detection.{name}.threshold"
-    return _check_threshold(with_threshold[name], f"{report_path}: {field_name}"), f"eval report {field_name}"
+    if not isinstance(thresholds, Mapping):
+        raise ExportError(f"{report_path}: thresholds: expected a mapping defence -> {{threshold, source}}")
+    values: dict[str, float] = {}
+    for name, choice in thresholds.items():
+        value = choice.get("threshold") if isinstance(choice, Mapping) else choice
+        values[name] = _check_threshold(value, f"{report_path}: thresholds.{name}.threshold")
+    if not values:
+        return None
+    if len(set(values.values())) > 1:
+        raise ExportError(
+            f"{report_path}: its moderator defences were measured at different thresholds {values}; export one "
+            "report whose moderator tables share the threshold to ship"
+        )
+    name = "moderator" if "moderator" in values else sorted(values)[0]
+    choice = thresholds[name]
+    source = choice.get("source") if isinstance(choice, Mapping) else None
+    where = f"eval report thresholds.{name}" + (f" ({source})" if source else "")
+    return values[name], where
 
 
 def choose_threshold(
     threshold: float | None, report: Mapping[str, Any] | None, report_path: str | None
 ) -> tuple[float, str]:
-    """``(threshold, where it came from)``: --threshold, else the eval report's, else 0.5."""
-    if threshold is not None:
-        return _check_threshold(threshold, "--threshold"), "--threshold given to the export"
-    if report is not None and report_path is not None:
-        found = threshold_from_report(report, report_path)
-        if found is not None:
-            return found
-    return DEFAULT_THRESHOLD, f"default {DEFAULT_THRESHOLD} (no --threshold, no threshold in an eval report)"
+    """``(threshold, where it came from)``: the eval report's, else --threshold, else 0.5.
+
+    With a report, the threshold shipped is the one its tables were measured at: a --threshold that
+    differs from it is refused, so the model card never shows numbers of another threshold.
+    """
+    explicit = _check_threshold(threshold, "--threshold") if threshold is not None else None
+    measured = threshold_from_report(report, report_path) if report is not None and report_path else None
+    if measured is not None:
+        value, where = measured
+        if explicit is not None and not math.isclose(explicit, value, rel_tol=0.0, abs_tol=1e-9):
+            raise ExportError(
+                f"{report_path}: its tables were measured at threshold {value!r} ({where}), but the export "
+                f"would ship --threshold {explicit!r}; drop --threshold, or re-run the eval at that threshold"
+            )
+        return value, where
+    if explicit is not None:
+        return explicit, "--threshold given to the export"
+    return DEFAULT_THRESHOLD, f"default {DEFAULT_THRESHOLD} (no --threshold, no moderator threshold in an eval report)"
 
 
 # --------------------------------------------------------------------------------------------------

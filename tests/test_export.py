@@ -86,7 +86,14 @@ def _report_rows() -> list[dict]:
 DETECTION = {
     "moderator": {
         "n": 8, "precision": 0.75, "recall": 0.6, "f1": 2 / 3, "accuracy": 0.625, "auprc": 0.81, "auroc": None,
-        "fpr_benign": 0.125, "category_accuracy_flagged": 0.5, "category_accuracy_all_unsafe": 0.3, "threshold": 0.3,
+        "fpr_benign": 0.125, "category_accuracy_flagged": 0.5, "category_accuracy_all_unsafe": 0.3,
+    }
+}  # fmt: skip
+# What eval.loop records: the threshold every moderator row above was decided at (eval.defences.ThresholdChoice).
+THRESHOLDS = {
+    "moderator": {
+        "threshold": 0.3, "source": "validation", "detail": "smallest threshold with FPR <= 0.05 on the validation split",
+        "target_fpr": 0.05, "validation_fpr": 0.04, "n_validation": 50, "n_validation_benign": 25,
     }
 }  # fmt: skip
 
@@ -96,7 +103,7 @@ def eval_report(tmp_path_factory) -> Path:
     from eval.report import write_report
 
     out = tmp_path_factory.mktemp("eval-report")
-    write_report(_report_rows(), out, turns=(1, 2), detection=DETECTION, title="Tiny eval")
+    write_report(_report_rows(), out, turns=(1, 2), detection=DETECTION, title="Tiny eval", thresholds=THRESHOLDS)
     return out / "report.json"
 
 
@@ -152,7 +159,7 @@ def test_equivalence_result_is_recorded_and_the_threshold_comes_from_the_eval_re
     assert 0.0 <= equivalence["max_abs_diff_p_unsafe"] <= equivalence["tolerance"] == 1e-3
     assert "safemt_sample" in equivalence["samples"]
     assert manifest["decision_threshold"] == 0.3
-    assert manifest["decision_threshold_source"] == "eval report detection.moderator.threshold"
+    assert manifest["decision_threshold_source"] == "eval report thresholds.moderator (validation)"
 
 
 def test_manifest_and_card_hold_no_secret_from_the_training_record(merged_export):
@@ -293,6 +300,9 @@ def test_model_card_describes_the_moderator_and_holds_the_eval_tables(merged_exp
     assert "## Intended use and limits" in card
     assert f"vllm serve {merged_export}" in card
     assert "P(unsafe) >= **0.3**" in card
+    # The tables are the ones measured at the shipped threshold, and the card says which one that is.
+    assert "Every table below was measured with the moderator flagging at P(unsafe) >= **0.3**, the threshold" in card
+    assert "| moderator | 0.3 | validation | 0.050 | 0.040 | 50 |" in card
     # Hand-computed from _report_rows: moderator ASR_1 = 1/2, ASR_2 = 0/2; SI = (1 - 0.7311*0.5) * (1 - 0.25)
     # = 0.4759 (sigma of b is 0.5, of a 0). No defence: ASR 1.0 / 0.5, SI = (1 - 0.7311 - 0.1345) * 0.75 = 0.1009.
     assert "| tiny-target | moderator | 4 | 0.500 | 0.000 | 0.4759 |" in card
@@ -389,6 +399,62 @@ def _adapter_copy(trained_adapter: Path, directory: Path) -> Path:
     return directory
 
 
+def test_export_refuses_a_report_measured_at_another_threshold_than_it_ships(
+    trained_adapter, eval_report, tmp_path, capsys
+):
+    out = tmp_path / "never"
+    argv = ["--checkpoint", str(trained_adapter), "--out", str(out), "--eval-report", str(eval_report)]
+    assert main([*argv, "--threshold", "0.7"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()  # one line, naming the report and both values
+    assert line.startswith(f"export failed: {eval_report}: ") and "0.3" in line and "--threshold 0.7" in line
+    assert not out.exists()
+
+    # Today's eval wrote a recommended threshold beside tables measured at the manifest's: refused.
+    legacy = json.loads(eval_report.read_text())
+    del legacy["thresholds"]
+    legacy["detection"]["moderator"]["threshold"] = 0.3
+    legacy_path = tmp_path / "legacy-report.json"
+    legacy_path.write_text(json.dumps(legacy))
+    assert main(["--checkpoint", str(trained_adapter), "--out", str(out), "--eval-report", str(legacy_path)]) == 1
+    assert f"{legacy_path}: no 'thresholds' field" in capsys.readouterr().err
+
+    # Two moderators measured at different thresholds: no single shipped threshold matches both tables.
+    split = json.loads(eval_report.read_text())
+    split["thresholds"]["moderator-block"] = {**split["thresholds"]["moderator"], "threshold": 0.6}
+    split_path = tmp_path / "split-report.json"
+    split_path.write_text(json.dumps(split))
+    assert main(["--checkpoint", str(trained_adapter), "--out", str(out), "--eval-report", str(split_path)]) == 1
+    assert "measured at different thresholds" in capsys.readouterr().err
+
+
+def test_threshold_choice_and_card_follow_the_reports_threshold():
+    from export.card import render_model_card
+    from export.exporting import choose_threshold
+
+    report = {"thresholds": THRESHOLDS}
+    assert choose_threshold(None, report, "r.json") == (0.3, "eval report thresholds.moderator (validation)")
+    assert choose_threshold(0.3, report, "r.json")[0] == 0.3  # the same value given twice is fine
+    assert choose_threshold(0.7, None, None) == (0.7, "--threshold given to the export")
+    assert choose_threshold(0.7, {"thresholds": {}}, "r.json")[0] == 0.7  # an eval without a moderator
+    assert choose_threshold(None, None, None)[0] == 0.5
+    with pytest.raises(ExportError, match=r"^r\.json: its tables were measured at threshold 0\.3 .* --threshold 0\.7"):
+        choose_threshold(0.7, report, "r.json")
+
+    # The card itself never prints tables of another threshold than the one it describes.
+    from eval.report import build_report
+
+    full_report = build_report(_report_rows(), (1, 2), DETECTION, "Tiny eval", THRESHOLDS)
+    manifest = {
+        "export_type": "merged", "base_model_id": None, "base_model": "/tmp/base", "license": "cc-by-nc-4.0",
+        "adapter_config": None, "decision_threshold": 0.5, "decision_threshold_source": "--threshold",
+        "prompt_format_version": PROMPT_FORMAT_VERSION, "equivalence": {"skipped": True},
+    }  # fmt: skip
+    with pytest.raises(ExportError, match=r"measured at thresholds \{'moderator': 0\.3\}.*describes threshold 0\.5"):
+        render_model_card(manifest, load_taxonomy(), full_report, "out")
+    card = render_model_card({**manifest, "decision_threshold": 0.3}, load_taxonomy(), full_report, "out")
+    assert "measured with the moderator flagging at P(unsafe) >= **0.3**" in card
+
+
 def test_export_refuses_bad_inputs_with_a_clear_message(trained_adapter, eval_report, tiny_model_dir, tmp_path, capsys):
     def refused(checkpoint: Path, *extra: str, out: Path | None = None) -> str:
         argv = ["--checkpoint", str(checkpoint), "--out", str(out or tmp_path / "never"), *extra]
@@ -420,9 +486,9 @@ def test_export_refuses_bad_inputs_with_a_clear_message(trained_adapter, eval_re
 
     bad_report = tmp_path / "bad-report.json"
     report = json.loads(eval_report.read_text())
-    report["detection"]["moderator"]["threshold"] = "high"
+    report["thresholds"]["moderator"]["threshold"] = "high"
     bad_report.write_text(json.dumps(report))
-    assert f"{bad_report}: detection.moderator.threshold" in refused(trained_adapter, "--eval-report", str(bad_report))
+    assert f"{bad_report}: thresholds.moderator.threshold" in refused(trained_adapter, "--eval-report", str(bad_report))
     del report["results"]
     bad_report.write_text(json.dumps(report))
     assert "missing field(s) ['results']" in refused(trained_adapter, "--eval-report", str(bad_report))

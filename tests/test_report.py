@@ -126,6 +126,20 @@ def test_report_markdown_has_the_tables(report_dir):
     assert "| tgt | moderator | 0 | 0 | 2 |" in md
 
 
+def test_report_records_and_shows_the_threshold_its_moderator_rows_were_measured_at(tmp_path):
+    thresholds = {"moderator": {"threshold": 0.42, "source": "validation", "detail": "FPR <= 0.05",
+                                "target_fpr": 0.05, "validation_fpr": 0.04, "n_validation": 50}}  # fmt: skip
+    report = write_report(ROWS, tmp_path / "a", turns=TURNS, thresholds=thresholds)
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["thresholds"] == thresholds == report["thresholds"]
+    md = (tmp_path / "a" / "report.md").read_text()
+    # Before the tables it qualifies, so an excerpt (the model card) cannot show them without it.
+    assert md.index("| moderator | 0.42 | validation | 0.050 | 0.040 | 50 | FPR <= 0.05 |") < md.index("ASR_1")
+    write_report(ROWS, tmp_path / "b", turns=TURNS, thresholds={})
+    assert "No moderator defence was evaluated." in (tmp_path / "b" / "report.md").read_text()
+    with pytest.raises(ValueError, match=r"thresholds\.moderator\.threshold: expected a number, got None"):
+        write_report(ROWS, tmp_path / "c", turns=TURNS, thresholds={"moderator": {"source": "validation"}})
+
+
 def test_report_plot_is_a_valid_png(report_dir):
     out, _ = report_dir
     path = out / "asr_vs_turns.png"
