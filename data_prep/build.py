@@ -8,6 +8,7 @@ configuration or input that stops the run (e.g. an example longer than ``max_len
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -16,12 +17,14 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from data_prep.benign import (
+    BenignCandidate,
+    BenignDialogue,
     LengthQuota,
     cut_dialogue,
     iter_candidates,
@@ -44,6 +47,10 @@ from moderator.taxonomy import TaxonomyError, load_taxonomy
 
 EXIT_OK, EXIT_QUARANTINED, EXIT_ERROR = 0, 1, 2
 BENIGN_IMAGE_DIR = "benign_images"
+# The held-out benign set for the eval's over-refusal rate (eval.loop.load_benign_samples reads it):
+# one JSON object per line, {"id", "messages", "image"}, image paths relative to the file's folder.
+BENIGN_EVAL_FILE = "benign_eval.jsonl"
+BENIGN_EVAL_IMAGE_DIR = "benign_eval_images"
 
 
 @dataclass
@@ -54,7 +61,11 @@ class BuildResult:
 
 
 def _file_stem(identifier: str) -> str:
-    return re.sub(r"[^\w.-]", "_", identifier)[:120]
+    """A file name for an id; ids that had to be changed get a hash, so two ids never share a file."""
+    stem = re.sub(r"[^\w.-]", "_", identifier)[:120]
+    if stem != identifier:
+        stem += "-" + hashlib.sha256(identifier.encode()).hexdigest()[:10]
+    return stem
 
 
 class BenignImagePool:
@@ -86,9 +97,11 @@ class BenignImagePool:
     def _draw(self, dialogue_id: str, paths: Sequence[str]) -> str:
         return paths[random.Random(f"{self.seed}:{dialogue_id}").randrange(len(paths))]
 
-    def pick(self, dialogue_id: str) -> str:
+    def pick(self, dialogue_id: str, folder: Path | None = None) -> str:
+        """An image for ``dialogue_id``; a placeholder is written into ``folder`` (default ``benign_images/``)."""
         if self.mode == POOL_PLACEHOLDER:
-            return write_placeholder(self.folder / f"{_file_stem(dialogue_id)}.jpg", dialogue_id, self.size)
+            target = (folder or self.folder) / f"{_file_stem(dialogue_id)}.jpg"
+            return write_placeholder(target, dialogue_id, self.size)
         return self._draw(dialogue_id, self.paths)
 
     def pick_in_split(self, dialogue_id: str, split: str, split_images: Sequence[str]) -> str:
@@ -173,23 +186,41 @@ def _read_safemt(config: DataPrepConfig, taxonomy, ledger: Ledger) -> tuple[list
     return candidates, info
 
 
+@dataclass
+class BenignPick:
+    candidate: BenignCandidate
+    cuts: list[BenignDialogue]
+    id: str
+    image: str | None  # None: picked from the pool once splits are known
+
+
 def _read_benign(
-    config: DataPrepConfig, wanted: int, lengths: list[int], out: Path, pool: BenignImagePool, ledger: Ledger
-) -> tuple[list, str, int]:
-    """Benign dialogues until every length quota is filled; returns them, the source name and how many
-    valid dialogues were passed over because no open length fitted them (not counted as read)."""
-    name = source_name(config.benign, config.benign_name)
-    quota = LengthQuota(wanted, lengths)
-    picked = []
+    candidates: Iterator[BenignCandidate],
+    quota: LengthQuota,
+    every_length: bool,
+    name: str,
+    image_dir: Path,
+    pool: BenignImagePool,
+    ledger: Ledger,
+    input_name: str,
+    seen_ids: set[str],
+) -> tuple[list[BenignPick], int]:
+    """Benign dialogues from ``candidates`` until every length quota is filled; returns them and how many
+    valid dialogues were passed over because no open length fitted them (not counted as read).
+
+    ``candidates`` is one iterator shared by the training pool and the held-out eval set, and
+    ``seen_ids`` one set: the eval set continues where the training pool stopped, so they never overlap.
+    """
+    picked: list[BenignPick] = []
     passed_over = 0
-    seen_ids: set[str] = set()
-    for candidate in iter_candidates(config.benign, config.benign_split, config.seed):
-        if quota.done:
+    while not quota.done:  # checked before drawing, so no candidate is consumed and then dropped
+        candidate = next(candidates, None)
+        if candidate is None:
             break
         if candidate.problem_field:
-            ledger.read["benign"] += 1
+            ledger.read[input_name] += 1
             index = candidate.index if candidate.index >= 0 else None
-            ledger.quarantine("benign", candidate.file, index, candidate.id, candidate.problem_field, candidate.raw)
+            ledger.quarantine(input_name, candidate.file, index, candidate.id, candidate.problem_field, candidate.raw)
             continue
         try:
             dialogue = normalize(candidate)
@@ -197,29 +228,47 @@ def _read_benign(
             if dialogue_id in seen_ids:
                 raise RecordError("id", f"duplicate id {dialogue_id!r}")
         except RecordError as exc:
-            ledger.read["benign"] += 1
-            ledger.quarantine("benign", candidate.file, candidate.index, candidate.id, exc.field, exc.reason)
+            ledger.read[input_name] += 1
+            ledger.quarantine(input_name, candidate.file, candidate.index, candidate.id, exc.field, exc.reason)
             continue
-        taken = quota.take(user_turns(dialogue), config.benign_all_lengths)
+        taken = quota.take(user_turns(dialogue), every_length)
         if not taken:
             passed_over += 1
             continue
-        ledger.read["benign"] += 1
+        ledger.read[input_name] += 1
         try:
-            image: str | None = None  # None: picked from the pool once splits are known
+            image: str | None = None
             if dialogue.source_image is not None:
-                stem = out / BENIGN_IMAGE_DIR / _file_stem(dialogue_id)
+                stem = image_dir / _file_stem(dialogue_id)
                 image = materialize_image(dialogue.source_image, candidate.base_dir, stem)
             elif not pool.per_split:
-                image = pool.pick(dialogue_id)
+                image = pool.pick(dialogue_id, image_dir)
         except RecordError as exc:
             for k in taken:
                 quota.open[k] += 1
-            ledger.quarantine("benign", candidate.file, candidate.index, dialogue_id, exc.field, exc.reason)
+            ledger.quarantine(input_name, candidate.file, candidate.index, dialogue_id, exc.field, exc.reason)
             continue
         seen_ids.add(dialogue_id)
-        picked.append((candidate, [cut_dialogue(dialogue, k) for k in taken], dialogue_id, image))
-    return picked, name, passed_over
+        picked.append(BenignPick(candidate, [cut_dialogue(dialogue, k) for k in taken], dialogue_id, image))
+    return picked, passed_over
+
+
+def _write_benign_eval(out: Path, picks: Sequence[BenignPick]) -> None:
+    """``<out>/benign_eval.jsonl`` with each image copied into ``<out>/benign_eval_images/`` (relative paths,
+    so the folder can move and the eval's containment check on the file's folder holds)."""
+    image_dir = out / BENIGN_EVAL_IMAGE_DIR
+    image_dir.mkdir(parents=True, exist_ok=True)
+    with (out / BENIGN_EVAL_FILE).open("w", encoding="utf-8") as handle:
+        for pick in picks:
+            assert pick.image is not None
+            source = Path(pick.image)
+            target = source  # a placeholder or materialised image already written there
+            if source.parent != image_dir.resolve():
+                target = image_dir / f"{_file_stem(pick.id)}{source.suffix.lower() or '.img'}"
+                shutil.copyfile(source, target)
+            (cut,) = pick.cuts
+            row = {"id": pick.id, "messages": cut.dialogue, "image": f"{BENIGN_EVAL_IMAGE_DIR}/{target.name}"}
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def build(config: DataPrepConfig) -> BuildResult:
@@ -259,25 +308,57 @@ def build(config: DataPrepConfig) -> BuildResult:
     pool_rows: list[tuple[int, int]] = []  # (first row, rows) of benign dialogues whose image waits for the split
     safemt_row_count = len(rows)
     benign_info: dict[str, Any] = {"source": None, "examples_requested": 0, "examples": 0, "dialogues": 0}
-    if config.use_benign and config.benign_ratio > 0:
+    eval_picks: list[BenignPick] = []
+    eval_info: dict[str, Any] | None = None
+    if config.use_benign and (config.benign_ratio > 0 or config.benign_eval_size > 0):
         wanted = round(config.benign_ratio * ledger.converted["safemt"])
         lengths = config.benign_turns or sorted(set(safemt_lengths)) or sorted(config.safemt_turns)
         pool = BenignImagePool(config, out, safemt_images)
-        picked, name, passed_over = _read_benign(config, wanted, lengths, out, pool, ledger)
-        new_images = {image for *_, image in picked if image is not None and image not in checks}
+        name = source_name(config.benign, config.benign_name)
+        candidates = iter_candidates(config.benign, config.benign_split, config.seed)
+        seen_ids: set[str] = set()
+        picked, passed_over = _read_benign(
+            candidates,
+            LengthQuota(wanted, lengths),
+            config.benign_all_lengths,
+            name,
+            out / BENIGN_IMAGE_DIR,
+            pool,
+            ledger,
+            "benign",
+            seen_ids,
+        )
+        if config.benign_eval_size:
+            # Same stream, after the training pool: never in training; one length per dialogue, since
+            # the eval keys benign samples by id.
+            eval_picked, eval_passed_over = _read_benign(
+                candidates,
+                LengthQuota(config.benign_eval_size, lengths),
+                False,
+                name,
+                out / BENIGN_EVAL_IMAGE_DIR,
+                pool,
+                ledger,
+                "benign_eval",
+                seen_ids,
+            )
+        else:
+            eval_picked, eval_passed_over = [], 0
+        new_images = {p.image for p in picked + eval_picked if p.image is not None and p.image not in checks}
         checks.update(check_images(new_images, config.image_check_workers))
         produced = dropped_empty = dropped_images = 0
-        for candidate, cuts, dialogue_id, image in picked:
-            if image is None:  # rows get a pool image of their split below
-                pool_rows.append((len(rows), len(cuts)))
-            elif checks[image].error:
-                ledger.quarantine("benign", candidate.file, candidate.index, dialogue_id, "images", checks[image].error)
+        for pick in picked:
+            if pick.image is None:  # rows get a pool image of their split below
+                pool_rows.append((len(rows), len(pick.cuts)))
+            elif checks[pick.image].error:
+                error = checks[pick.image].error
+                ledger.quarantine("benign", pick.candidate.file, pick.candidate.index, pick.id, "images", error)
                 continue
             ledger.converted["benign"] += 1
-            dropped_empty += cuts[0].dropped_empty
-            dropped_images += cuts[0].dropped_images
-            for cut in cuts:
-                rows.append(benign_row(cut.dialogue, cut.image_turn, image, dialogue_id, name, taxonomy))
+            dropped_empty += pick.cuts[0].dropped_empty
+            dropped_images += pick.cuts[0].dropped_images
+            for cut in pick.cuts:
+                rows.append(benign_row(cut.dialogue, cut.image_turn, pick.image, pick.id, name, taxonomy))
                 produced += 1
         benign_info = {
             "source": name,
@@ -292,6 +373,31 @@ def build(config: DataPrepConfig) -> BuildResult:
         }
         if produced < wanted:
             print(f"warning: asked for {wanted} benign examples, got {produced}", file=sys.stderr)
+        if config.benign_eval_size:
+            for pick in eval_picked:
+                if pick.image is not None and checks[pick.image].error:
+                    error = checks[pick.image].error
+                    ledger.quarantine(
+                        "benign_eval", pick.candidate.file, pick.candidate.index, pick.id, "images", error
+                    )
+                    continue
+                ledger.converted["benign_eval"] += 1
+                eval_picks.append(pick)
+            eval_info = {
+                "file": None,  # set once written
+                "requested": config.benign_eval_size,
+                "dialogues": len(eval_picks),
+                "per_length": {
+                    str(k): n for k, n in sorted(Counter(user_turns(p.cuts[0]) for p in eval_picks).items())
+                },
+                "passed_over": eval_passed_over,
+            }
+            if len(eval_picks) < config.benign_eval_size:
+                print(
+                    f"warning: asked for {config.benign_eval_size} held-out benign eval dialogues, got "
+                    f"{len(eval_picks)}",
+                    file=sys.stderr,
+                )
 
     lap("convert_and_benign")
     splits = assign_splits(
@@ -303,8 +409,7 @@ def build(config: DataPrepConfig) -> BuildResult:
         config.holdout_source,
         config.seed,
     )
-    if pool_rows:
-        assert pool is not None
+    if pool is not None and pool.per_split:
         split_images: dict[str, set[str]] = {split: set() for split in SPLITS}
         for row, split in zip(rows[:safemt_row_count], splits[:safemt_row_count], strict=True):
             split_images[split].update(row["images"])
@@ -313,6 +418,9 @@ def build(config: DataPrepConfig) -> BuildResult:
             image = pool.pick_in_split(dialogue_id, split, sorted(split_images[split]))
             for row in rows[first : first + count]:
                 row["images"] = [image]
+        for pick in eval_picks:  # held-out dialogues get held-out images: the test split's
+            if pick.image is None:
+                pick.image = pool.pick_in_split(pick.id, "test", sorted(split_images["test"]))
     # Rows were built SafeMT first, benign last; consumers take the first N rows of a split (evaluation
     # subsets, --max_train_samples), so each split is shuffled, deterministically for the seed.
     order = list(range(len(rows)))
@@ -321,9 +429,10 @@ def build(config: DataPrepConfig) -> BuildResult:
     splits = [splits[i] for i in order]
     sizes = {path: check.size for path, check in checks.items() if check.size}
     used_images = sorted({image for row in rows for image in row["images"]})
+    inputs = ("safemt", "benign", "benign_eval") if eval_info is not None else ("safemt", "benign")
     stats: dict[str, Any] = {
         **ledger.totals(),
-        "by_input": {name: ledger.totals(name) for name in ("safemt", "benign")},
+        "by_input": {name: ledger.totals(name) for name in inputs},
         "examples": {split: splits.count(split) for split in SPLITS},
         "labels": {
             split: dict(Counter(r["label"] for r, s in zip(rows, splits, strict=True) if s == split))
@@ -342,6 +451,7 @@ def build(config: DataPrepConfig) -> BuildResult:
         "tokens": None,
         "safemt": safemt_info,
         "benign": benign_info,
+        "benign_eval": eval_info,
         "taxonomy": taxonomy.provenance(),
         "prompt_format_version": PROMPT_FORMAT_VERSION,
         "config": config.to_dict(),
@@ -395,6 +505,9 @@ def build(config: DataPrepConfig) -> BuildResult:
     else:
         build_dataset_dict(rows, splits).save_to_disk(str(out / DATASET_DIR))
         stats["dataset"] = str((out / DATASET_DIR).resolve())
+        if eval_info is not None:
+            _write_benign_eval(out, eval_picks)
+            eval_info["file"] = str((out / BENIGN_EVAL_FILE).resolve())
         if config.push_to_hub:
             # load_prepared casts images to Image(), so the push embeds the image bytes, not local paths.
             load_prepared(out).push_to_hub(config.push_to_hub, private=config.hub_private)

@@ -68,6 +68,14 @@ class DataPrepConfig:
             "several lengths (false: one length per dialogue, more distinct dialogues)"
         },
     )
+    benign_eval_size: int = field(
+        default=0,
+        metadata={
+            "help": "held-out benign dialogues written to <out>/benign_eval.jsonl (the eval's over-refusal set, "
+            "its images in <out>/benign_eval_images/): drawn from the same seed-shuffled source after the "
+            "training pool is filled, so never in any split; one length per dialogue; 0: none"
+        },
+    )
     benign_image_pool: str = field(
         default=POOL_PLACEHOLDER,
         metadata={
@@ -138,6 +146,10 @@ class DataPrepConfig:
             problems.append("benign_turns must be positive user-turn counts")
         if self.benign_ratio < 0:
             problems.append("benign_ratio must be >= 0")
+        if self.benign_eval_size < 0:
+            problems.append("benign_eval_size must be >= 0")
+        elif self.benign_eval_size and not self.use_benign:
+            problems.append("benign_eval_size needs a benign source (benign is 'none')")
         for name in ("validation_fraction", "test_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 problems.append(f"{name} must be in [0, 1)")

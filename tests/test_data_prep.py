@@ -480,6 +480,37 @@ def test_benign_rows_reuse_safemt_images_of_their_own_split_only(safemt_dir, tmp
         assert row["images"][0]["path"] in safemt_images[split]
 
 
+def test_benign_eval_set_is_held_out_of_training_and_read_by_the_eval(safemt_dir, tmp_path):
+    from data_prep.build import BENIGN_EVAL_FILE
+    from eval.loop import load_benign_samples
+
+    common = ["--benign", "chitchat", "--benign_ratio", "0.5", "--benign_image_pool", "safemt"]
+    code, stats = build(safemt_dir, tmp_path / "with", *common, "--benign_eval_size", "12")
+    assert code == 0 and stats["benign_eval"]["dialogues"] == 12
+    assert stats["by_input"]["benign_eval"] == {"read": 12, "converted": 12, "quarantined": 0}
+    assert stats["benign_eval"]["per_length"] == {"1": 4, "2": 4, "4": 4}
+    assert stats["read"] == stats["converted"] == 156 + stats["benign"]["dialogues"] + 12
+
+    samples = load_benign_samples(tmp_path / "with" / BENIGN_EVAL_FILE, None)
+    assert len(samples) == 12 and sorted(s.k for s in samples) == [1] * 4 + [2] * 4 + [4] * 4
+    rows = all_rows(load_prepared(tmp_path / "with"))
+    assert {s.id for s in samples}.isdisjoint(row["id"] for _, row in rows)  # never trained on
+    # Held-out dialogues get held-out images: bytes of a test-split SafeMT image, copied beside the file.
+    test_images = {Path(r["images"][0]["path"]).read_bytes() for split, r in rows if split == "test"}
+    for sample in samples:
+        assert sample.image_path.parent == tmp_path / "with" / "benign_eval_images"
+        assert sample.image_path.read_bytes() in test_images
+
+    # The eval set is drawn after the training pool: asking for it changes nothing in training.
+    code, stats_without = build(safemt_dir, tmp_path / "without", *common)
+    assert code == 0 and stats_without["benign_eval"] is None
+    assert not (tmp_path / "without" / BENIGN_EVAL_FILE).exists()
+    without = all_rows(load_prepared(tmp_path / "without"))
+    assert [(split, row["id"], row["turns"], row["images"][0]["path"]) for split, row in without] == [
+        (split, row["id"], row["turns"], row["images"][0]["path"]) for split, row in rows
+    ]
+
+
 def test_token_lengths_follow_the_training_pixel_bounds(safemt_dir, tmp_path, tiny_model_dir):
     from PIL import Image
     from transformers import AutoProcessor
