@@ -23,9 +23,9 @@ from transformers.integrations.integration_utils import rewrite_logs
 from trl import ModelConfig, SFTConfig, TrlParser
 from wandb.sdk.launch.sweeps import utils as sweep_utils
 
-from moderator.inference import Verdict
 from tests.conftest import REPO_ROOT
 from train.config import ModeratorScriptArguments
+from train.run import check_pixel_bounds
 from train.trainer import moderation_metrics
 
 SWEEPS = sorted((REPO_ROOT / "configs" / "sweeps").glob("*.yaml"))
@@ -116,23 +116,34 @@ def test_sweep_searches_real_training_fields(sweep):
 
 
 @pytest.mark.parametrize("sweep", SWEEPS, ids=[s.stem for s in SWEEPS])
-def test_sweep_metric_is_the_unsafe_f1_the_trainer_logs(sweep):
+def test_sweep_metric_is_the_unsafe_auprc_the_trainer_logs(sweep):
     metric = load(sweep)["metric"]
-    # 4 unsafe + 1 safe dialogues; flagged: 2 of the unsafe and the safe one. TP=2 FP=1 FN=2:
-    # precision 2/3, recall 1/2, F1 4/7 (verdict accuracy 2/5, category accuracy 1/4 differ).
-    labels = ["unsafe", "unsafe", "unsafe", "unsafe", "safe"]
-    categories = ["fraud", "violence", "fraud", "privacy", ""]
-    verdicts = [
-        Verdict("unsafe", "fraud", None, 0.9, None),
-        Verdict("unsafe", "fraud", None, 0.8, None),
-        Verdict("safe", None, None, 0.1, None),
-        Verdict("safe", None, None, 0.2, None),
-        Verdict("unsafe", "fraud", None, 0.7, None),
-    ]
-    logged = rewrite_logs(moderation_metrics(labels, categories, verdicts))  # names as W&B records them
+    # Ranked by P(unsafe): unsafe, safe, unsafe, unsafe, safe. Precision at each unsafe hit: 1, 2/3, 3/4,
+    # each over a third of the recall: AUPRC = (1 + 2/3 + 3/4) / 3 = 29/36 (F1 at 0.5 would be 4/5).
+    labels = ["unsafe", "safe", "unsafe", "unsafe", "safe"]
+    scores = [0.9, 0.8, 0.7, 0.2, 0.1]
+    logged = rewrite_logs(moderation_metrics(labels, scores, threshold=0.5))  # names as W&B records them
     assert metric["name"] in logged, f"{sweep.name}: {metric['name']} is never logged; logged: {sorted(logged)}"
-    assert logged[metric["name"]] == pytest.approx(4 / 7)
+    assert logged[metric["name"]] == pytest.approx(29 / 36)
     assert metric["goal"] == "maximize"
+
+
+# The data each sweep's recipe trains on, and the processor default that stands for a bound data prep left unset.
+SWEEP_DATA = {"qwen2_5_vl_7b_lora": "configs/data/safemt.yaml", "tiny_cpu": "configs/data/demo.yaml"}
+
+
+@pytest.mark.parametrize("sweep", SWEEPS, ids=[s.stem for s in SWEEPS])
+def test_sweep_stays_within_the_pixel_bounds_the_data_lengths_were_checked_at(sweep):
+    from tiny_models.moderator import MAX_PIXELS as TINY_MAX_PIXELS
+    from tiny_models.moderator import MIN_PIXELS as TINY_MIN_PIXELS
+
+    data = yaml.safe_load((REPO_ROOT / SWEEP_DATA[sweep.stem]).read_text())
+    # What data prep writes to stats.json "tokens" for this config.
+    stats = {"tokens": {"min_pixels": data.get("min_pixels"), "max_pixels": data.get("max_pixels")}}
+    default = (TINY_MIN_PIXELS, TINY_MAX_PIXELS) if data["processor"] == "runs/demo/base" else (None, None)
+    assert stats["tokens"]["max_pixels"] or default[1], f"{sweep.stem}: no bound to check against"
+    for max_pixels in load(sweep)["parameters"]["max_pixels"]["values"]:
+        check_pixel_bounds(SWEEP_DATA[sweep.stem], stats, (data.get("min_pixels"), max_pixels), default)
 
 
 @pytest.mark.parametrize("sweep", SWEEPS, ids=[s.stem for s in SWEEPS])

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 from trl import ModelConfig, SFTConfig, TrlParser
 
-from moderator.inference import Moderator
+from moderator.inference import Moderator, Verdict
 from moderator.taxonomy import load_taxonomy
 from tests.conftest import REPO_ROOT, tiny_recipe_args
 from tests.wandb_offline import read_offline_run
 from train.config import ModeratorScriptArguments
 from train.provenance import PROVENANCE_FILE, REDACTED, redact
-from train.run import PREEMPTED_EXIT_CODE, build_trainer, train
+from train.run import PREEMPTED_EXIT_CODE, build_trainer, planned_evaluations, train
+from train.trainer import moderation_metrics, moderation_shard
 
 SFT = str(REPO_ROOT / "train" / "sft.py")
 
@@ -199,7 +200,8 @@ def test_wandb_offline_records_metrics_and_provenance_but_no_secret(
     assert provenance["config"]["SFTConfig"]["hub_token"] == REDACTED
     assert recorded["config"]["learning_rate"] == 5e-3
     logged = {key for row in recorded["history"] for key in row}
-    assert {"train/loss", "eval/loss", "eval/unsafe_f1", "eval/verdict_accuracy", "eval/category_accuracy"} <= logged
+    expected = {"train/loss", "eval/loss", "eval/unsafe_auprc", "eval/unsafe_f1", "eval/verdict_accuracy"}
+    assert expected | {"eval/category_accuracy"} <= logged  # the tiny recipe also generates its verdicts
     for path in [*run_dir.rglob("*"), tmp_path / "out" / PROVENANCE_FILE]:
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
@@ -222,7 +224,8 @@ def test_deepspeed_zero3_two_processes_trains_and_writes_a_loadable_checkpoint(
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "trained steps 0->4" in result.stdout
     state = json.loads((out / "trainer_state.json").read_text())
-    assert any("eval_unsafe_f1" in entry for entry in state["log_history"])
+    # Each rank scored its share of the 4 dialogues; gathered, the metrics cover all of them.
+    assert any("eval_unsafe_auprc" in entry for entry in state["log_history"])
     assert (out / "adapter_model.safetensors").exists()
     moderator = Moderator.from_pretrained(out)
     from PIL import Image
@@ -246,3 +249,126 @@ def test_data_rendered_with_another_contract_is_refused(prepared_data_dir, tmp_p
         (stale / "stats.json").write_text(json.dumps({**stats, field: value}))
         with pytest.raises(ValueError, match="stats.json: data (rendered with prompt format|built with other)"):
             check_dataset_contract(stale, taxonomy)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 16, 17, 512])
+@pytest.mark.parametrize("ranks", [1, 2, 3, 8, 32])
+def test_moderation_eval_shards_cover_every_dialogue_once_in_equal_steps(n, ranks):
+    shards = [moderation_shard(n, ranks, rank) for rank in range(ranks)]
+    own = [index for indices, count in shards for index in indices[:count]]
+    assert sorted(own) == list(range(n))  # the union covers all, nothing twice
+    # Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively),
+    # and no rank scores more than its share.
+    assert len({len(indices) for indices, _ in shards}) == 1
+    assert all(len(indices) <= -(-n // ranks) for indices, _ in shards)
+    assert all(0 <= index < n for indices, _ in shards for index in indices)
+
+
+def test_each_rank_scores_a_contiguous_slice_padded_to_equal_length():
+    assert [moderation_shard(10, 4, rank) for rank in range(4)] == [
+        ([0, 1, 2], 3),
+        ([3, 4, 5], 3),
+        ([6, 7, 8], 3),
+        ([9, 9, 9], 1),  # its one dialogue, then repeats whose results are dropped
+    ]
+    assert [moderation_shard(2, 4, rank) for rank in range(4)] == [([0], 1), ([1], 1), ([1], 0), ([1], 0)]
+
+
+def test_moderation_metrics_auprc_is_sklearns_and_flags_follow_the_served_rule():
+    from sklearn.metrics import average_precision_score
+
+    labels = ["unsafe", "safe", "unsafe", "unsafe", "safe"]
+    scores = [0.9, 0.8, 0.7, 0.2, 0.1]
+    by_score = moderation_metrics(labels, scores, threshold=0.5)
+    y_true = [1, 0, 1, 1, 0]
+    assert by_score["eval_unsafe_auprc"] == pytest.approx(average_precision_score(y_true, scores))
+    assert by_score["eval_unsafe_auprc"] == pytest.approx(29 / 36)  # precision 1, 2/3, 3/4 at each third of recall
+    assert by_score["eval_unsafe_recall"] == pytest.approx(2 / 3) and "eval_category_accuracy" not in by_score
+    # Generated verdicts: an unparseable answer is flagged (fail-closed) whatever its score.
+    verdicts = [
+        Verdict("unsafe", "fraud", None, 0.9, None),
+        Verdict("unsafe", "fraud", None, 0.8, None),
+        Verdict("unsafe", "violence", None, 0.7, None),
+        Verdict("unsafe", "unknown", None, 0.2, None, parse_error=True),
+        Verdict("safe", None, None, 0.1, None),
+    ]
+    categories = ["fraud", "", "fraud", "privacy", ""]
+    by_verdict = moderation_metrics(labels, scores, 0.5, verdicts=verdicts, categories=categories)
+    assert by_verdict["eval_unsafe_recall"] == 1.0 and by_verdict["eval_unsafe_auprc"] == by_score["eval_unsafe_auprc"]
+    assert by_verdict["eval_category_accuracy"] == pytest.approx(1 / 3)
+    assert by_verdict["eval_parse_error_rate"] == pytest.approx(1 / 5)
+
+
+def test_score_only_moderation_eval_never_generates(trainer, monkeypatch):
+    def no_generate(*args, **kwargs):
+        raise AssertionError("generate called with moderation_eval_generate off")
+
+    monkeypatch.setattr(Moderator, "generate", no_generate)
+    monkeypatch.setattr(type(trainer.accelerator.unwrap_model(trainer.model)), "generate", no_generate)
+    monkeypatch.setattr(trainer, "moderation_eval_generate", False)
+    monkeypatch.setattr(trainer, "moderation_eval_samples", 6)
+    metrics = trainer.moderation_evaluate(trainer.eval_dataset)
+    assert 0.0 <= metrics["eval_unsafe_auprc"] <= 1.0 and "eval_unsafe_f1" in metrics
+    assert "eval_category_accuracy" not in metrics and "eval_parse_error_rate" not in metrics
+
+
+def test_sharded_moderation_eval_gathers_the_same_metrics_as_one_rank(trainer, monkeypatch):
+    monkeypatch.setattr(trainer, "moderation_eval_generate", True)
+    monkeypatch.setattr(trainer, "moderation_eval_samples", 5)
+    single = trainer.moderation_evaluate(trainer.eval_dataset)
+    subset = trainer.moderation_subset(trainer.eval_dataset)
+    indices, own = moderation_shard(len(subset), 2, 0)
+    rank0 = trainer.score_moderation_shard(subset, indices)[:own]
+
+    # Rank 1 of 2: it scores only its share; the gather brings rank 0's.
+    sent = []
+
+    def gather_object(results):
+        sent.extend(results)
+        return rank0 + results
+
+    real = trainer.accelerator
+    as_rank1 = type(
+        "Rank1", (), {"num_processes": 2, "process_index": 1, "unwrap_model": staticmethod(real.unwrap_model)}
+    )
+    monkeypatch.setattr(trainer, "accelerator", as_rank1())
+    monkeypatch.setattr("train.trainer.gather_object", gather_object)
+    sharded = trainer.moderation_evaluate(trainer.eval_dataset)
+    assert sorted(i for i, *_ in sent) == [3, 4] and sorted(i for i, *_ in rank0) == [0, 1, 2]
+    assert sharded.keys() == single.keys()
+    for name, value in single.items():
+        assert sharded[name] == pytest.approx(value, abs=1e-4), name
+
+    monkeypatch.setattr("train.trainer.gather_object", lambda results: results)  # rank 0's results lost
+    with pytest.raises(RuntimeError, match="moderation eval gathered indices"):
+        trainer.moderation_evaluate(trainer.eval_dataset)
+
+
+def test_planned_evaluations_are_the_steps_the_trainer_evaluates_at(tiny_model_dir, prepared_data_dir, tmp_path):
+    # 20 rows, batch 4, accumulation 2: 5 batches, 3 optimizer steps an epoch (the last one partial), 6 in
+    # all; eval/save every 0.7 of the run -> at step ceil(4.2) = 5, then at the end (6).
+    argv = tiny_recipe_args(
+        tiny_model_dir, prepared_data_dir, tmp_path / "out",
+        "--max_steps", "-1", "--num_train_epochs", "2", "--max_train_samples", "20", "--gradient_accumulation_steps", "2",
+        "--eval_steps", "0.7", "--save_steps", "0.7", "--max_eval_samples", "2", "--moderation_eval_samples", "2",
+        "--moderation_eval_generate", "false", "--logging_steps", "1",
+    )  # fmt: skip
+    script_args, training_args, model_args = parse(argv)
+    planned = planned_evaluations(training_args, 20, world_size=1)
+    assert train(script_args, training_args, model_args) == 0
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    evaluated = [entry["step"] for entry in state["log_history"] if "eval_unsafe_auprc" in entry]
+    saved = sorted(int(path.name.split("-")[1]) for path in (tmp_path / "out").glob("checkpoint-*"))
+    assert planned == (state["max_steps"], evaluated, saved) == (6, [5, 6], [5, 6])
+    assert state["best_model_checkpoint"] and state["best_metric"] is not None
+
+
+def test_training_refuses_images_larger_than_the_data_lengths_were_checked_at(
+    tiny_model_dir, prepared_data_dir, tmp_path
+):
+    # The demo data counted lengths at the tiny processor's default bound (12544 pixels).
+    argv = tiny_recipe_args(tiny_model_dir, prepared_data_dir, tmp_path / "out", "--max_pixels", "50176")
+    with pytest.raises(ValueError, match="checked at max_pixels=12544 .* would use max_pixels=50176") as info:
+        build_trainer(*parse(argv))
+    assert str(prepared_data_dir / "stats.json") in str(info.value)
+    assert not (tmp_path / "out").exists()  # refused before anything was written

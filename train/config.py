@@ -33,10 +33,24 @@ class ModeratorScriptArguments:
     )
     moderation_eval_samples: int = field(
         default=64,
-        metadata={"help": "Validation dialogues scored for verdict accuracy / unsafe F1 / category accuracy (0: off)."},
+        metadata={
+            "help": "Validation dialogues scored at each evaluation, split across ranks, for unsafe AUPRC and "
+            "the thresholded metrics (0: off)."
+        },
     )
-    moderation_eval_max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per eval verdict."})
-    moderation_eval_threshold: float = field(default=0.5, metadata={"help": "P(unsafe) threshold for eval metrics."})
+    moderation_eval_generate: bool = field(
+        default=False,
+        metadata={
+            "help": "Also generate each verdict (adds category accuracy and parse-error rate; many forward passes "
+            "per dialogue). Off: one scoring pass reads P(unsafe)."
+        },
+    )
+    moderation_eval_max_new_tokens: int = field(
+        default=48, metadata={"help": "Tokens generated per eval verdict (with moderation_eval_generate)."}
+    )
+    moderation_eval_threshold: float = field(
+        default=0.5, metadata={"help": "P(unsafe) threshold for the thresholded eval metrics (not for AUPRC)."}
+    )
     fresh_start: bool = field(
         default=False,
         metadata={"help": "Ignore checkpoints in output_dir and train from scratch (default: resume from the last)."},

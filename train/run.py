@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import TrainingArguments
+from transformers.trainer_callback import DefaultFlowCallback, TrainerControl, TrainerState
+from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
 from trl import ModelConfig, SFTConfig
 
 from data_prep.io import load_prepared
 from moderator.contract import PROMPT_FORMAT_VERSION
+from moderator.images import bound_image_pixels
 from moderator.taxonomy import Taxonomy, load_taxonomy
 from train.config import ModeratorScriptArguments
 from train.modeling import build_model, build_peft_config, build_processor
@@ -36,12 +43,18 @@ def resume_checkpoint(training_args: SFTConfig, fresh_start: bool) -> str | None
     return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
 
 
-def check_dataset_contract(dataset_path: str | Path, taxonomy: Taxonomy) -> None:
-    """Refuse data rendered with another prompt format or taxonomy than the code trains and serves with."""
+def load_dataset_stats(dataset_path: str | Path) -> dict[str, Any]:
+    """Data prep's ``stats.json`` for a prepared dataset folder."""
     stats_file = Path(dataset_path) / "stats.json"
     if not stats_file.is_file():
         raise FileNotFoundError(f"{stats_file}: missing; was {dataset_path} written by python -m data_prep.build?")
-    stats = json.loads(stats_file.read_text())
+    return json.loads(stats_file.read_text())
+
+
+def check_dataset_contract(dataset_path: str | Path, taxonomy: Taxonomy) -> None:
+    """Refuse data rendered with another prompt format or taxonomy than the code trains and serves with."""
+    stats_file = Path(dataset_path) / "stats.json"
+    stats = load_dataset_stats(dataset_path)
     version = stats.get("prompt_format_version")
     if str(version) != PROMPT_FORMAT_VERSION:
         raise ValueError(
@@ -55,6 +68,131 @@ def check_dataset_contract(dataset_path: str | Path, taxonomy: Taxonomy) -> None
         )
 
 
+PixelBounds = tuple[int | None, int | None]  # (min_pixels, max_pixels); None: the processor's default
+
+
+def processor_pixel_bounds(processor: Any) -> PixelBounds:
+    """The (min, max) pixel bounds a Qwen2-VL-style processor resizes images into; None where it has none."""
+    size = getattr(getattr(processor, "image_processor", None), "size", None) or {}
+    return size.get("shortest_edge"), size.get("longest_edge")
+
+
+def check_pixel_bounds(
+    dataset_path: str | Path, stats: Mapping[str, Any], training: PixelBounds, processor_default: PixelBounds
+) -> None:
+    """Refuse image bounds under which images become longer than data prep counted them.
+
+    Data prep records the bounds its token lengths assume (``stats.json`` ``tokens.min_pixels/max_pixels``,
+    None for the processor's default). A larger ``max_pixels`` keeps more of a large image, a larger
+    ``min_pixels`` enlarges small ones: either makes rows longer than the checked lengths, which the
+    collator would only catch mid-run (or never, with ``max_length: null``).
+    """
+    tokens = stats.get("tokens")
+    if not tokens:
+        return  # data prep counted no lengths (no processor): there is no checked bound to leave
+    for position, name in enumerate(("min_pixels", "max_pixels")):
+        prepared = tokens.get(name) if tokens.get(name) is not None else processor_default[position]
+        trained = training[position] if training[position] is not None else processor_default[position]
+        if prepared is None or trained is None or trained <= prepared:
+            continue
+        default = " (the processor's default)"
+        raise ValueError(
+            f"{Path(dataset_path) / 'stats.json'}: token lengths were checked at {name}={prepared}"
+            f"{default if tokens.get(name) is None else ''}, but training would use {name}={trained}"
+            f"{default if training[position] is None else ''}: images would be longer than checked. "
+            f"Pass --{name} {prepared} or less, or rebuild the data with --{name} {trained}."
+        )
+
+
+def deepspeed_keeps_fp32_master(ds_config: Mapping[str, Any] | None, bf16: bool, fp16: bool) -> bool:
+    """Whether a DeepSpeed config trains 16-bit weights against fp32 master weights in its optimizer.
+
+    DeepSpeed in bf16 or fp16 mode keeps an fp32 copy of the weights (ZeRO's fp32 partitions, or
+    BF16_Optimizer at stage 0) unless ``*_master_weights_and_grads`` asks for 16-bit masters.
+    "auto" sections take the training flags, as the HF integration fills them.
+    """
+    if not ds_config:
+        return False
+    for section, flag in (("bf16", bf16), ("fp16", fp16)):
+        settings = ds_config.get(section) or {}
+        enabled = settings.get("enabled", False)
+        enabled = flag if enabled == "auto" else str(enabled).lower() == "true"
+        if enabled and not settings.get(f"{section}_master_weights_and_grads", False):
+            return True
+    return False
+
+
+def check_full_finetune_precision(model_args: ModelConfig, training_args: TrainingArguments) -> None:
+    """Refuse a full fine-tune whose trained weights would be 16-bit with no fp32 master copy.
+
+    AdamW on bf16 weights rounds most updates away at full-fine-tune learning rates (a 1e-5 step
+    is below bf16's resolution for weights of magnitude > ~1e-3). LoRA is exempt: PEFT keeps
+    adapter weights in fp32 over a 16-bit base.
+    """
+    if model_args.use_peft or model_args.dtype == "float32":
+        return
+    plugin = getattr(training_args, "deepspeed_plugin", None)  # set by --deepspeed or an accelerate DeepSpeed config
+    ds_config = getattr(plugin, "deepspeed_config", None)
+    if deepspeed_keeps_fp32_master(ds_config, bool(training_args.bf16), bool(training_args.fp16)):
+        return
+    where = "a DeepSpeed config without bf16/fp16 mixed precision" if ds_config else "no DeepSpeed config"
+    raise ValueError(
+        f"full fine-tune (use_peft false) with dtype={model_args.dtype} and {where}: the optimizer would update "
+        "16-bit weights with no fp32 master copy and round most updates away. Load the weights with "
+        "--dtype float32 and train with --bf16 true (mixed precision), or launch under a DeepSpeed config "
+        "with bf16 enabled (configs/accelerate/zero3.yaml)."
+    )
+
+
+def planned_evaluations(
+    training_args: TrainingArguments, train_rows: int, world_size: int
+) -> tuple[int, list[int], list[int]]:
+    """(total optimizer steps, steps that evaluate, steps that save) for a run on ``train_rows`` rows.
+
+    The step count is the Trainer's for a sized dataloader that accelerate splits across ranks
+    (``Trainer.set_initial_training_values``); the schedule is transformers' own: ``TrainerState``
+    turns fractional eval/save steps into absolute ones and ``DefaultFlowCallback`` decides each step.
+    """
+    batches = train_rows / training_args.per_device_train_batch_size
+    batches = math.floor(batches) if training_args.dataloader_drop_last else math.ceil(batches)
+    batches_per_rank = math.ceil(batches / world_size)
+    steps_per_epoch = max(math.ceil(batches_per_rank / training_args.gradient_accumulation_steps), 1)
+    if training_args.max_steps > 0:
+        max_steps = training_args.max_steps
+    else:
+        max_steps = math.ceil(training_args.num_train_epochs * steps_per_epoch)
+    state = TrainerState(max_steps=max_steps)
+    state.compute_steps(training_args, max_steps)
+    flow = DefaultFlowCallback()
+    evaluations, saves = [], []
+    for step in range(1, max_steps + 1):
+        state.global_step = step
+        state.epoch = step / steps_per_epoch
+        control = flow.on_step_end(training_args, state, TrainerControl())
+        if step % steps_per_epoch == 0 or step == max_steps:
+            control = flow.on_epoch_end(training_args, state, control)
+        if control.should_evaluate:
+            evaluations.append(step)
+        if control.should_save:
+            saves.append(step)
+    return max_steps, evaluations, saves
+
+
+def _log_evaluation_plan(training_args: TrainingArguments, train_rows: int) -> None:
+    if training_args.eval_strategy == IntervalStrategy.NO:
+        return
+    steps, evaluations, saves = planned_evaluations(training_args, train_rows, training_args.world_size)
+    world = training_args.world_size
+    logger.info("%d steps on %d ranks: evaluating at steps %s, saving at %s", steps, world, evaluations, saves)
+    if training_args.load_best_model_at_end and len(evaluations) < 2:
+        logger.warning(
+            "only %d evaluation(s) in %d steps: load_best_model_at_end has nothing to choose from; use a "
+            "fractional --eval_steps/--save_steps (e.g. 0.1)",
+            len(evaluations),
+            steps,
+        )
+
+
 def _first(dataset, n: int | None):
     return dataset.select(range(min(n, len(dataset)))) if dataset is not None and n is not None else dataset
 
@@ -64,6 +202,7 @@ def build_trainer(
 ) -> tuple[ModeratorSFTTrainer, PreemptionCallback]:
     taxonomy = load_taxonomy(script_args.taxonomy_path)
     check_dataset_contract(script_args.dataset_path, taxonomy)
+    check_full_finetune_precision(model_args, training_args)  # before loading a multi-GB model
     datasets = load_prepared(script_args.dataset_path)
     train_dataset = _first(datasets[script_args.dataset_train_split], script_args.max_train_samples)
     eval_dataset = None
@@ -79,7 +218,17 @@ def build_trainer(
             "data prep with --processor set to the model you train, or use --train_sampling_strategy random"
         )
 
-    processor = build_processor(model_args, script_args, training_args.trust_remote_code)
+    # Unbounded first, to learn the processor's own bounds (what data prep's "None" bounds meant).
+    unbounded = dataclasses.replace(script_args, min_pixels=None, max_pixels=None)
+    processor = build_processor(model_args, unbounded, training_args.trust_remote_code)
+    check_pixel_bounds(
+        script_args.dataset_path,
+        load_dataset_stats(script_args.dataset_path),
+        (script_args.min_pixels, script_args.max_pixels),
+        processor_pixel_bounds(processor),
+    )
+    bound_image_pixels(processor, script_args.min_pixels, script_args.max_pixels)
+    _log_evaluation_plan(training_args, len(train_dataset))
     model = build_model(model_args, script_args, training_args.gradient_checkpointing, training_args.trust_remote_code)
     provenance = run_provenance(
         taxonomy,
@@ -103,6 +252,7 @@ def build_trainer(
         callbacks=[preemption, ProvenanceCallback(provenance)],
         taxonomy=taxonomy,
         moderation_eval_samples=script_args.moderation_eval_samples,
+        moderation_eval_generate=script_args.moderation_eval_generate,
         moderation_eval_max_new_tokens=script_args.moderation_eval_max_new_tokens,
         moderation_eval_threshold=script_args.moderation_eval_threshold,
     )

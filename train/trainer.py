@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+from accelerate.utils import gather_object
+from sklearn.metrics import accuracy_score, average_precision_score, f1_score, precision_score, recall_score
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from moderator.inference import Moderator
+from moderator.inference import Moderator, Verdict
 from moderator.taxonomy import Taxonomy
 
 logger = logging.getLogger(__name__)
@@ -104,23 +106,56 @@ class ProvenanceCallback(TrainerCallback):
 
 
 def moderation_metrics(
-    labels: list[str], categories: list[str], verdicts: list[Any], prefix: str = "eval"
+    labels: Sequence[str],
+    scores: Sequence[float],
+    threshold: float,
+    verdicts: Sequence[Verdict] | None = None,
+    categories: Sequence[str] | None = None,
+    prefix: str = "eval",
 ) -> dict[str, float]:
-    """Verdict accuracy, unsafe precision/recall/F1 and category accuracy (on truly unsafe dialogues)."""
+    """Unsafe AUPRC (threshold-free, for checkpoint selection) and verdict accuracy / unsafe P/R/F1 at ``threshold``.
+
+    With generated ``verdicts`` the flags are the served ones (an unparseable answer flags, fail-closed),
+    and category accuracy (on truly unsafe dialogues) and the parse-error rate are added.
+    """
     y_true = [int(label == "unsafe") for label in labels]
-    y_pred = [int(v.flagged) for v in verdicts]
-    unsafe = [i for i, y in enumerate(y_true) if y]
+    # Generated verdicts flag as the service does (fail-closed on parse errors); else the score decides.
+    flags = [v.flagged for v in verdicts] if verdicts is not None else [score >= threshold for score in scores]
+    y_pred = [int(flag) for flag in flags]
     metrics = {
+        # Average precision: the area under the precision-recall curve, as sklearn defines it.
+        "unsafe_auprc": average_precision_score(y_true, scores) if any(y_true) else 0.0,
         "verdict_accuracy": accuracy_score(y_true, y_pred),
         "unsafe_precision": precision_score(y_true, y_pred, zero_division=0),
         "unsafe_recall": recall_score(y_true, y_pred, zero_division=0),
         "unsafe_f1": f1_score(y_true, y_pred, zero_division=0),
-        "category_accuracy": (sum(verdicts[i].category == categories[i] for i in unsafe) / len(unsafe))
-        if unsafe
-        else 0.0,
-        "parse_error_rate": sum(v.parse_error for v in verdicts) / max(len(verdicts), 1),
     }
+    if verdicts is not None:
+        if categories is None:
+            raise ValueError("category accuracy needs the true categories of the scored dialogues")
+        unsafe = [i for i, y in enumerate(y_true) if y]
+        metrics["category_accuracy"] = (
+            sum(verdicts[i].category == categories[i] for i in unsafe) / len(unsafe) if unsafe else 0.0
+        )
+        metrics["parse_error_rate"] = sum(v.parse_error for v in verdicts) / max(len(verdicts), 1)
     return {f"{prefix}_{k}": float(v) for k, v in metrics.items()}
+
+
+def moderation_shard(n: int, num_processes: int, process_index: int) -> tuple[list[int], int]:
+    """The eval dialogues (indices into ``range(n)``) rank ``process_index`` scores, and how many are its own.
+
+    Each rank takes a contiguous slice; a shorter slice is padded by repeating an index (results
+    dropped after the gather) so every rank runs the same number of forward passes: under ZeRO-3
+    each forward gathers parameters from all ranks, and a rank that stopped early would hang the rest.
+    Written out rather than ``PartialState.split_between_processes`` so it is testable for any rank
+    count without a process group.
+    """
+    if n <= 0:
+        return [], 0
+    per_rank = math.ceil(n / num_processes)
+    own = list(range(min(process_index * per_rank, n), min((process_index + 1) * per_rank, n)))
+    padding = [own[-1] if own else n - 1] * (per_rank - len(own))
+    return own + padding, len(own)
 
 
 class ModeratorSFTTrainer(SFTTrainer):
@@ -131,6 +166,7 @@ class ModeratorSFTTrainer(SFTTrainer):
         *args: Any,
         taxonomy: Taxonomy,
         moderation_eval_samples: int = 64,
+        moderation_eval_generate: bool = False,
         moderation_eval_max_new_tokens: int = 48,
         moderation_eval_threshold: float = 0.5,
         **kwargs: Any,
@@ -138,6 +174,7 @@ class ModeratorSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.taxonomy = taxonomy
         self.moderation_eval_samples = moderation_eval_samples
+        self.moderation_eval_generate = moderation_eval_generate
         self.moderation_eval_max_new_tokens = moderation_eval_max_new_tokens
         self.moderation_eval_threshold = moderation_eval_threshold
 
@@ -152,29 +189,68 @@ class ModeratorSFTTrainer(SFTTrainer):
             metrics.update(extra)
         return metrics
 
-    @torch.no_grad()
-    def moderation_evaluate(self, dataset: Any, prefix: str = "eval", batch_size: int = 8) -> dict[str, float]:
-        """Score validation dialogues like the served moderator does (same ``Moderator`` code path).
-
-        Every rank runs the same examples, so ZeRO-3's gathered forward passes stay in step.
-        """
+    def moderation_subset(self, dataset: Any) -> Any:
+        """The dialogues scored at each evaluation: the same seeded sample on every rank and at every step."""
         # A seeded sample, not the first rows: a split's order must not decide which labels are scored.
         n = min(self.moderation_eval_samples, len(dataset))
-        subset = dataset.shuffle(seed=self.args.seed).select(range(n)) if n < len(dataset) else dataset
+        return dataset.shuffle(seed=self.args.seed).select(range(n)) if n < len(dataset) else dataset
+
+    @torch.no_grad()
+    def score_moderation_shard(self, subset: Any, indices: Sequence[int]) -> list[tuple[int, float, Verdict | None]]:
+        """``(index, P(unsafe), verdict or None)`` for ``subset[indices]``, through the served ``Moderator``.
+
+        Without ``moderation_eval_generate`` only ``Moderator.p_unsafe`` runs (one forward pass a batch).
+        """
         model = self.accelerator.unwrap_model(self.model)
         tokenizer = self.processing_class.tokenizer
         was_training, padding_side = model.training, tokenizer.padding_side
         model.eval()
+        # Training pads on the right; batched scoring reads the last position, so it pads on the left.
         tokenizer.padding_side = "left"
+        batch_size = self.args.per_device_eval_batch_size
+        results: list[tuple[int, float, Verdict | None]] = []
         try:
             moderator = Moderator(model, self.processing_class, self.taxonomy, threshold=self.moderation_eval_threshold)
-            verdicts = []
-            for start in range(0, len(subset), batch_size):
-                rows = subset[start : start + batch_size]
-                prompts = [messages[:-1] for messages in rows["messages"]]
+            for start in range(0, len(indices), batch_size):
+                batch = list(indices[start : start + batch_size])
+                rows = subset[batch]
+                # The prepared messages are the contract's rendering; the last one is the target verdict.
+                # Same templating as Moderator.moderate_rendered.
+                texts = [
+                    self.processing_class.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+                    for messages in rows["messages"]
+                ]
                 images = [[image.convert("RGB") for image in imgs] for imgs in rows["images"]]
-                verdicts += moderator.moderate_rendered(prompts, images, self.moderation_eval_max_new_tokens)
+                if self.moderation_eval_generate:
+                    verdicts = moderator.moderate_texts(texts, images, self.moderation_eval_max_new_tokens)
+                    results += [(i, v.p_unsafe, v) for i, v in zip(batch, verdicts, strict=True)]
+                else:
+                    scores = moderator.p_unsafe(texts, images)
+                    results += [(i, score, None) for i, score in zip(batch, scores, strict=True)]
         finally:
             tokenizer.padding_side = padding_side
             model.train(was_training)
-        return moderation_metrics(list(subset["label"]), list(subset["category"]), verdicts, prefix)
+        return results
+
+    def moderation_evaluate(self, dataset: Any, prefix: str = "eval") -> dict[str, float]:
+        """Moderation metrics on a seeded sample of ``dataset``, each rank scoring its share.
+
+        Every rank gets the gathered results, so all ranks agree on the metric that picks the best checkpoint.
+        """
+        subset = self.moderation_subset(dataset)
+        n = len(subset)
+        indices, own = moderation_shard(n, self.accelerator.num_processes, self.accelerator.process_index)
+        scored = self.score_moderation_shard(subset, indices)[:own]  # padding dropped
+        gathered = sorted(gather_object(scored), key=lambda item: item[0])
+        if [item[0] for item in gathered] != list(range(n)):
+            raise RuntimeError(f"moderation eval gathered indices {[i for i, *_ in gathered]}, expected 0..{n - 1}")
+        scores = [score for _, score, _ in gathered]
+        verdicts = [verdict for _, _, verdict in gathered] if self.moderation_eval_generate else None
+        return moderation_metrics(
+            list(subset["label"]),
+            scores,
+            self.moderation_eval_threshold,
+            verdicts=verdicts,
+            categories=list(subset["category"]),
+            prefix=prefix,
+        )
