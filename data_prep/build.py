@@ -1,7 +1,9 @@
 """``python -m data_prep.build --config configs/data/safemt.yaml [--flag value ...]``: SafeMT (+ benign) -> dataset.
 
-Writes ``<out>/stats.json`` and ``<out>/quarantine.jsonl`` always, and ``<out>/dataset`` (a DatasetDict
-with train/validation/test, read back with ``data_prep.io.load_prepared``) unless the run fails.
+Writes ``<out>/dataset`` (a DatasetDict with train/validation/test, read back with
+``data_prep.io.load_prepared``), ``<out>/stats.json`` and ``<out>/quarantine.jsonl``, all built in a staging
+folder beside ``out`` that replaces it only when the build succeeded: a failed build leaves ``out`` as it
+was and puts its report in ``<out>.failed/``.
 Exit codes: 0 done; 1 ``--strict`` and something was quarantined (no dataset written); 2 bad
 configuration or input that stops the run (e.g. an example longer than ``max_length``).
 """
@@ -15,6 +17,7 @@ import random
 import re
 import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -58,6 +61,7 @@ class BuildResult:
     stats: dict[str, Any]
     exit_code: int
     message: str = ""
+    report_dir: Path | None = None  # where stats.json and quarantine.jsonl are: out, or <out>.failed
 
 
 def _file_stem(identifier: str) -> str:
@@ -271,7 +275,8 @@ def _write_benign_eval(out: Path, picks: Sequence[BenignPick]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def build(config: DataPrepConfig) -> BuildResult:
+def _build_into(config: DataPrepConfig, out: Path, final: Path, failed: Path) -> BuildResult:
+    """The build, written into ``out`` (a fresh staging folder); paths recorded are those under ``final``."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
     clock = [started]
@@ -281,10 +286,6 @@ def build(config: DataPrepConfig) -> BuildResult:
         timings[name] = round(now - clock[0], 2)
         clock[0] = now
 
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / DATASET_DIR).exists():  # never leave a stale dataset next to a failed run's report
-        shutil.rmtree(out / DATASET_DIR)
     taxonomy = load_taxonomy(config.taxonomy)
     ledger = Ledger()
 
@@ -500,21 +501,106 @@ def build(config: DataPrepConfig) -> BuildResult:
         result = BuildResult(
             stats,
             EXIT_QUARANTINED,
-            f"--strict: {len(ledger.entries)} record(s) quarantined, see {out / 'quarantine.jsonl'}; no dataset written",
+            f"--strict: {len(ledger.entries)} record(s) quarantined, see {failed / 'quarantine.jsonl'}; "
+            f"no dataset written, {final} left as it was",
         )
     else:
+        # Images written during the build (placeholders, benign rows' own bytes) sit in the staging
+        # folder; the dataset records where they will be once it is renamed into place.
+        staged = str(out.resolve()) + os.sep
+        for row in rows:
+            row["images"] = [
+                str(final) + os.sep + p[len(staged) :] if p.startswith(staged) else p for p in row["images"]
+            ]
         build_dataset_dict(rows, splits).save_to_disk(str(out / DATASET_DIR))
-        stats["dataset"] = str((out / DATASET_DIR).resolve())
+        stats["dataset"] = str(final / DATASET_DIR)
         if eval_info is not None:
             _write_benign_eval(out, eval_picks)
-            eval_info["file"] = str((out / BENIGN_EVAL_FILE).resolve())
-        if config.push_to_hub:
-            # load_prepared casts images to Image(), so the push embeds the image bytes, not local paths.
-            load_prepared(out).push_to_hub(config.push_to_hub, private=config.hub_private)
+            eval_info["file"] = str(final / BENIGN_EVAL_FILE)
     lap("save")
     stats["timings"] = timings
     stats["wall_seconds"] = round(time.perf_counter() - started, 2)
     (out / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return result
+
+
+# What a data-prep output folder may hold: an existing --out with anything else is refused, never replaced.
+OUTPUT_NAMES = frozenset(
+    {DATASET_DIR, "stats.json", "quarantine.jsonl", BENIGN_IMAGE_DIR, BENIGN_EVAL_FILE, BENIGN_EVAL_IMAGE_DIR}
+)
+
+
+def _check_replaceable(final: Path) -> None:
+    if final.exists() and not final.is_dir():
+        raise ConfigError(f"out {final} is a file, not a folder")
+    foreign = sorted(p.name for p in final.iterdir() if p.name not in OUTPUT_NAMES) if final.is_dir() else []
+    if foreign:
+        raise ConfigError(
+            f"out {final} holds {foreign[:5]}, which data prep does not write: a build replaces the whole "
+            "folder, so choose an empty or new --out (or a previous data-prep output)"
+        )
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put folder ``new`` at ``target`` and delete what was there. With an existing target the two are
+    swapped atomically where the OS can (a reader sees the old build or the new one, never a mix);
+    elsewhere there is a moment with no ``target``, never a half-written one."""
+    if not target.exists():
+        os.rename(new, target)
+        return
+    if _exchange(new, target):
+        shutil.rmtree(new)  # now the old build
+        return
+    old = target.parent / f".{target.name}.old-{os.getpid()}-{time.time_ns()}"
+    os.rename(target, old)
+    os.rename(new, target)
+    shutil.rmtree(old)
+
+
+def build(config: DataPrepConfig) -> BuildResult:
+    """Build into a staging folder beside ``out`` and replace ``out`` only if the build succeeded.
+
+    A failed build (bad input, ``--strict`` with quarantined records, an example over ``max_length``, a
+    crash) leaves ``out`` byte-identical; the report of a build that ran to the end but failed goes to
+    ``<out>.failed/`` (stats.json, quarantine.jsonl). Images the build writes are recorded under ``out``.
+    """
+    final = Path(os.path.realpath(config.out))  # a symlinked out: its target is replaced, not the link
+    failed = final.parent / f"{final.name}.failed"
+    _check_replaceable(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the published folder from the user's group
+    try:
+        result = _build_into(config, staging, final, failed)
+        if result.exit_code == EXIT_OK:
+            _check_replaceable(final)  # again: something may have been put there during the build
+            _replace_dir(staging, final)
+            shutil.rmtree(failed, ignore_errors=True)  # an earlier failure's report no longer applies
+            result.report_dir = final
+        else:
+            shutil.rmtree(failed, ignore_errors=True)
+            os.rename(staging, failed)
+            result.report_dir = failed
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # any exit other than the renames above
+    if result.exit_code == EXIT_OK and config.push_to_hub:
+        # load_prepared casts images to Image(), so the push embeds the image bytes, not local paths.
+        load_prepared(final).push_to_hub(config.push_to_hub, private=config.hub_private)
     return result
 
 
@@ -536,7 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quarantined = result.stats["quarantined"]
     if quarantined:
         print(
-            f"warning: {quarantined} record(s) quarantined, see {Path(config.out) / 'quarantine.jsonl'}",
+            f"warning: {quarantined} record(s) quarantined, see {result.report_dir / 'quarantine.jsonl'}",
             file=sys.stderr,
         )
     if result.exit_code != EXIT_OK:

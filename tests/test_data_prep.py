@@ -28,7 +28,8 @@ def sample_records(turns: int) -> dict[str, dict]:
 
 def build(safemt, out, *extra: str) -> tuple[int, dict]:
     code = main(["--safemt", str(safemt), "--out", str(out), *extra])
-    stats = json.loads((Path(out) / "stats.json").read_text())
+    report = Path(out) if code == 0 else Path(f"{out}.failed")  # a failed build reports beside out
+    stats = json.loads((report / "stats.json").read_text())
     return code, stats
 
 
@@ -557,3 +558,76 @@ def test_the_real_data_config_uses_the_sft_pixel_bounds():
     data = yaml.safe_load((REPO_ROOT / "configs/data/safemt.yaml").read_text())
     sft = yaml.safe_load((REPO_ROOT / "configs/sft/qwen2_5_vl_7b_lora.yaml").read_text())
     assert (data["min_pixels"], data["max_pixels"]) == (sft["min_pixels"], sft["max_pixels"]) == (3136, 401408)
+
+
+# -- a build replaces its output only when it succeeded ----------------------------------------------
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every file's bytes and every folder (None) under ``folder``, by relative path."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in folder.rglob("*")}
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".building-" in p.name or ".old-" in p.name)
+
+
+def test_a_failed_build_leaves_the_previous_output_byte_identical(safemt_dir, tmp_path, monkeypatch, capsys):
+    import data_prep.build
+
+    out = tmp_path / "out"
+    argv = ["--benign", str(BENIGN_FIXTURE), "--benign_ratio", "0.25", "--benign_eval_size", "2"]
+    code, _ = build(safemt_dir, out, *argv)
+    assert code == 0 and (out / "benign_images").is_dir() and (out / "benign_eval.jsonl").is_file()
+    before = snapshot(out)
+
+    # Input that does not exist: the error comes before anything is touched.
+    assert main(["--safemt", str(tmp_path / "typo"), "--out", str(out), *argv]) == 2
+    assert "typo" in capsys.readouterr().err
+    assert snapshot(out) == before and leftovers(tmp_path) == []
+
+    # A build that runs to the end but fails (--strict): its report goes beside out, out is untouched.
+    edit_path = safemt_dir / "1_turn.json"
+    records = json.loads(edit_path.read_text())
+    records[0]["scenario"] = "Space Piracy"
+    edit_path.write_text(json.dumps(records))
+    code, stats = build(safemt_dir, out, *argv, "--strict", "true")
+    assert code == 1 and stats["quarantined"] == 1 and stats["dataset"] is None
+    assert "out.failed" in capsys.readouterr().err
+    assert (tmp_path / "out.failed" / "quarantine.jsonl").read_text().count("\n") == 1
+    assert snapshot(out) == before and leftovers(tmp_path) == []
+
+    # A crash while saving: the half-written staging folder is removed, out is untouched.
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(data_prep.build, "build_dataset_dict", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        main(["--safemt", str(safemt_dir), "--out", str(out), *argv])
+    assert snapshot(out) == before and leftovers(tmp_path) == []
+
+
+def test_a_rebuild_replaces_the_output_whole_with_paths_under_out(safemt_dir, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--benign", str(BENIGN_FIXTURE), "--benign_ratio", "0.25", "--benign_eval_size", "2"]
+    assert build(safemt_dir, out, *argv)[0] == 0
+    (tmp_path / "out.failed").mkdir()  # an earlier failure's report
+    first_images = set((out / "benign_images").iterdir())
+    code, stats = build(safemt_dir, out, *argv, "--seed", "1")
+    assert code == 0 and stats["dataset"] == str((out / "dataset").resolve())
+    assert not (tmp_path / "out.failed").exists() and leftovers(tmp_path) == []
+    # Nothing of the first build is left over: its benign images were replaced with the folder.
+    second_images = set((out / "benign_images").iterdir())
+    assert second_images != first_images
+    benign_paths = {r["images"][0]["path"] for _, r in all_rows(load_prepared(out)) if r["label"] == "safe"}
+    assert benign_paths == {str(p.resolve()) for p in second_images}  # recorded where they are now
+
+
+def test_an_out_folder_holding_other_files_is_refused_untouched(safemt_dir, tmp_path, capsys):
+    out = tmp_path / "runs"
+    (out / "checkpoint-100").mkdir(parents=True)
+    (out / "checkpoint-100" / "model.safetensors").write_bytes(b"weights")
+    before = snapshot(out)
+    assert main(["--safemt", str(safemt_dir), "--out", str(out), "--benign", "none"]) == 2
+    assert "checkpoint-100" in capsys.readouterr().err
+    assert snapshot(out) == before

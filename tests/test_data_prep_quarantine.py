@@ -17,8 +17,9 @@ from data_prep.io import load_prepared
 def run(safemt_dir: Path, tmp_path: Path, *extra: str) -> tuple[int, dict, list[dict]]:
     out = tmp_path / "out"
     code = main(["--safemt", str(safemt_dir), "--out", str(out), "--benign", "none", *extra])
-    stats = json.loads((out / "stats.json").read_text())
-    entries = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    report = out if code == 0 else tmp_path / "out.failed"  # a failed build reports beside out
+    stats = json.loads((report / "stats.json").read_text())
+    entries = [json.loads(line) for line in (report / "quarantine.jsonl").read_text().splitlines()]
     assert stats["read"] == stats["converted"] + stats["quarantined"]
     assert len(entries) == stats["quarantined"]
     return code, stats, entries
