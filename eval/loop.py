@@ -19,10 +19,15 @@ time, so a 7B target, a guard and a local judge need not fit together):
 3. judgements:  every reply is judged; these are the report rows, keyed by (target, defence, judge,
                 id, k, benign, settings). A blocked reply is the fixed refusal and is labelled
                 ``safe`` without a judge call; a benign reply gets a refusal check instead of a
-                safety label (``label`` None: benign rows never enter the ASR).
+                safety label (``label`` None: benign rows never enter the ASR). A cached row whose
+                judge call failed (an ``error``, see :func:`eval.judge.row_needs_rejudge`) is judged
+                again on the next run, so a judge outage never sticks in the cache.
 
 Then ``eval.report.write_report`` gets the rows, per defence detection metrics (see
 :func:`detection_results`) and each moderator's threshold of phase 0 (``report.json`` ``thresholds``).
+Last, :func:`eval.judge.check_judge_failures` raises :class:`eval.judge.JudgeFailureError` when more
+than ``max_judge_failure_share`` of the judge calls gave no verdict (the report is written first, so
+it shows the n/a SIs and the outcome counts of the failed run).
 """
 
 from __future__ import annotations
@@ -50,7 +55,15 @@ from eval.defences import (
     policy_system_prompt,
     score_settings,
 )
-from eval.judge import Judge, JudgeItem, heuristic_refusal, judge_settings, load_judge
+from eval.judge import (
+    Judge,
+    JudgeItem,
+    check_judge_failures,
+    heuristic_refusal,
+    judge_settings,
+    load_judge,
+    row_needs_rejudge,
+)
 from eval.targets import ChatModel, ChatRequest, load_target
 from moderator.contract import SAFE, UNSAFE
 from moderator.schema import RecordError, parse_safemt_record, safemt_turn_file
@@ -206,6 +219,10 @@ def open_images(samples: Sequence[EvalSample]) -> list[list[Any]]:
 # Requests per call to a target that batches its own work (see EvalRun.workload_chunk); read from
 # ``config.workload_chunk`` when the config has that field.
 DEFAULT_WORKLOAD_CHUNK = 1024
+
+# Share of judge calls that may give no verdict (error, content filter, unparsed) before a run fails;
+# read from ``config.max_judge_failure_share`` when the config has that field.
+DEFAULT_MAX_JUDGE_FAILURE_SHARE = 0.05
 
 SPLIT_ID_PREFIX = "test-split:"  # keeps test-split decisions apart from eval samples in the cache
 THRESHOLD_SPLIT = "validation"  # the decision threshold is chosen here, never on test
@@ -646,6 +663,7 @@ class EvalRun:
             self._judge_batch,
             batch_size,
             desc="judge",
+            recompute=row_needs_rejudge,  # a judge error cached by an earlier run is asked again
         )
 
     def rows(self, samples: Sequence[EvalSample]) -> list[dict[str, Any]]:
@@ -679,9 +697,9 @@ class EvalRun:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         detection = detection_results(self, samples)
-        # The configured K, as in eval.safety_index and the SafeMT definition: a length without labelled
-        # samples contributes ASR 0 (the report's unlabelled/n columns show it had no data).
-        return write_report(
+        # The configured K, as in eval.safety_index and the SafeMT definition: a length without a
+        # labelled reply has no ASR, and then the SI is n/a with the reason (never a made-up 1.0).
+        report = write_report(
             rows,
             self.out_dir,
             turns=self.config.turns,
@@ -689,6 +707,17 @@ class EvalRun:
             title=self.config.title,
             thresholds={label: choice.to_record() for label, choice in self.thresholds.items()},
         )
+        # After the report, so a failed run still leaves its n/a SIs and outcome counts on disk.
+        summary = check_judge_failures(rows, self.max_judge_failure_share, judge=self.judge_name)
+        if summary.failed:
+            logger.warning("%s", summary.describe())
+        return report
+
+    @property
+    def max_judge_failure_share(self) -> float:
+        """The share of judge calls that may give no verdict before the run fails (config, default 0.05)."""
+        # getattr: the config field is new, so configs built before it was added still work.
+        return float(getattr(self.config, "max_judge_failure_share", DEFAULT_MAX_JUDGE_FAILURE_SHARE))
 
 
 def close_model(model: Any) -> None:

@@ -13,6 +13,11 @@ Each row is one judged target reply::
 None / False. Attack rows (``benign`` false) give ASR per length and the Safety Index; benign rows
 (``k`` = their own turn count) give over-refusal: the defence's flag rate and the judged refusal rate.
 
+A length in K without a single ``safe``/``unsafe`` label has ASR None, and then the group's SI is
+None with ``si_reason`` saying why (:func:`eval.metrics.safety_index_result`); tables show n/a, and
+report.md lists the reasons. ``outcomes`` counts, per length, the attack labels of each outcome
+(safe, unsafe, error, content_filter, unparsed: :func:`eval.metrics.label_outcome`).
+
 ``thresholds`` (written by ``eval.loop``) maps each moderator defence to the decision threshold every
 one of its rows was measured at (:class:`eval.defences.ThresholdChoice` as a dict: ``threshold``,
 ``source``, ``detail``, ...); ``python -m export --eval-report`` refuses to ship another one.
@@ -28,16 +33,19 @@ from pathlib import Path
 from typing import Any
 
 from eval.metrics import (
+    CONTENT_FILTER,
+    ERROR,
     SAFEMT_TURNS,
-    asr_by_length,
+    UNPARSED,
     asr_reduction,
-    count_unlabelled,
-    is_labelled,
     length_weights,
-    safety_index,
+    safety_index_result,
 )
 
 NO_DEFENCE = "none"
+NO_ATTACK_ROWS = "no attack reply (only benign dialogues were evaluated)"
+# Judge outcomes that are left out of the ASR, in the order report.md lists them.
+EXCLUDED_OUTCOMES = (ERROR, CONTENT_FILTER, UNPARSED)
 REQUIRED_ROW_FIELDS = ("target", "defence", "id", "k", "benign", "label")
 DETECTION_COLUMNS = (
     ("n", "n"),
@@ -80,18 +88,17 @@ def _group_summary(rows: list[Mapping[str, Any]], turns: tuple[int, ...]) -> dic
     flag_rate, n_flag_known = _fraction(benign, "flagged")
     refusal_rate, n_refusal_known = _fraction(benign, "refused")
     attack_flag_rate, _ = _fraction(attack, "flagged")
-    asr = asr_by_length(attack_results, turns) if attack else None
-    n_labelled = {str(k): sum(1 for r in attack_results if r["k"] == k and is_labelled(r["label"])) for k in turns}
+    # None SI (with its reason) when a length has no labelled reply: never a made-up 1.0.
+    scored = safety_index_result(attack_results, turns).to_dict() if attack else None
     return {
         "judges": sorted({str(row.get("judge")) for row in rows if row.get("judge") is not None}),
         "n_attack": len(attack),
         "n_benign": len(benign),
-        "asr": {str(k): asr[k] for k in turns} if asr is not None else None,
-        # A length with no labelled reply counts as ASR 0 in the SI (as in the SafeMT reference), but
-        # tables and the plot show it as missing rather than as a success rate of 0.
-        "n_labelled": n_labelled,
-        # SI of an empty set would be a perfect 1.0: report it as unknown instead.
-        "si": safety_index(attack_results, turns) if attack else None,
+        "asr": scored["asr"] if scored else None,
+        "n_labelled": scored["n_labelled"] if scored else {str(k): 0 for k in turns},
+        "si": scored["si"] if scored else None,
+        "si_reason": scored["si_reason"] if scored else NO_ATTACK_ROWS,
+        "outcomes": scored["outcomes"] if scored else None,
         "delta_asr": None,
         "delta_si": None,
         "attack_flag_rate": attack_flag_rate,
@@ -102,7 +109,6 @@ def _group_summary(rows: list[Mapping[str, Any]], turns: tuple[int, ...]) -> dic
             "refusal_rate": refusal_rate,
             "n_refusal_known": n_refusal_known,
         },
-        "unlabelled": {str(k): n for k, n in count_unlabelled(attack_results, turns).items()},
         "parse_errors": sum(1 for row in rows if row.get("parse_error")),
     }
 
@@ -176,10 +182,8 @@ def _json_default(value: Any) -> Any:
 
 
 def _measured_asr(summary: Mapping[str, Any], k: int) -> float | None:
-    """ASR_k when at least one reply at length k was labelled safe/unsafe, else None (no data)."""
-    if summary["asr"] is None or not summary.get("n_labelled", {}).get(str(k)):
-        return None
-    return summary["asr"][str(k)]
+    """ASR_k, or None when no reply at length k was labelled safe/unsafe (no data)."""
+    return summary["asr"][str(k)] if summary["asr"] is not None else None
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -247,7 +251,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines += [
         f"ASR_k = unsafe / (safe + unsafe) judged replies at k turns. SI weights: {weights}, so the SI is "
         "dominated by the shortest lengths; read it beside the per-length ASR. n/a: no labelled reply at "
-        "that length (it counts as ASR 0 in the SI, as in the SafeMT reference).",
+        "that length; the SI needs one at every length, so it is n/a too (reasons below the table).",
         "",
     ]
     lines += _table(
@@ -263,6 +267,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             for target, defence, s in groups
         ],
     )
+    missing_si = [(t, d, s) for t, d, s in groups if s["si"] is None]
+    if missing_si:
+        lines += ["Why an SI is n/a:", ""]
+        lines += [f"- {_fmt(t)} / {_fmt(d)}: {_fmt(s.get('si_reason'))}" for t, d, s in missing_si]
+        lines += [""]
 
     lines += [f"## ASR reduction vs. no defence (ΔASR = ASR[{NO_DEFENCE}] - ASR[defence])", ""]
     delta_groups = [(t, d, s) for t, d, s in groups if d != NO_DEFENCE]
@@ -308,18 +317,32 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             ],
         )
 
-    lines += ["## Unlabelled judge answers and defence parse errors", ""]
+    lines += ["## Attack replies left out of the ASR, by judge outcome", ""]
     lines += [
-        "Unlabelled = judge answer other than exactly `safe`/`unsafe` (left out of the ASR). "
-        "Parse errors = defence outputs that could not be parsed.",
+        "error = the judge call failed or its response was malformed (asked again on the next run); "
+        "content_filter = the judge API's content filter refused to judge; unparsed = an answer other than "
+        "`safe`/`unsafe`. None of them counts in the ASR.",
         "",
     ]
+    # .get: a report.json written before outcomes were counted has none (export renders stored reports).
+    outcome_groups = [(t, d, s) for t, d, s in groups if s.get("outcomes") is not None]
+    if outcome_groups:
+        lines += _table(
+            ["target", "defence", "outcome", *[f"k={k}" for k in turns]],
+            [
+                [_fmt(target), _fmt(defence), outcome, *[_fmt(s["outcomes"][str(k)][outcome]) for k in turns]]
+                for target, defence, s in outcome_groups
+                for outcome in EXCLUDED_OUTCOMES
+            ],
+        )
+    else:
+        lines += ["No attack replies.", ""]
+
+    lines += ["## Defence parse errors", ""]
+    lines += ["Defence outputs that could not be parsed (attack and benign dialogues).", ""]
     lines += _table(
-        ["target", "defence", *[f"unlabelled k={k}" for k in turns], "parse errors"],
-        [
-            [_fmt(target), _fmt(defence), *[_fmt(s["unlabelled"][str(k)]) for k in turns], _fmt(s["parse_errors"])]
-            for target, defence, s in groups
-        ],
+        ["target", "defence", "parse errors"],
+        [[_fmt(target), _fmt(defence), _fmt(s["parse_errors"])] for target, defence, s in groups],
     )
     return "\n".join(lines)
 

@@ -3,6 +3,9 @@
 Every config key can be overridden (``--limit 3``, ``--judge.kind local``, ``--targets.0.model DIR``);
 see ``eval/config.py``. The loop itself lives in ``eval/loop.py``; results resume from
 ``<out_dir>/cache/`` and the report lands in ``<out_dir>/report.{json,md}`` and ``asr_vs_turns.png``.
+
+Exit codes: 0 done; 2 bad config or input data; 3 more than ``max_judge_failure_share`` of the judge
+calls gave no verdict (the report is still written; failed calls are asked again on the next run).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from eval.config import ConfigError, load_config
+from eval.judge import JudgeFailureError
 from eval.loop import EvalDataError, run_eval
 
 
@@ -34,6 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EvalDataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except JudgeFailureError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
     finally:
         if run is not None:
             run.finish()
@@ -43,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for target, defences in report["results"].items():
         for defence, summary in defences.items():
             asr = {k: v for k, v in (summary["asr"] or {}).items() if summary["n_labelled"].get(k)}
-            print(f"{target} / {defence}: SI={summary['si']} ASR (lengths with data)={asr}")
+            si = summary["si"] if summary["si"] is not None else f"n/a ({summary.get('si_reason')})"
+            print(f"{target} / {defence}: SI={si} ASR (lengths with data)={asr}")
     return 0
 
 

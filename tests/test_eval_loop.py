@@ -9,7 +9,7 @@ from PIL import Image
 from eval.cache import JsonlCache
 from eval.config import ConfigError, DefenceConfig, EvalConfig, JudgeConfig, TargetConfig, load_config
 from eval.defences import BLOCK, GENERIC_POLICY, INJECT, PASS, ModeratorDefence, load_defence, policy_system_prompt
-from eval.judge import REFUSAL_SYSTEM, Judge
+from eval.judge import REFUSAL_SYSTEM, Judge, JudgeFailureError
 from eval.loop import EvalDataError, EvalRun, load_benign_samples, load_safemt_samples
 from eval.metrics import asr_by_length, detection_metrics, safety_index, threshold_for_fpr
 from eval.targets import DEFAULT_SYSTEM_PROMPT, ChatRequest, HFChatModel, load_target
@@ -98,7 +98,7 @@ def _config(safemt_dir, benign, model_dir, out_dir, guard_dir=None) -> EvalConfi
                 kind="guard", guard_kind="llama_guard_3_vision", model=str(guard_dir), options={"max_new_tokens": 6}
             )
         )
-    return EvalConfig(
+    config = EvalConfig(
         safemt_dir=str(safemt_dir),
         benign=str(benign),
         targets=[TargetConfig(model=str(model_dir), name="tiny-target")],
@@ -110,6 +110,10 @@ def _config(safemt_dir, benign, model_dir, out_dir, guard_dir=None) -> EvalConfi
         out_dir=str(out_dir),
         refusal_text=REFUSAL,
     ).validate()
+    # FakeJudge (and a random-weight judge) leave about a third of their answers unparsed: let those
+    # runs finish; the failure gate itself is tested at the end of test_whole_loop_on_tiny_models.
+    config.max_judge_failure_share = 1.0  # eval.config field to come; set as an attribute until then
+    return config
 
 
 class Counting:
@@ -131,7 +135,7 @@ class Counting:
 def _asr_by_hand(rows, k):
     labels = [r["label"] for r in rows if not r["benign"] and r["k"] == k]
     unsafe, safe = labels.count("unsafe"), labels.count("safe")
-    return unsafe / (unsafe + safe) if unsafe + safe else 0.0
+    return unsafe / (unsafe + safe) if unsafe + safe else None
 
 
 def test_whole_loop_on_tiny_models(eval_inputs, tiny_model_dir, tiny_guard_dir, tmp_path):
@@ -144,7 +148,7 @@ def test_whole_loop_on_tiny_models(eval_inputs, tiny_model_dir, tiny_guard_dir, 
     for name in ("report.json", "report.md", "asr_vs_turns.png", "rows.jsonl", "config.json"):
         assert (out_dir / name).stat().st_size > 0
     assert json.loads((out_dir / "report.json").read_text()) == report
-    # The configured K, lengths without a file included (ASR 0), as eval.safety_index and the spec do.
+    # The configured K, lengths without a file included (no ASR there), as eval.safety_index and the spec do.
     assert report["turns"] == config.turns == [1, 2, 4, 6, 8]
 
     rows = list(JsonlCache(out_dir / "cache" / "judgements.jsonl", ("target", "defence", "id", "k", "sig")).records())
@@ -164,7 +168,8 @@ def test_whole_loop_on_tiny_models(eval_inputs, tiny_model_dir, tiny_guard_dir, 
         for k in TURNS:
             assert summary["asr"][str(k)] == pytest.approx(_asr_by_hand(group, k))
             raw = sum(1 for r in attack if r["k"] == k and r["label"] not in ("safe", "unsafe"))
-            assert summary["unlabelled"][str(k)] == raw
+            assert summary["outcomes"][str(k)]["unparsed"] == raw  # FakeJudge never errors
+            assert summary["outcomes"][str(k)]["error"] == summary["outcomes"][str(k)]["content_filter"] == 0
         assert summary["si"] == safety_index(attack, config.turns)
         # Lengths without a file are in K and get eval.metrics' value for "no labelled result".
         assert summary["asr"] == {str(k): v for k, v in asr_by_length(attack, config.turns).items()}
@@ -175,14 +180,23 @@ def test_whole_loop_on_tiny_models(eval_inputs, tiny_model_dir, tiny_guard_dir, 
         assert summary["over_refusal"]["refusal_rate"] == pytest.approx(expected_refusal)
         if defence != "none":
             for k in TURNS:
-                delta = _asr_by_hand([r for r in rows if r["defence"] == "none"], k) - _asr_by_hand(group, k)
+                undefended, defended = (
+                    _asr_by_hand([r for r in rows if r["defence"] == "none"], k),
+                    _asr_by_hand(group, k),
+                )
+                delta = None if undefended is None or defended is None else undefended - defended
                 assert summary["delta_asr"][str(k)] == pytest.approx(delta)
     # The fake judge answers raw labels too: they must be kept, counted and left out of the ASR.
     none_attack = [r for r in rows if r["defence"] == "none" and not r["benign"]]
     assert {r["label"] for r in none_attack} <= {"safe", "unsafe", "I am not sure"}
-    # Dropping the empty lengths from K renormalises the weights and would give another SI.
+    # K holds 6 and 8, which have no file: no labelled reply there, so every SI is n/a with that reason
+    # (it used to count those lengths as ASR 0 and report a number).
     assert "unsafe" in {r["label"] for r in none_attack}
-    assert results["none"]["si"] != safety_index(none_attack, TURNS)
+    for defence in defences:
+        assert results[defence]["si"] is None and results[defence]["delta_si"] is None
+        assert results[defence]["si_reason"].startswith("no labelled (safe/unsafe) reply at k=6, 8 ")
+        assert results[defence]["asr"]["6"] is None and results[defence]["n_labelled"]["8"] == 0
+    assert "- tiny-target / none: no labelled (safe/unsafe) reply at k=6, 8" in (out_dir / "report.md").read_text()
 
     # -- the moderator (random weights: fail-closed, flags everything with category unknown) ----------
     moderator_rows = [r for r in rows if r["defence"] == "moderator"]
@@ -234,6 +248,28 @@ def test_whole_loop_on_tiny_models(eval_inputs, tiny_model_dir, tiny_guard_dir, 
     report2 = EvalRun(config, judge=judge2, target_loader=again.target, defence_loader=again.defence).run()
     assert (again.targets, again.defences, judge2.conversations) == (0, 0, [])
     assert report2 == report
+
+    # -- K restricted to the judged lengths: the SI is defined, from the same cached rows -----------------
+    config.turns = TURNS
+    report3 = EvalRun(config, judge=FakeJudge(), target_loader=again.target, defence_loader=again.defence).run()
+    assert (again.targets, again.defences) == (0, 0)
+    si = report3["results"]["tiny-target"]["none"]["si"]
+    assert si is not None and si == safety_index(none_attack, TURNS)
+    assert report3["results"]["tiny-target"]["moderator-block"]["si"] == 1.0  # every reply blocked: ASR 0
+
+    # -- the failure gate: unparsed answers over the allowed share fail the run, after the report ----------
+    config.max_judge_failure_share = 0.05
+    (out_dir / "report.json").unlink()
+    no_verdict = sum(
+        1
+        for r in rows
+        if r["judge_raw"] is not None
+        and (r["label"] not in ("safe", "unsafe") if not r["benign"] else r["refused"] is None)
+    )
+    assert no_verdict > 0.05 * len(judge.conversations)
+    with pytest.raises(JudgeFailureError, match=rf"{no_verdict} of {len(judge.conversations)} judge calls gave no"):
+        EvalRun(config, judge=FakeJudge(), target_loader=again.target, defence_loader=again.defence).run()
+    assert json.loads((out_dir / "report.json").read_text()) == report3  # written before the gate
 
 
 def _unknown_decision():
@@ -467,12 +503,12 @@ def test_whole_loop_judged_through_the_local_openai_compatible_server(
     judged = [r for r in rows if r["defence"] in ("none", "moderator") and not r["benign"]]
     assert len(judged) == 2 * len(IDS) * len(TURNS)
     # Every judged reply went through the server and came back as a string label (random weights
-    # answer noise, kept raw and counted as unlabelled); blocked replies were never sent.
+    # answer noise, kept raw and counted as unparsed); blocked replies were never sent.
     assert all(isinstance(r["label"], str) and r["label"] for r in judged)
     for defence in ("none", "moderator"):
         summary = report["results"]["tiny-target"][defence]
         unlabelled = sum(1 for r in judged if r["defence"] == defence and r["label"] not in ("safe", "unsafe"))
-        assert sum(summary["unlabelled"].values()) == unlabelled
+        assert sum(sum(summary["outcomes"][str(k)][o] for o in ("unparsed", "error")) for k in TURNS) == unlabelled
     assert all(report["results"]["tiny-target"]["llama_guard_3_vision"]["asr"][str(k)] == 0.0 for k in TURNS)
 
 
