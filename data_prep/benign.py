@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.config import CHITCHAT, ConfigError
+from data_prep.images import ImagePathError, resolve_inside
 from data_prep.safemt import read_json_array
 from moderator.schema import RecordError
 
@@ -301,12 +302,14 @@ class LengthQuota:
 def materialize_image(image: Any, base_dir: Path | None, target_stem: Path) -> str:
     """An absolute path for a row's own image: paths are resolved, bytes and PIL images written out."""
     if isinstance(image, str):
-        path = Path(image)
-        if not path.is_absolute():
-            if base_dir is None:
-                raise RecordError("images", f"relative image path {image!r} in a source without a folder")
-            path = base_dir / path
-        return str(path.resolve())
+        if base_dir is None:
+            raise RecordError(
+                "images", f"image path {image!r} in a source without a folder (only image bytes are read)"
+            )
+        try:  # relative to the source's folder and inside it, links followed (absolute and ../ paths too)
+            return str(resolve_inside(base_dir, image, what="benign source folder"))
+        except ImagePathError as exc:
+            raise RecordError("images", str(exc)) from None
     if isinstance(image, dict):
         if image.get("bytes"):
             data = image["bytes"]

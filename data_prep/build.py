@@ -38,7 +38,7 @@ from data_prep.benign import (
 )
 from data_prep.config import POOL_PLACEHOLDER, POOL_SAFEMT, ConfigError, DataPrepConfig, parse_config
 from data_prep.convert import benign_row, safemt_rows
-from data_prep.images import check_images, folder_images, write_placeholder
+from data_prep.images import ImagePathError, check_images, folder_images, resolve_inside, write_placeholder
 from data_prep.io import DATASET_DIR, LENGTH_COLUMN, build_dataset_dict, load_prepared
 from data_prep.quarantine import Ledger
 from data_prep.safemt import FileProblem, open_safemt
@@ -179,12 +179,13 @@ def _read_safemt(config: DataPrepConfig, taxonomy, ledger: Ledger) -> tuple[list
             ledger.quarantine("safemt", item.file, item.index, record.id, "id", reason)
             continue
         seen[(item.file, record.turns)][record.id] = item.index
-        # Lexical normalisation, not resolve(): hub snapshots are symlinks into the cache's blob store.
-        image = Path(os.path.normpath(source.images_root / record.image_path))
-        if not image.is_relative_to(source.images_root):
-            reason = f"{record.image_path!r} points outside the images folder {source.images_root}"
-            ledger.quarantine("safemt", item.file, item.index, record.id, "image_path", reason)
+        try:  # every link followed: a link inside images/ must not bring in a file from elsewhere
+            resolve_inside(source.images_root, record.image_path, also_allowed=source.link_roots)
+        except ImagePathError as exc:
+            ledger.quarantine("safemt", item.file, item.index, record.id, "image_path", str(exc))
             continue
+        # The path as named (normalised), not the link target: a hub snapshot's target is a hash-named blob.
+        image = Path(os.path.normpath(source.images_root / record.image_path))
         candidates.append((item, record, str(image)))
     info = {"description": source.description, "images_root": str(source.images_root), "skipped_lengths": skipped}
     return candidates, info

@@ -58,6 +58,9 @@ class SafeMTSource:
     _spec: str
     _turns: tuple[int, ...]
     _revision: str | None = None
+    # Folders image links may lead into besides images_root: a hub snapshot's files link into the
+    # cache's blob store.
+    link_roots: tuple[Path, ...] = ()
 
     def records(self) -> Iterator[RawRecord | FileProblem]:
         if self.layout == "github":
@@ -89,6 +92,7 @@ def open_safemt(
         root = Path(images_root) if images_root else path.parent
         return SafeMTSource(f"{path} (hub layout, local)", root.resolve(), "hub", str(path), turns_t)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.startswith((".", "/")):
+        link_roots: tuple[Path, ...] = ()
         if images_root:
             root = Path(images_root)
         else:  # images live in the dataset repository next to the data files
@@ -100,7 +104,9 @@ def open_safemt(
                 raise ConfigError(
                     f"{spec!r} is no local folder or file, and fetching it from the hub failed: {exc}"
                 ) from None
-        return SafeMTSource(f"hub:{spec}", root.resolve(), "hub", spec, turns_t, revision)
+            if root.resolve().parent.name == "snapshots":  # <repo cache>/snapshots/<rev> -> <repo cache>/blobs
+                link_roots = (root.resolve().parents[1] / "blobs",)
+        return SafeMTSource(f"hub:{spec}", root.resolve(), "hub", spec, turns_t, revision, link_roots)
     raise ConfigError(f"SafeMT input {spec!r} is neither an existing folder or file nor a hub dataset name")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -155,7 +156,7 @@ def _write_hub_layout(safemt_dir: Path, target: Path, with_turns: bool, suffix: 
                 row["turns"] = k
             rows.append(row)
     target.mkdir()
-    (target / "images").symlink_to(safemt_dir / "images")
+    shutil.copytree(safemt_dir / "images", target / "images")  # a link out of the folder would be refused
     path = target / f"safemt.{suffix}"
     data = datasets.Dataset.from_list(rows)
     data.to_parquet(str(path)) if suffix == "parquet" else data.to_json(str(path))

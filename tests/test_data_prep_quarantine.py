@@ -263,3 +263,110 @@ def test_bad_benign_rows_are_quarantined_by_line(safemt_dir, tmp_path):
     assert entries[3]["reason"] == "unknown role 'robot'"
     assert_names(entries[4], path, 4, "bad_2", "images")
     assert entries[4]["reason"] == f"image file not found: {tmp_path / 'nope.png'}"
+
+
+def _same_reason_for_each(entries: list[dict], paths: list[str]) -> str:
+    """The reasons with each entry's own path taken out: one text, whatever lies outside."""
+    reasons = {entry["reason"].replace(repr(path), "<path>") for entry, path in zip(entries, paths, strict=True)}
+    assert len(reasons) == 1, reasons
+    return reasons.pop()
+
+
+def test_links_in_the_images_folder_that_lead_outside_are_quarantined_alike(safemt_dir, tmp_path):
+    from moderator.images import placeholder_image
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    placeholder_image("secret").save(outside / "secret.jpg")
+    images = safemt_dir / "images"
+    (images / "leak.jpg").symlink_to(outside / "secret.jpg")  # a file link
+    (images / "leakdir").symlink_to(outside, target_is_directory=True)  # a folder link
+    (images / "dangling.jpg").symlink_to(outside / "missing.jpg")
+    records = json.loads((safemt_dir / "1_turn.json").read_text())
+    (images / "alias.jpg").symlink_to(safemt_dir / records[5]["image_path"])  # a link that stays inside
+    bad = [
+        "images/leak.jpg",
+        "images/leakdir/secret.jpg",  # exists outside
+        "images/leakdir/missing.jpg",  # does not
+        "images/dangling.jpg",
+        str(outside / "secret.jpg"),  # absolute
+        "images/../../outside/secret.jpg",
+    ]
+
+    def point(records):
+        for index, path in enumerate(bad):
+            records[index]["image_path"] = path
+        records[len(bad)]["image_path"] = "images/alias.jpg"
+
+    records = edit(safemt_dir, 1, point)
+    code, stats, entries = run(safemt_dir, tmp_path)
+    assert code == 0 and stats["converted"] == 156 - len(bad)
+    assert [e["index"] for e in entries] == list(range(len(bad)))
+    for entry, index in zip(entries, range(len(bad)), strict=True):
+        assert_names(entry, safemt_dir / "1_turn.json", index, records[index]["id"], "image_path")
+    reason = _same_reason_for_each(entries, bad)
+    assert reason == f"<path> points outside the images folder {safemt_dir.resolve()}"
+
+
+def test_benign_image_paths_must_stay_inside_the_source_folder(safemt_dir, tmp_path):
+    from moderator.images import placeholder_image
+
+    folder, outside = tmp_path / "benign", tmp_path / "outside"
+    folder.mkdir()
+    outside.mkdir()
+    placeholder_image("cat").save(folder / "cat.png")
+    placeholder_image("secret").save(outside / "secret.png")
+    (folder / "link.png").symlink_to(outside / "secret.png")
+    (folder / "linkdir").symlink_to(outside, target_is_directory=True)
+    bad = [
+        "../outside/secret.png",
+        str(outside / "secret.png"),
+        "link.png",
+        "linkdir/secret.png",
+        "../outside/nope.png",
+    ]
+    good = ["cat.png", str(folder / "cat.png")]
+    rows = [
+        {"id": f"row_{i}", "messages": [{"role": "user", "content": f"Look {i}"}], "images": [image]}
+        for i, image in enumerate(bad + good)
+    ]
+    path = folder / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    argv = ["--safemt", str(safemt_dir), "--out", str(out), "--benign", str(path), "--benign_ratio", "1"]
+    assert main([*argv, "--safemt_turns", "1", "--benign_turns", "1"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["by_input"]["benign"] == {"read": len(rows), "converted": len(good), "quarantined": len(bad)}
+    entries = sorted(map(json.loads, (out / "quarantine.jsonl").read_text().splitlines()), key=lambda e: e["id"])
+    assert [(e["id"], e["field"]) for e in entries] == [(f"row_{i}", "images") for i in range(len(bad))]
+    reason = _same_reason_for_each(entries, bad)
+    assert reason == f"<path> points outside the benign source folder {folder.resolve()}"
+    splits = load_prepared(out).values()
+    converted = {i for split in splits for i, label in zip(split["id"], split["label"], strict=True) if label == "safe"}
+    assert converted == {"row_5", "row_6"}
+
+
+def test_hub_snapshot_images_may_link_into_the_blob_store_only(tmp_path, monkeypatch):
+    """A hub snapshot's files are links into the cache's blobs/: those are followed, nothing else is."""
+    import huggingface_hub
+
+    from data_prep.images import ImagePathError, resolve_inside
+    from data_prep.safemt import open_safemt
+
+    repo = tmp_path / "hub" / "datasets--HappyCorpse--SafeMT"
+    snapshot = repo / "snapshots" / "abc123"
+    (snapshot / "images").mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "blobs" / "f00d").write_bytes(b"image bytes")
+    (snapshot / "images" / "a.jpg").symlink_to(repo / "blobs" / "f00d")
+    (tmp_path / "secret.jpg").write_bytes(b"secret")
+    (snapshot / "images" / "b.jpg").symlink_to(tmp_path / "secret.jpg")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kwargs: str(snapshot))
+
+    source = open_safemt("HappyCorpse/SafeMT", [1])
+    assert source.link_roots == ((repo / "blobs").resolve(),)
+    assert resolve_inside(source.images_root, "images/a.jpg", also_allowed=source.link_roots).read_bytes() == (
+        b"image bytes"
+    )
+    with pytest.raises(ImagePathError, match="points outside the images folder"):
+        resolve_inside(source.images_root, "images/b.jpg", also_allowed=source.link_roots)
