@@ -129,6 +129,10 @@ def _jsonl_rows(path: Path) -> Iterator[BenignCandidate]:
                 reason = f"line {index + 1} is not valid JSON (column {exc.colno}): {exc.msg}"
                 yield BenignCandidate(str(path), index, None, reason, None, "<line>")
                 continue
+            except RecursionError:
+                reason = f"line {index + 1}: JSON nested too deeply to read"
+                yield BenignCandidate(str(path), index, None, reason, None, "<line>")
+                continue
             yield BenignCandidate(str(path), index, _row_id(row), row, path.parent)
 
 
@@ -313,6 +317,8 @@ def materialize_image(image: Any, base_dir: Path | None, target_stem: Path) -> s
     if isinstance(image, dict):
         if image.get("bytes"):
             data = image["bytes"]
+            if not isinstance(data, bytes | bytearray):  # JSON has no bytes: a string here is not an image
+                raise RecordError("images", f"image 'bytes' must be raw bytes, got {type(data).__name__}")
             suffix = Path(image.get("path") or "").suffix.lower() or ".img"
             target = target_stem.with_suffix(suffix)
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -122,11 +122,22 @@ def _raw_id(raw: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _unreadable(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to read (arrays/objects inside each other)"
+    return f"cannot be read ({type(exc).__name__}: {str(exc)[:200]})"
+
+
 def _unknown_fields(raw: Mapping[str, Any]) -> tuple[str, str] | None:
     """The GitHub release has exactly these keys; anything else means the format changed under us."""
     extra = sorted(set(raw) - set(SAFEMT_FIELDS))
     if extra:
         return extra[0], f"unexpected field(s) {extra}; a record has exactly {list(SAFEMT_FIELDS)}"
+    if isinstance(raw["dialogue"], str):
+        return "dialogue", (
+            "a JSON string; the GitHub layout stores the dialogue as a list of {role, content} objects "
+            "(JSON text is the hub layout's encoding)"
+        )
     for index, message in enumerate(raw["dialogue"]):
         extra = sorted(set(message) - {"role", "content"})
         if extra:
@@ -139,6 +150,7 @@ def _read_safemt(config: DataPrepConfig, taxonomy, ledger: Ledger) -> tuple[list
     source = open_safemt(config.safemt, config.safemt_turns, config.safemt_images_root, config.safemt_revision)
     wanted = set(config.safemt_turns)
     seen: dict[tuple[str, int], dict[str, int]] = {}
+    first_scenario: dict[str, tuple[str, str, int]] = {}  # id -> (scenario, file, index) first seen
     candidates = []
     skipped = 0
     for item in source.records():
@@ -151,7 +163,7 @@ def _read_safemt(config: DataPrepConfig, taxonomy, ledger: Ledger) -> tuple[list
         if expected is not None:
             try:
                 expected = int(expected)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 ledger.read["safemt"] += 1
                 ledger.quarantine("safemt", item.file, item.index, raw_id, "turns", f"not an integer: {expected!r}")
                 continue
@@ -163,6 +175,10 @@ def _read_safemt(config: DataPrepConfig, taxonomy, ledger: Ledger) -> tuple[list
         except RecordError as exc:
             ledger.read["safemt"] += 1
             ledger.quarantine("safemt", item.file, item.index, raw_id, exc.field, exc.reason)
+            continue
+        except Exception as exc:  # anything else about one record's content: quarantine it, go on with the rest
+            ledger.read["safemt"] += 1
+            ledger.quarantine("safemt", item.file, item.index, raw_id, "<record>", _unreadable(exc))
             continue
         if record.turns not in wanted:  # hub rows without a length column
             skipped += 1
@@ -179,6 +195,16 @@ def _read_safemt(config: DataPrepConfig, taxonomy, ledger: Ledger) -> tuple[list
             ledger.quarantine("safemt", item.file, item.index, record.id, "id", reason)
             continue
         seen[(item.file, record.turns)][record.id] = item.index
+        scenario, first_file, first_index = first_scenario.setdefault(
+            record.id, (record.scenario, item.file, item.index)
+        )
+        if scenario != record.scenario:  # one query, one scenario: which label is right cannot be told here
+            reason = (
+                f"scenario {record.scenario!r} differs from {scenario!r} of the same id in {first_file} "
+                f"(record #{first_index}); kept that one"
+            )
+            ledger.quarantine("safemt", item.file, item.index, record.id, "scenario", reason)
+            continue
         try:  # every link followed: a link inside images/ must not bring in a file from elsewhere
             resolve_inside(source.images_root, record.image_path, also_allowed=source.link_roots)
         except ImagePathError as exc:
@@ -236,6 +262,10 @@ def _read_benign(
             ledger.read[input_name] += 1
             ledger.quarantine(input_name, candidate.file, candidate.index, candidate.id, exc.field, exc.reason)
             continue
+        except Exception as exc:  # anything else about one row's content: quarantine it, go on with the rest
+            ledger.read[input_name] += 1
+            ledger.quarantine(input_name, candidate.file, candidate.index, candidate.id, "<record>", _unreadable(exc))
+            continue
         taken = quota.take(user_turns(dialogue), every_length)
         if not taken:
             passed_over += 1
@@ -248,10 +278,11 @@ def _read_benign(
                 image = materialize_image(dialogue.source_image, candidate.base_dir, stem)
             elif not pool.per_split:
                 image = pool.pick(dialogue_id, image_dir)
-        except RecordError as exc:
+        except (RecordError, OSError) as exc:
             for k in taken:
                 quota.open[k] += 1
-            ledger.quarantine(input_name, candidate.file, candidate.index, dialogue_id, exc.field, exc.reason)
+            field, reason = (exc.field, exc.reason) if isinstance(exc, RecordError) else ("images", _unreadable(exc))
+            ledger.quarantine(input_name, candidate.file, candidate.index, dialogue_id, field, reason)
             continue
         seen_ids.add(dialogue_id)
         picked.append(BenignPick(candidate, [cut_dialogue(dialogue, k) for k in taken], dialogue_id, image))
@@ -288,6 +319,13 @@ def _build_into(config: DataPrepConfig, out: Path, final: Path, failed: Path) ->
         clock[0] = now
 
     taxonomy = load_taxonomy(config.taxonomy)
+    counter = None
+    if config.processor:  # loaded first: a wrong name fails in seconds, not after the whole build
+        try:
+            counter = TokenCounter(config.processor, config.trust_remote_code, config.min_pixels, config.max_pixels)
+        except (OSError, ValueError) as exc:
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"processor {config.processor!r} cannot be loaded: {detail}") from None
     ledger = Ledger()
 
     candidates, safemt_info = _read_safemt(config, taxonomy, ledger)
@@ -462,8 +500,7 @@ def _build_into(config: DataPrepConfig, out: Path, final: Path, failed: Path) ->
 
     too_long: list[str] = []
     lap("split_and_stats")
-    if config.processor and rows:
-        counter = TokenCounter(config.processor, config.trust_remote_code, config.min_pixels, config.max_pixels)
+    if counter is not None and rows:
         lengths = counter.count([row["messages"] for row in rows], [row["images"] for row in rows], sizes)
         for row, n in zip(rows, lengths, strict=True):
             row[LENGTH_COLUMN] = n

@@ -139,6 +139,9 @@ class DataPrepConfig:
 
     def validate(self) -> None:
         problems = []
+        for name, value in self.to_dict().items():
+            if isinstance(value, str) and "\0" in value:
+                problems.append(f"{name} contains a NUL byte")
         bad_turns = sorted(set(self.safemt_turns) - set(TURN_COUNTS))
         if bad_turns:
             problems.append(f"safemt_turns {bad_turns} are not SafeMT lengths {list(TURN_COUNTS)}")

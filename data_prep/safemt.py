@@ -133,6 +133,13 @@ def read_json_array(path: Path, expected_turns: int | None) -> Iterator[RawRecor
         return
     try:
         records = json.loads(text)
+    except RecursionError:  # json's C decoder recurses per nesting level
+        yield FileProblem(
+            str(path),
+            None,
+            "JSON nested too deeply to read (arrays/objects inside each other); the whole file is quarantined",
+        )
+        return
     except json.JSONDecodeError as exc:
         index, record_id = locate_record(text, exc.pos)
         where = f"; parsing stopped in record #{index}" if index is not None else ""

@@ -370,3 +370,71 @@ def test_hub_snapshot_images_may_link_into_the_blob_store_only(tmp_path, monkeyp
     )
     with pytest.raises(ImagePathError, match="points outside the images folder"):
         resolve_inside(source.images_root, "images/b.jpg", also_allowed=source.link_roots)
+
+
+def test_same_id_with_another_scenario_in_another_length_file_names_both_files(safemt_dir, tmp_path):
+    first = json.loads((safemt_dir / "1_turn.json").read_text())
+    other = next(r["scenario"] for r in first if r["scenario"] != first[0]["scenario"])
+    edit(safemt_dir, 2, lambda r: r[0].update(scenario=other))
+    code, stats, entries = run(safemt_dir, tmp_path)
+    entry = only(entries)
+    assert_names(entry, safemt_dir / "2_turn.json", 0, first[0]["id"], "scenario")
+    assert str(safemt_dir / "1_turn.json") in entry["reason"] and "record #0" in entry["reason"]
+    assert repr(other) in entry["reason"] and repr(first[0]["scenario"]) in entry["reason"]
+    assert code == 0 and stats["converted"] == 155
+
+
+def test_inputs_that_used_to_crash_are_quarantined_and_the_rest_converts(safemt_dir, tmp_path):
+    from moderator.images import placeholder_image
+
+    deep = "[" * 100_000 + "]" * 100_000  # RecursionError inside json
+    (safemt_dir / "4_turn.json").write_text(deep)
+    edit(safemt_dir, 1, lambda r: r[3].update(image_path="images/a\u0000.jpg"))  # ValueError in the filesystem
+    folder = tmp_path / "benign"
+    folder.mkdir()
+    placeholder_image("cat").save(folder / "cat.png")
+    rows = [
+        {"id": "good", "messages": [{"role": "user", "content": "Hello"}], "images": ["cat.png"]},
+        {
+            "id": "str_bytes",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "images": [{"bytes": "abc", "path": "x.png"}],
+        },
+        {"id": "nul", "messages": [{"role": "user", "content": "Hey"}], "images": ["cat\u0000.png"]},
+    ]
+    path = folder / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + deep + "\n")
+    code, stats, entries = run(
+        safemt_dir, tmp_path, "--benign", str(path), "--benign_ratio", "1", "--benign_turns", "1"
+    )
+    assert code == 0
+    by_where = {(e["input"], Path(e["file"]).name, e["index"]): e for e in entries}
+    whole_file = by_where[("safemt", "4_turn.json", None)]
+    assert whole_file["field"] == "<file>" and "nested too deeply" in whole_file["reason"]
+    nul = by_where[("safemt", "1_turn.json", 3)]
+    assert nul["field"] == "image_path" and "NUL byte" in nul["reason"]
+    assert by_where[("benign", "rows.jsonl", 1)]["reason"] == "image 'bytes' must be raw bytes, got str"
+    assert "NUL byte" in by_where[("benign", "rows.jsonl", 2)]["reason"]
+    deep_line = by_where[("benign", "rows.jsonl", 3)]
+    assert deep_line["field"] == "<line>" and "nested too deeply" in deep_line["reason"]
+    assert len(entries) == 5
+    assert stats["by_input"]["safemt"]["converted"] == 2 * 52 - 1
+    assert stats["by_input"]["benign"]["converted"] == 1
+
+
+def test_github_layout_dialogue_stored_as_json_text_gets_a_clear_reason(safemt_dir, tmp_path):
+    records = edit(safemt_dir, 1, lambda r: r[2].update(dialogue=json.dumps(r[2]["dialogue"])))
+    code, stats, entries = run(safemt_dir, tmp_path)
+    entry = only(entries)
+    assert_names(entry, safemt_dir / "1_turn.json", 2, records[2]["id"], "dialogue")
+    assert "a JSON string" in entry["reason"] and "list of {role, content} objects" in entry["reason"]
+
+
+def test_a_processor_that_does_not_exist_is_a_one_line_error(safemt_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--safemt", str(safemt_dir), "--out", str(out), "--benign", "none", "--processor", str(tmp_path / "nope")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: processor ") and str(tmp_path / "nope") in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()
