@@ -4,11 +4,12 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-Usage: launch/multinode.sh [--dry-run] [TRAIN_ARGS...]
+Usage: launch/multinode.sh [--dry-run] [-- TRAIN_ARGS...]
 
 Runs `accelerate launch ... train/sft.py --config RECIPE [TRAIN_ARGS...]` for this node of a
 multi-node run. Start it on every node with the same MASTER_ADDR / MASTER_PORT / NNODES and the
-node's own NODE_RANK (0 on the MASTER_ADDR node).
+node's own NODE_RANK (0 on the MASTER_ADDR node). Arguments for train/sft.py go after `--`; anything
+else before `--` that is not an option below is an error.
 
 Environment:
   MASTER_ADDR        address of node 0 (required when NNODES > 1)
@@ -26,16 +27,26 @@ Options:
   -h, --help  show this help
 
 Example (2 nodes x 8 GPUs), on the second node:
-  MASTER_ADDR=10.0.0.1 NNODES=2 NODE_RANK=1 GPUS_PER_NODE=8 launch/multinode.sh --learning_rate 5e-5
+  MASTER_ADDR=10.0.0.1 NNODES=2 NODE_RANK=1 GPUS_PER_NODE=8 launch/multinode.sh -- --learning_rate 5e-5
 EOF
 }
 
+die() {
+  echo "multinode.sh: error: $*" >&2
+  exit 2
+}
+
+# Every argument before `--` is a launcher option, wherever it stands: a misspelt one must stop the
+# launch, not slip through to training with --dry-run after it (which would then launch for real).
 dry_run=0
+train_args=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) dry_run=1 && shift ;;
     -h | --help) usage && exit 0 ;;
-    *) break ;; # the rest goes to train/sft.py
+    --) shift && train_args=("$@") && break ;;
+    -*) die "unknown option $1 (train/sft.py arguments go after --; see --help)" ;;
+    *) die "unexpected argument $1 (train/sft.py arguments go after --; see --help)" ;;
   esac
 done
 
@@ -52,4 +63,4 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-110}
 if ((!dry_run)); then
   launch_args+=(--exec)
 fi
-exec "${PYTHON:-python}" -m launch.commands torchrun-env "${launch_args[@]}" -- "$@"
+exec "${PYTHON:-python}" -m launch.commands torchrun-env "${launch_args[@]}" -- "${train_args[@]}"

@@ -331,7 +331,7 @@ def test_sft_sbatch_forwards_sigterm_to_training_then_requeues(tmp_path):
 def test_multinode_sh_dry_run_prints_what_python_builds(tmp_path):
     variables = {"MASTER_ADDR": "gpu-07", "MASTER_PORT": "29500", "NNODES": "2", "NODE_RANK": "1", "GPUS_PER_NODE": "8"}
     result = run_script(
-        "launch/multinode.sh", ["--dry-run", "--learning_rate", "5e-5"], script_env(tmp_path, variables)
+        "launch/multinode.sh", ["--dry-run", "--", "--learning_rate", "5e-5"], script_env(tmp_path, variables)
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == shlex.join(
@@ -347,9 +347,40 @@ def test_multinode_sh_dry_run_prints_what_python_builds(tmp_path):
 def test_multinode_sh_runs_the_command(tmp_path):
     variables = {"MASTER_ADDR": "gpu-07", "NNODES": "2", "NODE_RANK": "1", "GPUS_PER_NODE": "8"}
     env = script_env(tmp_path, variables, fake_bin(tmp_path, "accelerate"))
-    result = run_script("launch/multinode.sh", ["--learning_rate", "5e-5"], env)
+    result = run_script("launch/multinode.sh", ["--", "--learning_rate", "5e-5"], env)
     assert result.returncode == 0, result.stderr
     assert ["accelerate", *json.loads((tmp_path / "accelerate.json").read_text())["argv"]] == EXPECTED_NODE_1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bogus", "--dry-run"], "unknown option --bogus"),  # --dry-run after it used to be a train arg
+        (["--dry-run", "--bogus"], "unknown option --bogus"),
+        (["--learning_rate", "5e-5", "--dry-run"], "unknown option --learning_rate"),  # train args go after --
+        (["recipe.yaml"], "unexpected argument recipe.yaml"),
+    ],
+)
+def test_multinode_sh_refuses_unknown_arguments_and_launches_nothing(tmp_path, args, message):
+    variables = {"MASTER_ADDR": "gpu-07", "NNODES": "2", "NODE_RANK": "1", "GPUS_PER_NODE": "8"}
+    env = script_env(tmp_path, variables, fake_bin(tmp_path, "accelerate"))
+    result = run_script("launch/multinode.sh", args, env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip() == f"multinode.sh: error: {message} (train/sft.py arguments go after --; see --help)"
+    assert not (tmp_path / "accelerate.json").exists()  # nothing was launched
+    assert result.stdout == ""  # and no command printed as if it were a dry run
+
+
+def test_multinode_sh_dry_run_is_read_wherever_it_stands_before_the_separator(tmp_path):
+    variables = {"MASTER_ADDR": "gpu-07", "NNODES": "2", "NODE_RANK": "1", "GPUS_PER_NODE": "8"}
+    env = script_env(tmp_path, variables, fake_bin(tmp_path, "accelerate"))
+    result = run_script("launch/multinode.sh", ["-h", "--dry-run"], env)
+    assert result.returncode == 0 and result.stdout.startswith("Usage: launch/multinode.sh")
+    # After --, everything is training's, even a flag spelt like the launcher's.
+    result = run_script("launch/multinode.sh", ["--dry-run", "--", "--learning_rate", "5e-5", "--dry-run"], env)
+    assert result.returncode == 0, result.stderr
+    assert shlex.split(result.stdout)[-3:] == ["--learning_rate", "5e-5", "--dry-run"]
+    assert not (tmp_path / "accelerate.json").exists()
 
 
 def test_eval_sbatch_runs_the_eval_entry_point(tmp_path):
