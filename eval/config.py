@@ -11,13 +11,14 @@ environment variable that holds one (``api_key_env``), so a dumped config is saf
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from moderator.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from moderator.schema import TURN_COUNTS
 
 DEFENCE_KINDS = ("none", "guard", "moderator")
@@ -25,6 +26,7 @@ MODERATOR_MODES = ("policy", "block")
 JUDGE_KINDS = ("openai", "local", "refusal_match")
 REFUSAL_CHECKS = ("judge", "heuristic")
 TARGET_BACKENDS = ("hf", "vllm")
+TARGET_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 
 
@@ -40,8 +42,20 @@ class TargetConfig:
     name: str | None = None  # label in reports and cache keys; defaults to ``model``
     backend: str = "hf"  # hf | vllm
     system_prompt: str | None = None  # None: the chat template's default
-    dtype: str = "auto"
+    # null: float32 on CPU, bfloat16 on CUDA; "auto": the checkpoint's own; or float32/bfloat16/float16
+    dtype: str | None = None
+    device: str | None = None  # hf: null = CUDA when present, "auto" = spread over all GPUs, or e.g. cuda:1
     trust_remote_code: bool = False
+    batch_size: int | None = None  # hf: requests per forward pass; null = the eval's batch_size
+    # Image pixel bounds (processors with a pixel budget, e.g. Qwen2-VL; vLLM mm_processor_kwargs).
+    # The defaults are the training recipes' (moderator.images); null keeps the processor's own bound.
+    min_pixels: int | None = DEFAULT_MIN_PIXELS
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    # vLLM engine settings (backend vllm only)
+    max_model_len: int | None = None  # null: the model's own context length
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    limit_mm_per_prompt: dict[str, int] = field(default_factory=lambda: {"image": 1})
 
     @property
     def label(self) -> str:
@@ -113,7 +127,10 @@ class EvalConfig:
     turns: list[int] = field(default_factory=lambda: list(TURN_COUNTS))
     limit: int | None = None  # first N records of each <k>_turn.json
     max_new_tokens: int = 256
-    batch_size: int = 8
+    batch_size: int = 8  # defences and HF targets (a target's own batch_size wins)
+    # Requests per call to a target that schedules its own batches (vLLM): its replies are cached per
+    # call, so a larger chunk feeds the engine more at once and a smaller one loses less on a kill.
+    workload_chunk: int = 1024
     out_dir: str = "runs/eval"
     refusal_text: str = DEFAULT_REFUSAL
     wandb: bool = False
@@ -130,8 +147,7 @@ class EvalConfig:
         if not self.defences:
             fail("defences", "list at least one defence (use kind: none for the undefended baseline)")
         for i, target in enumerate(self.targets):
-            if target.backend not in TARGET_BACKENDS:
-                fail(f"targets.{i}.backend", f"{target.backend!r} is not one of {TARGET_BACKENDS}")
+            _validate_target(target, f"targets.{i}", fail)
         labels = [t.label for t in self.targets]
         if len(set(labels)) != len(labels):
             fail("targets", f"target names must be unique, got {labels}")
@@ -167,9 +183,12 @@ class EvalConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 fail(key, f"must be >= 1 or null, got {value}")
-        for key in ("max_new_tokens", "batch_size"):
+        for key in ("max_new_tokens", "batch_size", "workload_chunk"):
             if getattr(self, key) < 1:
                 fail(key, f"must be >= 1, got {getattr(self, key)}")
+        for target in self.targets:
+            if target.batch_size is None:  # resolved here: load_target sees only the target's config
+                target.batch_size = self.batch_size
         return self
 
     @property
@@ -182,6 +201,39 @@ class EvalConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain data for a config dump or W&B (holds no secret: only the API key's variable name)."""
         return dataclasses.asdict(self)
+
+
+VLLM_ONLY_DEFAULTS = {"max_model_len": None, "tensor_parallel_size": 1, "gpu_memory_utilization": 0.9}
+
+
+def _validate_target(target: TargetConfig, where: str, fail: Callable[[str, str], None]) -> None:
+    if target.backend not in TARGET_BACKENDS:
+        fail(f"{where}.backend", f"{target.backend!r} is not one of {TARGET_BACKENDS}")
+    if target.dtype is not None and target.dtype not in TARGET_DTYPES:
+        fail(f"{where}.dtype", f"{target.dtype!r} is not null or one of {TARGET_DTYPES}")
+    for key in ("batch_size", "min_pixels", "max_pixels", "max_model_len"):
+        value = getattr(target, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            fail(f"{where}.{key}", f"must be a positive integer or null, got {value!r}")
+    if target.min_pixels and target.max_pixels and target.min_pixels > target.max_pixels:
+        fail(f"{where}.min_pixels", f"{target.min_pixels} exceeds max_pixels {target.max_pixels}")
+    if isinstance(target.tensor_parallel_size, bool) or not isinstance(target.tensor_parallel_size, int):
+        fail(f"{where}.tensor_parallel_size", f"must be an integer, got {target.tensor_parallel_size!r}")
+    if target.tensor_parallel_size < 1:
+        fail(f"{where}.tensor_parallel_size", f"must be >= 1, got {target.tensor_parallel_size}")
+    if not isinstance(target.gpu_memory_utilization, int | float) or not 0.0 < target.gpu_memory_utilization <= 1.0:
+        fail(f"{where}.gpu_memory_utilization", f"must be in (0, 1], got {target.gpu_memory_utilization!r}")
+    limits = target.limit_mm_per_prompt
+    if not isinstance(limits, dict) or any(
+        not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or v < 0 for k, v in limits.items()
+    ):
+        fail(f"{where}.limit_mm_per_prompt", f"must map a modality to a count >= 0, got {limits!r}")
+    if target.backend != "vllm":
+        for key, default in VLLM_ONLY_DEFAULTS.items():
+            if getattr(target, key) != default:
+                fail(f"{where}.{key}", "is a vLLM engine setting; set backend: vllm or remove it")
+    elif target.device is not None:
+        fail(f"{where}.device", "backend vllm places the model itself (use tensor_parallel_size)")
 
 
 def _build(cls: type, data: Any, where: str, source: str) -> Any:

@@ -1,21 +1,36 @@
-"""Chat models under attack (and the local judge): batched greedy replies to a dialogue's last user turn.
+"""Chat models under attack (and the local judge): greedy replies to a dialogue's last user turn.
 
-Backends: Hugging Face transformers (any VLM with a chat template, loaded with ``AutoProcessor`` +
-``AutoModelForImageTextToText``; a text-only model falls back to ``AutoTokenizer`` +
-``AutoModelForCausalLM``), batched with LEFT padding so every row's last position is real; and vLLM,
-optional and GPU-only, behind an import guard. The image, if any, goes with the first user turn.
+Backends, both loaded with the project's shared rules (``moderator.loading``: device, dtype,
+safetensors only, left padding; ``moderator.images``: pixel bounds):
+
+- Hugging Face transformers (any VLM with a chat template, ``AutoProcessor`` +
+  ``AutoModelForImageTextToText``; a text-only model falls back to ``AutoTokenizer`` +
+  ``AutoModelForCausalLM``), in left-padded batches of ``batch_size``;
+- vLLM, optional and GPU-only, behind an import guard: every request of a ``generate`` call goes to
+  the engine at once (it schedules its own batches), and ``close()`` shuts the engine down so the next
+  model fits.
+
+The image, if any, goes with the first user turn. Every target is a context manager: ``with
+load_target(cfg) as target: target.generate(requests, max_new_tokens)`` frees it on exit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from moderator.images import DEFAULT_IMAGE_BOUNDS, ImageBounds, supports_pixel_bounds
+
+logger = logging.getLogger(__name__)
+
 # Used when a policy is injected into a target whose config sets no system prompt of its own.
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+DEFAULT_BATCH_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -26,11 +41,37 @@ class ChatRequest:
 
 
 class ChatModel(Protocol):
+    """What the eval loop and the local judge use.
+
+    ``generate`` answers every request it is given, in order, however many (a backend batches
+    internally). ``batches_internally`` says whether the caller should hand over large workloads
+    (vLLM: its scheduler needs them) or ``batch_size`` at a time (HF: each batch's replies can be cached
+    as it returns). ``close`` frees the model; it is idempotent.
+    """
+
     name: str
+    batches_internally: bool
 
     def generate(self, requests: Sequence[ChatRequest], max_new_tokens: int) -> list[str]: ...
 
     def close(self) -> None: ...
+
+
+class _ClosesOnExit:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()  # type: ignore[attr-defined]
+
+
+def is_multimodal(path: str | Path, trust_remote_code: bool = False, revision: str | None = None) -> bool:
+    """Whether the checkpoint is an image-text-to-text model (else a text-only causal LM)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, revision=revision)
+    return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
 def content_parts_messages(request: ChatRequest) -> list[dict[str, Any]]:
@@ -66,57 +107,79 @@ def _system_into_first_user(messages: list[dict[str, Any]]) -> list[dict[str, An
     return rest
 
 
-class HFChatModel:
-    def __init__(self, model: Any, processor: Any, name: str, multimodal: bool):
+def render_chat_prompt(processor: Any, request: ChatRequest, multimodal: bool, name: str) -> str:
+    """The prompt text for one request with the model's own chat template, ending with the generation prompt."""
+    if request.image is not None and not multimodal:
+        raise ValueError(f"{name}: a text-only model cannot take the dialogue's image")
+    messages = content_parts_messages(request) if multimodal else string_messages(request)
+    try:
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # jinja2 raises TemplateError from the template's own checks
+        if request.system is None or "system" not in str(exc).lower():
+            raise
+        return processor.apply_chat_template(
+            _system_into_first_user(messages), add_generation_prompt=True, tokenize=False
+        )
+
+
+class HFChatModel(_ClosesOnExit):
+    batches_internally = False  # the loop hands over batch_size requests at a time and caches each batch
+
+    def __init__(self, model: Any, processor: Any, name: str, multimodal: bool, batch_size: int = DEFAULT_BATCH_SIZE):
+        from moderator.loading import require_left_padding
+
+        if batch_size < 1:
+            raise ValueError(f"{name}: batch_size must be >= 1, got {batch_size}")
         self.model, self.processor, self.name, self.multimodal = model, processor, name, multimodal
+        self.batch_size = batch_size
         self.tokenizer = processor.tokenizer if multimodal else processor
-        self.tokenizer.padding_side = "left"  # batched generation needs left padding
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        require_left_padding(self.tokenizer, name)  # batched generation appends after the last position
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, dtype: str = "auto", trust_remote_code: bool = False, name: str | None = None
+        cls,
+        path: str | Path,
+        *,
+        dtype: str | None = None,
+        device: str | None = None,
+        trust_remote_code: bool = False,
+        name: str | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        image_bounds: ImageBounds | None = DEFAULT_IMAGE_BOUNDS,
+        revision: str | None = None,
     ) -> HFChatModel:
-        import torch
-        from transformers import (
-            AutoConfig,
-            AutoModelForCausalLM,
-            AutoModelForImageTextToText,
-            AutoProcessor,
-            AutoTokenizer,
-        )
-        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        """Load through ``moderator.loading.load_vlm`` (device, dtype and padding rules there)."""
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        multimodal = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-        model_class = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
-        model = model_class.from_pretrained(
+        from moderator.loading import load_vlm
+
+        multimodal = is_multimodal(path, trust_remote_code, revision)
+        model, processor = load_vlm(
             path,
+            device=device,
             dtype=dtype,
+            model_cls=AutoModelForImageTextToText if multimodal else AutoModelForCausalLM,
+            processor_cls=AutoProcessor if multimodal else AutoTokenizer,
             trust_remote_code=trust_remote_code,
-            use_safetensors=True,
-            device_map="auto" if torch.cuda.is_available() else None,
+            revision=revision,
+            image_bounds=image_bounds,
         )
-        loader = AutoProcessor if multimodal else AutoTokenizer
-        processor = loader.from_pretrained(path, trust_remote_code=trust_remote_code)
-        return cls(model.eval(), processor, name or str(path), multimodal)
+        return cls(model, processor, name or str(path), multimodal, batch_size)
 
     def render(self, request: ChatRequest) -> str:
         """The prompt text for one request, ending with the assistant generation prompt."""
-        if request.image is not None and not self.multimodal:
-            raise ValueError(f"{self.name}: a text-only model cannot take the dialogue's image")
-        messages = content_parts_messages(request) if self.multimodal else string_messages(request)
-        try:
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # jinja2 raises TemplateError from the template's own checks
-            if request.system is None or "system" not in str(exc).lower():
-                raise
-            return self.processor.apply_chat_template(
-                _system_into_first_user(messages), add_generation_prompt=True, tokenize=False
-            )
+        return render_chat_prompt(self.processor, request, self.multimodal, self.name)
 
     def generate(self, requests: Sequence[ChatRequest], max_new_tokens: int) -> list[str]:
+        """Replies to every request, ``batch_size`` at a time."""
+        if self.model is None:
+            raise RuntimeError(f"{self.name}: closed")
+        replies: list[str] = []
+        for start in range(0, len(requests), self.batch_size):
+            replies += self._generate_batch(requests[start : start + self.batch_size], max_new_tokens)
+        return replies
+
+    def _generate_batch(self, requests: Sequence[ChatRequest], max_new_tokens: int) -> list[str]:
         import torch
 
         if not requests:
@@ -145,43 +208,124 @@ class HFChatModel:
         release_memory(self)
 
 
-class VLLMChatModel:
-    """vLLM offline inference (GPU only; ``pip install -e .[gpu]``). Not exercised by the CPU tests.
+class VLLMChatModel(_ClosesOnExit):
+    """vLLM offline inference (GPU only; ``pip install -e .[gpu]``); unit-tested with a stub engine.
 
-    The prompt is rendered with the model's own processor chat template (as for the HF backend) and
-    passed with the image as ``multi_modal_data``, vLLM's stable input format.
+    The prompt is rendered with the model's own chat template (as for the HF backend) and passed with
+    the image as ``multi_modal_data``, vLLM's stable input format. Engine settings come from the
+    target config: ``max_model_len``, ``tensor_parallel_size``, ``gpu_memory_utilization``,
+    ``limit_mm_per_prompt`` and the pixel bounds (``mm_processor_kwargs``, for processors with a
+    pixel budget).
     """
 
-    def __init__(self, path: str, dtype: str = "auto", trust_remote_code: bool = False, name: str | None = None):
+    batches_internally = True  # hand it large workloads: its scheduler fills the GPU from them
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+        name: str | None = None,
+        max_model_len: int | None = None,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        limit_mm_per_prompt: Mapping[str, int] | None = None,
+        image_bounds: ImageBounds | None = DEFAULT_IMAGE_BOUNDS,
+        seed: int = 0,
+    ):
         try:
             from vllm import LLM, SamplingParams
         except ImportError as exc:
             raise ImportError(
                 "target backend 'vllm' needs the vllm package (GPU machines: pip install -e .[gpu])"
             ) from exc
-        from transformers import AutoProcessor
+        from transformers import AutoProcessor, AutoTokenizer
+
+        from moderator.images import bound_image_pixels
 
         self.name = name or path
         self._sampling = SamplingParams
-        self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-        self.llm = LLM(model=path, dtype=dtype, trust_remote_code=trust_remote_code, limit_mm_per_prompt={"image": 1})
+        self.multimodal = is_multimodal(path, trust_remote_code)
+        loader = AutoProcessor if self.multimodal else AutoTokenizer
+        self.processor = loader.from_pretrained(path, trust_remote_code=trust_remote_code)
+        engine_args: dict[str, Any] = {
+            "model": path,
+            # The shared rule (moderator.loading): bf16 on the GPU unless asked; "auto" = the checkpoint's.
+            "dtype": dtype or "bfloat16",
+            "trust_remote_code": trust_remote_code,
+            "tensor_parallel_size": tensor_parallel_size,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "seed": seed,
+        }
+        if max_model_len is not None:
+            engine_args["max_model_len"] = max_model_len
+        if self.multimodal:
+            engine_args["limit_mm_per_prompt"] = dict(limit_mm_per_prompt or {"image": 1})
+            if image_bounds is not None and image_bounds.is_set and supports_pixel_bounds(self.processor):
+                engine_args["mm_processor_kwargs"] = image_bounds.processor_kwargs()
+                bound_image_pixels(self.processor, image_bounds.min_pixels, image_bounds.max_pixels)
+        self.engine_args = engine_args
+        self.llm: Any = LLM(**engine_args)
+
+    def render(self, request: ChatRequest) -> str:
+        return render_chat_prompt(self.processor, request, self.multimodal, self.name)
 
     def generate(self, requests: Sequence[ChatRequest], max_new_tokens: int) -> list[str]:
+        """Replies to every request from ONE engine call: vLLM schedules the batches itself."""
+        if self.llm is None:
+            raise RuntimeError(f"{self.name}: closed")
+        if not requests:
+            return []
         prompts = []
         for request in requests:
-            text = self.processor.apply_chat_template(
-                content_parts_messages(request), add_generation_prompt=True, tokenize=False
-            )
-            prompt: dict[str, Any] = {"prompt": text}
+            prompt: dict[str, Any] = {"prompt": self.render(request)}
             if request.image is not None:
                 prompt["multi_modal_data"] = {"image": request.image}
             prompts.append(prompt)
         params = self._sampling(temperature=0.0, max_tokens=max_new_tokens)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        if len(outputs) != len(prompts):
+            raise RuntimeError(f"{self.name}: vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
         return [output.outputs[0].text.strip() for output in outputs]
 
     def close(self) -> None:
+        """Shut the engine down and free its GPU memory, so the next model (target, guard, judge) fits."""
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            shutdown_vllm_engine(llm)
+            del llm
+        release_vllm_state()
         release_memory(self)
+
+
+def shutdown_vllm_engine(llm: Any) -> None:
+    """Stop the engine's worker processes (vLLM V1 runs the engine core in its own process)."""
+    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    shutdown = getattr(engine_core, "shutdown", None)
+    if callable(shutdown):
+        try:
+            shutdown()
+        except Exception as exc:  # teardown is best effort: the next steps still free memory
+            logger.warning("vLLM engine shutdown failed: %s", exc)
+
+
+def release_vllm_state() -> None:
+    """vLLM's documented teardown: destroy its model-parallel groups and distributed environment."""
+    try:
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+    except ImportError:
+        return
+    for step in (destroy_model_parallel, destroy_distributed_environment):
+        try:
+            step()
+        except Exception as exc:  # e.g. nothing initialised: teardown is best effort
+            logger.warning("vLLM teardown step %s failed: %s", step.__name__, exc)
+    with contextlib.suppress(ImportError, AssertionError, RuntimeError, ValueError):
+        import torch.distributed
+
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def release_memory(holder: Any) -> None:
@@ -200,9 +344,26 @@ def release_memory(holder: Any) -> None:
 
 
 def load_target(config: Any) -> ChatModel:
-    """Build the chat model named by a :class:`eval.config.TargetConfig`."""
+    """Build the chat model named by a :class:`eval.config.TargetConfig` (a context manager; ``close()`` frees it)."""
+    bounds = ImageBounds(config.min_pixels, config.max_pixels)
     if config.backend == "vllm":
-        return VLLMChatModel(config.model, config.dtype, config.trust_remote_code, name=config.label)
+        return VLLMChatModel(
+            config.model,
+            dtype=config.dtype,
+            trust_remote_code=config.trust_remote_code,
+            name=config.label,
+            max_model_len=config.max_model_len,
+            tensor_parallel_size=config.tensor_parallel_size,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            limit_mm_per_prompt=config.limit_mm_per_prompt,
+            image_bounds=bounds,
+        )
     return HFChatModel.from_pretrained(
-        config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code, name=config.label
+        config.model,
+        dtype=config.dtype,
+        device=config.device,
+        trust_remote_code=config.trust_remote_code,
+        name=config.label,
+        batch_size=config.batch_size or DEFAULT_BATCH_SIZE,
+        image_bounds=bounds,
     )

@@ -116,28 +116,24 @@ def score_samples(
     return {"ids": samples["ids"], "p_unsafe": p_unsafe, "raw": raw}
 
 
-def _torch_dtype(name: str) -> Any:
-    import torch
-
-    if name == "auto":
-        return "auto"
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ExportError(f"--dtype: unknown dtype {name!r} (auto, float32, bfloat16, float16)")
-    return dtype
-
-
 def default_device() -> str:
-    import torch
+    """The device the checks run on when none is given: the shared rule of ``moderator.loading``."""
+    from moderator.loading import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device(None)
 
 
 def load_for_scoring(path: str | Path, dtype: str, device: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    from moderator.inference import load_model_and_processor
+    """The checkpoint or export through the shared loader (``dtype`` "auto": the checkpoint's own).
 
-    model, processor = load_model_and_processor(path, trust_remote_code=trust_remote_code, dtype=_torch_dtype(dtype))
-    return model.to(device), processor
+    No manifest check here: the fresh process scores the export before its manifest is written.
+    """
+    from moderator.loading import ModelLoadError, load_vlm
+
+    try:
+        return load_vlm(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    except ModelLoadError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def score_in_fresh_process(

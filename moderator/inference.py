@@ -8,6 +8,7 @@ category and intent come from greedy generation parsed by the shared, fail-close
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,13 @@ from moderator.contract import (
     render_moderator_messages,
     verdict_choice_token_ids,
 )
+from moderator.images import ImageBounds
+from moderator.loading import ModelNotFoundError, load_vlm, looks_like_a_path, require_left_padding
+from moderator.manifest import MANIFEST_FILE, looks_like_export, start_verification
 from moderator.schema import SAFEMT_IMAGE_TURNS
 from moderator.taxonomy import UNKNOWN_CATEGORY, Taxonomy, load_taxonomy
+
+RUN_RECORD_FILE = "moderator_run.json"  # written by training (train/provenance.py)
 
 
 @dataclass(frozen=True)
@@ -42,29 +48,14 @@ class Verdict:
         return self.verdict == "unsafe"
 
 
-def load_model_and_processor(path: str | Path, trust_remote_code: bool = False, dtype: Any = "auto"):
-    """Load a merged checkpoint or a PEFT adapter directory (its base is read from the adapter config)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    path = Path(path)
-    if (path / "adapter_config.json").exists():
-        from peft import PeftConfig, PeftModel
-
-        # AutoPeftModelForCausalLM does not map VLMs: load the base as image-text-to-text, then the adapter.
-        base = PeftConfig.from_pretrained(path).base_model_name_or_path
-        base_model = AutoModelForImageTextToText.from_pretrained(
-            base, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
-        model = PeftModel.from_pretrained(base_model, path)
-        processor_source = path if (path / "processor_config.json").exists() else base
-    else:
-        model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
-        processor_source = path
-    processor = AutoProcessor.from_pretrained(processor_source, trust_remote_code=trust_remote_code)
-    processor.tokenizer.padding_side = "left"  # batched generation needs left padding
-    return model.eval(), processor
+def load_model_and_processor(
+    path: str | Path,
+    trust_remote_code: bool = False,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+) -> tuple[Any, Any]:
+    """A merged checkpoint or a PEFT adapter directory with its processor, through the shared loader."""
+    return load_vlm(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 class ModeratorConfigError(ValueError):
@@ -81,11 +72,11 @@ def serving_contract(path: str | Path, taxonomy: Taxonomy | None = None) -> tupl
     the moderator never sees them, so they can be edited without retraining.
     """
     path = Path(path)
-    config_file, run_file = path / MODERATOR_CONFIG_FILE, path / "moderator_run.json"
+    config_file, run_file = path / MODERATOR_CONFIG_FILE, path / RUN_RECORD_FILE
     source = config_file if config_file.is_file() else run_file if run_file.is_file() else None
     if source is None:
         return taxonomy or load_taxonomy(), None
-    recorded = json.loads(source.read_text())
+    recorded = _read_record(source)
     threshold = None
     if source == config_file:
         shipped = load_taxonomy(path / recorded.get("taxonomy_file", TAXONOMY_FILE))
@@ -106,42 +97,142 @@ def serving_contract(path: str | Path, taxonomy: Taxonomy | None = None) -> tupl
     return taxonomy, threshold
 
 
+def check_threshold(value: Any, where: str) -> float:
+    """A decision threshold strictly inside (0, 1): 0 flags everything and 1 nothing (the moderator is off)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ModeratorConfigError(f"{where}: decision threshold must be a number in (0, 1), got {value!r}")
+    if not 0.0 < value < 1.0:
+        raise ModeratorConfigError(f"{where}: decision threshold must be in (0, 1), got {value}")
+    return float(value)
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModeratorConfigError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise ModeratorConfigError(f"{path}: expected a JSON object")
+    return record
+
+
 def resolve_threshold(path: str | Path, threshold: float | None = None) -> float:
     """Explicit threshold, else the one the checkpoint ships (moderator_config.json, manifest.json), else 0.5."""
     if threshold is not None:
-        return float(threshold)
+        return check_threshold(threshold, "threshold argument")
     path = Path(path)
-    for name in (MODERATOR_CONFIG_FILE, "manifest.json"):
+    for name in (MODERATOR_CONFIG_FILE, MANIFEST_FILE):
         file = path / name
         if file.is_file():
-            value = json.loads(file.read_text()).get("decision_threshold")
+            value = _read_record(file).get("decision_threshold")
             if value is not None:
-                return float(value)
+                return check_threshold(value, f"{file}: field 'decision_threshold'")
     return 0.5
+
+
+def trained_image_bounds(path: str | Path) -> ImageBounds | None:
+    """The pixel bounds the checkpoint was trained with, as training recorded them (None: not recorded).
+
+    A training output (or its ``checkpoint-N``) has ``moderator_run.json``; an export's manifest holds
+    the same training config. Serving with other bounds would show the model other image-token counts
+    than it learnt on.
+    """
+    path = Path(path)
+    candidates = [(path / RUN_RECORD_FILE, "config"), (path / MANIFEST_FILE, "training_config")]
+    if path.name.startswith("checkpoint-"):
+        candidates.append((path.parent / RUN_RECORD_FILE, "config"))
+    for file, key in candidates:
+        if not file.is_file():
+            continue
+        script_args = ((_read_record(file).get(key) or {}).get("ModeratorScriptArguments")) or {}
+        if not isinstance(script_args, dict):
+            continue
+        try:
+            bounds = ImageBounds(script_args.get("min_pixels"), script_args.get("max_pixels"))
+        except ValueError as exc:
+            raise ModeratorConfigError(f"{file}: {key}.ModeratorScriptArguments: {exc}") from None
+        if bounds.is_set:
+            return bounds
+    return None
+
+
+def local_checkpoint(path: str | Path, revision: str | None = None) -> Path:
+    """A local directory for ``path``: itself, or the Hub snapshot of a repo id (so an export pulled from
+    the Hub is verified and served with its own config, threshold and taxonomy, like a local one)."""
+    name = str(path)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists() or looks_like_a_path(name):
+        raise ModelNotFoundError(f"{name}: moderator directory not found")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=name, revision=revision))
+    except Exception as exc:  # hub errors come in many types; their first line says which
+        reason = next(iter(str(exc).splitlines()), type(exc).__name__)
+        raise ModelNotFoundError(
+            f"{name}: not a local directory, and not a Hub model available here ({reason})"
+        ) from None
 
 
 class Moderator:
     def __init__(self, model: Any, processor: Any, taxonomy: Taxonomy | None = None, threshold: float = 0.5):
+        # Batched scoring reads the last position and generation appends there. The loader sets left
+        # padding; a processor from elsewhere (e.g. the trainer's, shared with its collator) is checked,
+        # not silently changed.
+        require_left_padding(processor, "Moderator")
         self.model = model
         self.processor = processor
-        # Batched scoring reads the last position and generation appends there: padding must be left.
-        processor.tokenizer.padding_side = "left"
         self.taxonomy = taxonomy or load_taxonomy()
-        self.threshold = threshold
+        self.threshold = check_threshold(threshold, "Moderator threshold")
         self._prefix, self._safe_id, self._unsafe_id = verdict_choice_token_ids(processor.tokenizer)
 
     @classmethod
     def from_pretrained(
         cls,
         path: str | Path,
+        *,
         threshold: float | None = None,
-        trust_remote_code: bool = False,
         taxonomy: Taxonomy | None = None,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        verify: bool = True,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+        attn_implementation: str | None = None,
+        image_bounds: ImageBounds | None = None,
     ) -> Moderator:
-        """Load a checkpoint with the taxonomy and threshold it ships (an explicit one must match it)."""
-        taxonomy, _ = serving_contract(path, taxonomy)
-        model, processor = load_model_and_processor(path, trust_remote_code=trust_remote_code)
-        return cls(model, processor, taxonomy=taxonomy, threshold=resolve_threshold(path, threshold))
+        """Load a checkpoint with the taxonomy, threshold and image bounds it ships.
+
+        ``device``/``dtype``: see ``moderator.loading`` (default: CUDA in bfloat16 when present, else CPU
+        in float32; ``device="auto"`` spreads the model over all GPUs). An export (a directory with
+        ``manifest.json`` or ``moderator_config.json``) is verified against its manifest: its small
+        files before they are read, its weights while they load and before the moderator is returned
+        (``moderator.manifest``); a mismatch raises ``ManifestError`` naming the file. ``verify=False``
+        skips that, for development only. ``image_bounds`` overrides the bounds recorded at training.
+        """
+        local = local_checkpoint(path, revision)
+        # Small files are verified before they are read; the weights' hashes run alongside their load.
+        pending = start_verification(local) if verify and looks_like_export(local) else None
+        try:
+            taxonomy, _ = serving_contract(local, taxonomy)
+            served_threshold = resolve_threshold(local, threshold)
+            model, processor = load_vlm(
+                local,
+                device=device,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                attn_implementation=attn_implementation,
+                image_bounds=image_bounds or trained_image_bounds(local),
+            )
+        except Exception:
+            if pending is not None:
+                pending.result()  # a tampered weight file explains a failed load: say that instead
+            raise
+        if pending is not None:
+            pending.result()  # raises ManifestError: the loaded model is dropped, never served
+        return cls(model, processor, taxonomy=taxonomy, threshold=served_threshold)
 
     def prompt_texts(
         self, dialogues: Sequence[Sequence[Mapping[str, Any]]], image_turns: Sequence[Sequence[int]]

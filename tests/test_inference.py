@@ -58,13 +58,17 @@ def test_threshold_decides_when_the_answer_parses(moderator, monkeypatch):
     moderator.threshold = 0.5
 
 
-def test_padding_is_left_whatever_the_processor_came_with(tiny_model_dir):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def test_the_loader_pads_left_and_a_right_padded_processor_is_refused_not_changed(moderator, tiny_model_dir):
+    from transformers import AutoProcessor
 
+    from moderator.loading import ModelLoadError
+
+    assert moderator.processor.tokenizer.padding_side == "left"  # set once, by moderator.loading
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    processor.tokenizer.padding_side = "right"
-    Moderator(AutoModelForImageTextToText.from_pretrained(tiny_model_dir), processor)
-    assert processor.tokenizer.padding_side == "left"
+    processor.tokenizer.padding_side = "right"  # e.g. the trainer's processor, shared with its collator
+    with pytest.raises(ModelLoadError, match="pads on the right"):
+        Moderator(moderator.model, processor)
+    assert processor.tokenizer.padding_side == "right"  # someone else's processor is not silently changed
 
 
 def test_checkpoint_is_served_with_its_categories_and_prompt_format(tiny_model_dir, tmp_path):
@@ -85,7 +89,7 @@ def test_checkpoint_is_served_with_its_categories_and_prompt_format(tiny_model_d
     config = {"prompt_format_version": PROMPT_FORMAT_VERSION, "taxonomy_file": TAXONOMY_FILE,
               "taxonomy_sha256": shipped.sha256, "decision_threshold": 0.3}  # fmt: skip
     (export / MODERATOR_CONFIG_FILE).write_text(json.dumps(config))
-    moderator = Moderator.from_pretrained(export)
+    moderator = Moderator.from_pretrained(export, verify=False)  # hand-made: no manifest to verify
     assert moderator.taxonomy.sha256 == shipped.sha256 != load_taxonomy().sha256 and moderator.threshold == 0.3
     assert serving_contract(export, load_taxonomy())[0].sha256 == load_taxonomy().sha256  # same ids: fine
 

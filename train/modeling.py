@@ -6,12 +6,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from peft import LoraConfig
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import ModelConfig
 
 from moderator.images import bound_image_pixels
+from moderator.loading import parse_dtype
 from train.config import ModeratorScriptArguments
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def build_model(
     gradient_checkpointing: bool = False,
     trust_remote_code: bool = False,
 ) -> Any:
-    dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
+    dtype = parse_dtype(model_args.dtype)  # the serving loader's parsing: a typo fails here, by name
     model = AutoModelForImageTextToText.from_pretrained(
         resolve_model_path(model_args.model_name_or_path),
         revision=model_args.model_revision,

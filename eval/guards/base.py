@@ -19,6 +19,9 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
+from moderator.images import DEFAULT_IMAGE_BOUNDS, ImageBounds
+from moderator.loading import load_vlm, require_left_padding
+
 # kind -> "module:Class"; modules are imported on demand so one guard's imports cannot break another.
 GUARD_KINDS: dict[str, str] = {
     "llama_guard_3_vision": "eval.guards.llama_guard_3_vision:LlamaGuard3Vision",
@@ -141,22 +144,26 @@ class Guard(ABC):
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
         trust_remote_code: bool = False,
+        revision: str | None = None,
+        min_pixels: int | None = DEFAULT_IMAGE_BOUNDS.min_pixels,
+        max_pixels: int | None = DEFAULT_IMAGE_BOUNDS.max_pixels,
         **options: Any,
     ) -> Guard:
-        """Load weights (safetensors only) and processor; float32 on CPU, bfloat16 on GPU unless ``dtype``."""
+        """Load weights (safetensors only) and processor through ``moderator.loading.load_vlm``: CUDA in
+        bfloat16 when present, else CPU in float32, unless ``device``/``dtype`` say otherwise. The pixel
+        bounds apply to processors with a pixel budget (Qwen2-VL style); the others keep their fixed size."""
         cls.check_supported()
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype is None or dtype == "auto":
-            dtype = torch.float32 if device == "cpu" else torch.bfloat16
-        elif isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        model_cls = _import(cls.model_loader)
-        processor_cls = _import(cls.processor_loader)
-        model = model_cls.from_pretrained(
-            str(path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        model, processor = load_vlm(
+            path,
+            device=device,
+            dtype=dtype,
+            model_cls=_import(cls.model_loader),
+            processor_cls=_import(cls.processor_loader),
+            trust_remote_code=trust_remote_code,
+            revision=revision,
+            image_bounds=ImageBounds(min_pixels, max_pixels),
         )
-        processor = processor_cls.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        return cls(model.to(device).eval(), processor, **options)
+        return cls(model, processor, **options)
 
 
 def _import(spec: str) -> Any:
@@ -198,11 +205,6 @@ class GenerativeGuard(Guard):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.threshold = threshold
-        if processor is not None:
-            tokenizer = _tokenizer_of(processor)
-            tokenizer.padding_side = "left"  # batched generation needs left padding
-            if tokenizer.pad_token is None:  # e.g. Llama 3 tokenizers; padded positions are masked anyway
-                tokenizer.pad_token = tokenizer.eos_token
 
     def classify_batch(
         self, dialogues: Sequence[Sequence[Mapping[str, Any]]], images: Sequence[Sequence[Image.Image]]
@@ -217,6 +219,9 @@ class GenerativeGuard(Guard):
         if not prompts:
             return []
         self._require_model()
+        # Batched generation appends after the last position: left padding, set once by the loader. A
+        # guard built around another processor can still render prompts, but not generate from them.
+        require_left_padding(self.processor, self.name)
         results: list[GuardResult | None] = [None] * len(prompts)
         # Image and text-only prompts go in separate batches: processors cannot mix them in one call.
         for with_images in (True, False):
@@ -298,7 +303,8 @@ def load_guard(kind: str, model: str | Path, **kwargs: Any) -> Guard:
     """Load a baseline guard by adapter name (see ``GUARD_KINDS``) from a local dir or hub name.
 
     Keyword arguments go to the adapter: ``device``, ``dtype``, ``trust_remote_code`` (off by
-    default), ``threshold``, ``batch_size``, ``max_new_tokens`` (generative guards), ``policies``
+    default), ``revision``, ``min_pixels``/``max_pixels`` (pixel-budget processors only),
+    ``threshold``, ``batch_size``, ``max_new_tokens`` (generative guards), ``policies``
     (ShieldGemma 2), ``include_dialogue`` (LlavaGuard), ``image_note`` (text-only Llama Guard).
     """
     if kind not in GUARD_KINDS:
