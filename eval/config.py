@@ -162,6 +162,9 @@ class EvalConfig:
                 fail(f"defences.{i}.mode", f"{defence.mode!r} is not one of {MODERATOR_MODES}")
             if defence.threshold is not None and not 0.0 <= defence.threshold <= 1.0:
                 fail(f"defences.{i}.threshold", f"must be in [0, 1], got {defence.threshold}")
+            if defence.kind == "moderator" and defence.threshold is not None and defence.threshold in (0.0, 1.0):
+                # The moderator refuses these at load (0 flags everything, 1 nothing): say so before any work.
+                fail(f"defences.{i}.threshold", f"a moderator threshold must be in (0, 1), got {defence.threshold}")
         names = [d.label for d in self.defences]
         if len(set(names)) != len(names):
             fail("defences", f"defence names must be unique, got {names} (set name: on repeats)")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import moderator.manifest as manifest_module
+from eval.config import ConfigError, DefenceConfig, EvalConfig, TargetConfig
 from moderator.contract import PROMPT_FORMAT_VERSION
 from moderator.inference import Moderator, ModeratorConfigError
 from moderator.loading import ModelLoadError
@@ -99,6 +100,10 @@ def test_thresholds_outside_zero_one_are_refused(export_copy):
     # 0 flags everything, 1 nothing: either switches the moderator off.
     with pytest.raises(ModeratorConfigError, match=r"threshold argument: decision threshold must be in \(0, 1\)"):
         Moderator.from_pretrained(export_copy, threshold=1.0)
+    with pytest.raises(ConfigError, match=r"defences.0.threshold: a moderator threshold must be in \(0, 1\)"):
+        EvalConfig(
+            "s", [TargetConfig("t")], [DefenceConfig("moderator", model=str(export_copy), threshold=1.0)]
+        ).validate()
     config = export_copy / "moderator_config.json"
     for bad in (0.0, 1.0, 1.5, "0.3"):
         config.write_text(json.dumps({**json.loads(config.read_text()), "decision_threshold": bad}))
