@@ -124,6 +124,9 @@ class EvalConfig:
     # detection_split is set, so the moderator is never attacked with dialogues it trained on.
     restrict_to_split: bool | None = None
     target_fpr: float = 0.05  # FPR on benign validation rows that the recorded threshold allows
+    # Share of judge calls (attack safety labels and benign refusal checks) that may give no verdict
+    # (error, content_filter, unparsed) before eval.run fails with exit code 3; the report is still written.
+    max_judge_failure_share: float = 0.05
     turns: list[int] = field(default_factory=lambda: list(TURN_COUNTS))
     limit: int | None = None  # first N records of each <k>_turn.json
     max_new_tokens: int = 256
@@ -180,6 +183,8 @@ class EvalConfig:
             fail("turns", f"repeats a length: {self.turns}")
         if not 0.0 <= self.target_fpr <= 1.0:
             fail("target_fpr", f"must be in [0, 1], got {self.target_fpr}")
+        if not 0.0 <= self.max_judge_failure_share <= 1.0:
+            fail("max_judge_failure_share", f"must be in [0, 1], got {self.max_judge_failure_share}")
         if self.restrict_to_split and not self.detection_split:
             fail("restrict_to_split", "needs detection_split (the prepared dataset whose test ids to keep)")
         for key in ("limit", "benign_limit"):

@@ -619,3 +619,15 @@ def test_eval_cli_exits_3_with_a_one_line_summary_on_a_dead_judge_and_prints_why
     assert eval.run.main(["--config", str(config_path), "--turns", "[1, 2, 6]"]) == 0
     out = capsys.readouterr().out
     assert "compliant / none: SI=n/a (no labelled (safe/unsafe) reply at k=6 (k=6: no reply)" in out
+
+
+def test_the_judge_failure_share_is_a_validated_config_field_yaml_can_set(tmp_path):
+    from eval.config import ConfigError, DefenceConfig, EvalConfig, TargetConfig
+
+    base = dict(safemt_dir="s", targets=[TargetConfig(model="t")], defences=[DefenceConfig(kind="none")])
+    assert EvalConfig(**base).validate().max_judge_failure_share == 0.05
+    with pytest.raises(ConfigError, match=r"max_judge_failure_share: must be in \[0, 1\], got 1.5"):
+        EvalConfig(**base, max_judge_failure_share=1.5).validate()
+    config = tmp_path / "eval.yaml"
+    config.write_text("safemt_dir: s\nmax_judge_failure_share: 0.2\ntargets: [{model: t}]\ndefences: [{kind: none}]\n")
+    assert load_config(config).max_judge_failure_share == 0.2
