@@ -36,3 +36,9 @@ def test_real_code_never_imports_the_tiny_model_factories(path):
 def test_export_is_its_own_stage():
     assert (REPO_ROOT / "export" / "__main__.py").is_file()
     assert not list((REPO_ROOT / "train").glob("export*.py"))
+
+
+@pytest.mark.parametrize("path", python_files("moderator"), ids=lambda p: p.name)
+def test_the_shared_core_imports_no_stage(path):
+    # moderator/ is what serving imports: it must not pull in training, export or eval code.
+    assert not imported_packages(path) & {"train", "export", "eval", "data_prep"}, f"{path} imports a stage"
