@@ -6,10 +6,16 @@ cut off mid-write is dropped with a warning (and cut from the file so later appe
 a broken line anywhere else is an error naming the file and line, because that is not a crash
 artefact and silently skipping it would hide lost results. A key seen twice keeps its last value,
 which is how a recomputed record (see ``recompute`` in :func:`compute_missing`) replaces a stale one.
+
+A cache may also read other processes' files (``read_also``: the caches of an eval's shards), never
+writing to them; its own file is read last, so its records win. :func:`lock_out_dir` keeps two evals
+from writing one output folder at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -35,22 +41,28 @@ def settings_digest(settings: Mapping[str, Any]) -> str:
 
 
 class JsonlCache:
-    def __init__(self, path: str | Path, key_fields: Sequence[str]):
+    def __init__(self, path: str | Path, key_fields: Sequence[str], read_also: Sequence[str | Path] = ()):
         self.path = Path(path)
         self.key_fields = tuple(key_fields)
         self._records: dict[Key, dict[str, Any]] = {}
-        self._load()
+        for other in read_also:
+            if Path(other) != self.path:
+                self._load(Path(other), owned=False)
+        self._load(self.path, owned=True)
 
     def key_of(self, record: Mapping[str, Any]) -> Key:
+        return self._key_in(record, self.path)
+
+    def _key_in(self, record: Mapping[str, Any], path: Path) -> Key:
         missing = [f for f in self.key_fields if f not in record]
         if missing:
-            raise KeyError(f"{self.path}: record lacks key field(s) {missing}: {dict(record)!r:.200}")
+            raise KeyError(f"{path}: record lacks key field(s) {missing}: {dict(record)!r:.200}")
         return tuple(record[f] for f in self.key_fields)
 
-    def _load(self) -> None:
-        if not self.path.exists():
+    def _load(self, path: Path, owned: bool) -> None:
+        if not path.exists():
             return
-        data = self.path.read_bytes()
+        data = path.read_bytes()
         lines = data.split(b"\n")
         offset = 0
         for number, line in enumerate(lines, start=1):
@@ -60,18 +72,20 @@ class JsonlCache:
                     record = json.loads(line)
                     if not isinstance(record, dict):
                         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-                    key = self.key_of(record)
+                    key = self._key_in(record, path)
                 except (ValueError, KeyError) as exc:
                     if not is_last:
-                        raise CacheError(f"{self.path}:{number}: unreadable cache line ({exc})") from None
+                        raise CacheError(f"{path}:{number}: unreadable cache line ({exc})") from None
                     warnings.warn(
-                        f"{self.path}:{number}: dropped a truncated last line (an interrupted write); "
-                        "its item will be recomputed",
+                        f"{path}:{number}: dropped a truncated last line (an interrupted write"
+                        + ("" if owned else ", or one still being written by another process")
+                        + "); its item will be recomputed",
                         RuntimeWarning,
                         stacklevel=3,
                     )
-                    with self.path.open("r+b") as handle:
-                        handle.truncate(offset)
+                    if owned:  # another process's file is only read: it may be writing that line now
+                        with path.open("r+b") as handle:
+                            handle.truncate(offset)
                     return
                 self._records[key] = record
             offset += len(line) + 1
@@ -155,3 +169,92 @@ def compute_missing(
             done += len(batch)
             progress.update(len(batch))
     return done
+
+
+class OutDirLockedError(RuntimeError):
+    """Another process is writing the same eval output folder."""
+
+
+def _try_lock(path: Path, mode: int) -> Any | None:
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def _holder(path: Path) -> str:
+    try:
+        pid = path.read_text().strip()
+    except OSError:
+        pid = ""
+    return f"pid {pid}" if pid else "pid unknown"
+
+
+def _write_pid(handle: Any) -> None:
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+
+
+@contextlib.contextmanager
+def lock_out_dir(out_dir: str | Path, shard: str | None = None) -> Iterator[None]:
+    """Hold ``out_dir`` for one eval; raise :class:`OutDirLockedError` at once if another process holds it.
+
+    A whole run (``shard`` None) locks ``<out_dir>/.lock`` exclusively. A shard (``shard="I-of-N"``)
+    holds ``.lock`` shared, so the shards of one run go together while a whole run waits for none of
+    them, and ``.lock-shard-I-of-N`` exclusively, so one shard never runs twice. ``flock`` locks die
+    with their process (kill -9 included), so a crash leaves nothing to clean up; the holder's pid is
+    written into the file it holds for the error message. (On a network filesystem ``flock`` must be
+    supported, e.g. Lustre mounted with ``flock``.)
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    main = out_dir / ".lock"
+    handles = []
+    try:
+        if shard is None:
+            handle = _try_lock(main, fcntl.LOCK_EX)
+            if handle is None:
+                # Shards hold .lock shared and write their pids into their own lock files.
+                holders = [f"shard {p.name[len('.lock-shard-') :]} {_holder(p)}" for p in _held_shard_locks(out_dir)]
+                raise OutDirLockedError(
+                    f"{out_dir}: another eval is writing this folder ({', '.join(holders) or _holder(main)}); "
+                    "wait for it to finish or choose another out_dir"
+                )
+            handles.append(handle)
+            _write_pid(handle)
+        else:
+            handle = _try_lock(main, fcntl.LOCK_SH)
+            if handle is None:
+                raise OutDirLockedError(
+                    f"{out_dir}: a whole (unsharded) eval is writing this folder ({_holder(main)}); "
+                    f"shard {shard} waits for it to finish"
+                )
+            handles.append(handle)
+            shard_lock = out_dir / f".lock-shard-{shard}"
+            handle = _try_lock(shard_lock, fcntl.LOCK_EX)
+            if handle is None:
+                raise OutDirLockedError(f"{out_dir}: shard {shard} is already running ({_holder(shard_lock)})")
+            handles.append(handle)
+            _write_pid(handle)
+        yield
+    finally:
+        for handle in reversed(handles):
+            with contextlib.suppress(OSError):
+                handle.truncate(0)  # no stale pid for the next error message
+            handle.close()  # closing releases the flock
+
+
+def _held_shard_locks(out_dir: Path) -> list[Path]:
+    held = []
+    for path in sorted(out_dir.glob(".lock-shard-*")):
+        handle = _try_lock(path, fcntl.LOCK_SH)
+        if handle is None:
+            held.append(path)
+        else:
+            handle.close()
+    return held

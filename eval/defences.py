@@ -141,24 +141,31 @@ class ModeratorDefence(Defence):
         self.settings = {"kind": "moderator", "mode": mode, "max_new_tokens": max_new_tokens, **(settings or {})}
 
     def decide_batch(self, dialogues, images) -> list[DefenceDecision]:
-        verdicts = self.moderator.moderate_batch(
-            [list(d) for d in dialogues], [list(i) for i in images], max_new_tokens=self.max_new_tokens
-        )
-        return [self._decision(v) for v in verdicts]
+        return [self.decision(v) for v in self.verdicts(dialogues, images)]
 
     def decide_rendered(
         self, prompts: Sequence[Sequence[Mapping[str, Any]]], images: Sequence[Sequence[Any]]
     ) -> list[DefenceDecision]:
         """Decisions on prompts the contract already rendered (a prepared dataset's rows minus the target)."""
-        verdicts = self.moderator.moderate_rendered(
-            prompts, [list(i) for i in images], max_new_tokens=self.max_new_tokens
-        )
-        return [self._decision(v) for v in verdicts]
+        return [self.decision(v) for v in self.verdicts_rendered(prompts, images)]
 
-    def _decision(self, verdict: Any) -> DefenceDecision:
+    def verdicts(self, dialogues: Sequence[Sequence[Mapping[str, str]]], images: Sequence[Sequence[Any]]) -> list[Any]:
+        """The moderator's verdicts, one per dialogue; :meth:`decision` turns one into either mode's decision."""
+        return self.moderator.moderate_batch(
+            [list(d) for d in dialogues], [list(i) for i in images], max_new_tokens=self.max_new_tokens
+        )
+
+    def verdicts_rendered(
+        self, prompts: Sequence[Sequence[Mapping[str, Any]]], images: Sequence[Sequence[Any]]
+    ) -> list[Any]:
+        return self.moderator.moderate_rendered(prompts, [list(i) for i in images], max_new_tokens=self.max_new_tokens)
+
+    def decision(self, verdict: Any, mode: str | None = None) -> DefenceDecision:
+        """What ``mode`` (default: this defence's) does with a verdict: the modes differ only in the action."""
+        mode = mode or self.mode
         if not verdict.flagged:
             action, policy = PASS, None
-        elif self.mode == "block":
+        elif mode == "block":
             action, policy = BLOCK, None
         else:
             action = INJECT
@@ -248,6 +255,19 @@ def defence_settings(config: Any, threshold: float | None = None) -> dict[str, A
 def score_settings(config: Any) -> dict[str, Any]:
     """:func:`defence_settings` without the threshold: what P(unsafe) scores depend on (validation cache key)."""
     return {key: value for key, value in defence_settings(config).items() if key not in THRESHOLD_SETTINGS}
+
+
+def model_pass_settings(config: Any) -> dict[str, Any]:
+    """What one model pass over a dialogue depends on: defences with equal settings share one pass.
+
+    A moderator's ``policy`` and ``block`` modes differ only in what they do with its verdict, so the
+    mode is left out (and the explicit threshold kept: with it equal, both modes pick the same threshold
+    on validation). A guard or ``none`` shares its pass with nothing else (its label is kept).
+    """
+    if config.kind != "moderator":
+        return {"label": config.label, **defence_settings(config)}
+    settings = {key: value for key, value in score_settings(config).items() if key != "mode"}
+    return {**settings, "threshold": config.threshold}
 
 
 THRESHOLD_SOURCES = ("validation", "explicit", "manifest")

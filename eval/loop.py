@@ -33,25 +33,31 @@ it shows the n/a SIs and the outcome counts of the failed run).
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from eval.cache import JsonlCache, compute_missing, settings_digest
+from tqdm.auto import tqdm
+
+from eval.cache import JsonlCache, compute_missing, lock_out_dir, settings_digest
 from eval.config import DefenceConfig, EvalConfig, JudgeConfig, TargetConfig
 from eval.defences import (
     BLOCK,
     INJECT,
     Defence,
     DefenceDecision,
+    ModeratorDefence,
     ThresholdChoice,
     choose_threshold,
     defence_settings,
     load_defence,
+    model_pass_settings,
     policy_system_prompt,
     score_settings,
 )
@@ -273,6 +279,42 @@ def load_detection_split(path: str | Path, split: str = "test") -> tuple[Any, li
 
 
 @dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count`` (0-based): the SafeMT ids whose stable hash falls in it.
+
+    Every length of an id, its prepared test rows (``<id>@<k>of<n>``) and a benign id's rows go to the
+    same shard, so the shards of one run split its work without overlap and their caches merge.
+    """
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"I/N"`` with 0 <= I < N, e.g. ``--shard 3/8``."""
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise ValueError(f"--shard: expected I/N (e.g. 0/8), got {text!r}") from None
+        if not 0 <= index < count:
+            raise ValueError(f"--shard: expected 0 <= I < N, got {text!r}")
+        return cls(index, count)
+
+    @property
+    def name(self) -> str:
+        return f"{self.index}-of-{self.count}"
+
+    def holds(self, sample_id: str) -> bool:
+        # sha256, not hash(): the same split in every process and Python version.
+        return int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "big") % self.count == self.index
+
+
+def base_id(row_id: str) -> str:
+    """The SafeMT id of a prepared row id (data prep writes a prefix row as ``<id>@<k>of<n>``)."""
+    return row_id.split("@")[0]
+
+
+@dataclass(frozen=True)
 class _Generation:
     sample: EvalSample
     system: str | None
@@ -296,9 +338,11 @@ class EvalRun:
     target_loader: Callable[[TargetConfig], ChatModel] = load_target
     defence_loader: Callable[[DefenceConfig, Taxonomy], Defence] = load_defence
     judge_loader: Callable[[JudgeConfig, Taxonomy], Judge] = load_judge
+    shard: Shard | None = None  # None: the whole run (and the report); else this shard's items only
 
     def __post_init__(self) -> None:
         self.split: Any = None  # the prepared test split (a datasets.Dataset), when configured
+        self.all_split_rows: list[SplitRow] = []  # the whole test split (a shard's are in split_rows)
         self.split_rows: list[SplitRow] = []
         self.threshold_split: Any = None  # the prepared validation split: the moderator's threshold
         self.threshold_rows: list[SplitRow] = []
@@ -306,21 +350,32 @@ class EvalRun:
         self.thresholds: dict[str, ThresholdChoice] = {}
         self._defence_sigs: dict[tuple[str, float | None], str] = {}
         self._score_sigs: dict[str, str] = {}
+        self.computed: dict[str, int] = {}  # items computed (not found cached) per stage, for the summary
         self.out_dir = Path(self.config.out_dir)
-        cache_dir = self.out_dir / "cache"
-        self.decisions = JsonlCache(cache_dir / "decisions.jsonl", ("defence", "sig", "id", "k", "benign"))
-        self.generations = JsonlCache(
-            cache_dir / "generations.jsonl", ("target", "sig", "id", "k", "benign", "system_sig")
+        self.decisions = self._open_cache("decisions.jsonl", ("defence", "sig", "id", "k", "benign"))
+        self.generations = self._open_cache("generations.jsonl", ("target", "sig", "id", "k", "benign", "system_sig"))
+        self.judgements = self._open_cache(
+            "judgements.jsonl", ("target", "defence", "judge", "id", "k", "benign", "sig")
         )
-        self.judgements = JsonlCache(
-            cache_dir / "judgements.jsonl", ("target", "defence", "judge", "id", "k", "benign", "sig")
-        )
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where this process writes: ``cache/`` for a whole run, ``cache/shard-I-of-N/`` for a shard."""
+        root = self.out_dir / "cache"
+        return root if self.shard is None else root / f"shard-{self.shard.name}"
+
+    def _open_cache(self, name: str, key_fields: Sequence[str]) -> JsonlCache:
+        # The whole run's file and every shard's are read (a rerun with another N reuses them too); only
+        # this process's own file is written, so concurrent shards never share one.
+        root = self.out_dir / "cache"
+        others = [root / name, *sorted(root.glob(f"shard-*/{name}"))]
+        return JsonlCache(self.cache_dir / name, key_fields, read_also=others)
 
     # -- inputs -----------------------------------------------------------------------------------
     def load_samples(self) -> list[EvalSample]:
         cfg = self.config
         if cfg.detection_split and self.split is None:
-            self.split, self.split_rows = load_detection_split(cfg.detection_split)
+            self.split, self.all_split_rows = load_detection_split(cfg.detection_split)
             self.threshold_split, self.threshold_rows = load_detection_split(cfg.detection_split, THRESHOLD_SPLIT)
             if not any(row.benign for row in self.threshold_rows):
                 raise EvalDataError(
@@ -331,7 +386,7 @@ class EvalRun:
         samples = load_safemt_samples(cfg.safemt_dir, cfg.turns, None if restricted else cfg.limit, self.taxonomy)
         if restricted:
             # Only dialogues the moderator never trained on (a prefix row's id is "<id>@<k>of<n>").
-            held_out = {row.id.split("@")[0] for row in self.split_rows if not row.benign}
+            held_out = {base_id(row.id) for row in self.all_split_rows if not row.benign}
             samples = [s for s in samples if s.id in held_out]
             if cfg.limit is not None:
                 samples = [s for k in cfg.turns for s in [x for x in samples if x.k == k][: cfg.limit]]
@@ -340,6 +395,12 @@ class EvalRun:
         if cfg.benign:
             limit = cfg.benign_limit if cfg.benign_limit is not None else cfg.limit
             samples += load_benign_samples(cfg.benign, limit)
+        self.split_rows = self.all_split_rows
+        if self.shard is not None:
+            # After the limits: the shards of a run split exactly the items the whole run evaluates.
+            # The validation split is not sharded: each shard needs all of it to fix the run's threshold.
+            samples = [s for s in samples if self.shard.holds(s.id)]
+            self.split_rows = [r for r in self.all_split_rows if self.shard.holds(base_id(r.id))]
         return samples
 
     # -- keys ---------------------------------------------------------------------------------------
@@ -409,49 +470,67 @@ class EvalRun:
     def _threshold_rows_for(self, defence: DefenceConfig) -> list[SplitRow]:
         return self.threshold_rows if defence.kind == "moderator" else []
 
-    def decide(self, samples: Sequence[EvalSample]) -> None:
-        """Phase 0 and 1: each defence's model is loaded at most once, and only if a decision is missing."""
+    def _defence_groups(self) -> list[list[DefenceConfig]]:
+        """The defences that share one model pass (a moderator's policy and block modes), in config order."""
+        groups: dict[str, list[DefenceConfig]] = {}
         for cfg in self.config.defences:
+            groups.setdefault(settings_digest(model_pass_settings(cfg)), []).append(cfg)
+        return list(groups.values())
+
+    def _missing(self, group: Sequence[DefenceConfig], items: Sequence[EvalSample | SplitRow]) -> list:
+        return [item for item in items if any(self._decision_key(cfg, item) not in self.decisions for cfg in group)]
+
+    def decide(self, samples: Sequence[EvalSample], thresholds_only: bool = False) -> None:
+        """Phase 0 and 1 (``thresholds_only``: phase 0): each model is loaded at most once, only if needed.
+
+        Defences that share a model pass (the moderator in ``policy`` and ``block`` mode) are decided
+        together: the moderator reads each dialogue once and both modes' decisions come from that verdict.
+        """
+        for group in self._defence_groups():
+            first = group[0]
             defence: Defence | None = None
             try:
-                validation = [
-                    r for r in self._threshold_rows_for(cfg) if self._decision_key(cfg, r) not in self.decisions
-                ]
+                validation = self._missing(group, self._threshold_rows_for(first))
                 if validation:
-                    defence = self.defence_loader(cfg, self.taxonomy)
-                    self._compute_decisions(cfg, defence, validation, f"{cfg.label} on {THRESHOLD_SPLIT} split")
-                if cfg.kind == "moderator":
+                    defence = self.defence_loader(first, self.taxonomy)
+                    self._compute_decisions(group, defence, validation, f"{first.label} on {THRESHOLD_SPLIT} split")
+                if first.kind == "moderator":
                     # Before any decision the report shows: every one of them is made at this threshold.
-                    self.thresholds[cfg.label] = self.choose_threshold(cfg)
-                missing = [s for s in samples if self._decision_key(cfg, s) not in self.decisions]
-                missing_test = [
-                    r for r in self._split_rows_for(cfg) if self._decision_key(cfg, r) not in self.decisions
-                ]
+                    for cfg in group:
+                        self.thresholds[cfg.label] = self.choose_threshold(cfg)
+                if thresholds_only:
+                    continue
+                missing = self._missing(group, samples)
+                missing_test = self._missing(group, self._split_rows_for(first))
                 if not missing and not missing_test:
                     continue
                 if defence is None:
-                    defence = self.defence_loader(cfg, self.taxonomy)
-                if cfg.kind == "moderator":
-                    defence.set_threshold(self.thresholds[cfg.label].threshold)
-                self._compute_decisions(cfg, defence, missing, f"defence {cfg.label}")
-                self._compute_decisions(cfg, defence, missing_test, f"{cfg.label} on test split")
+                    defence = self.defence_loader(first, self.taxonomy)
+                if first.kind == "moderator":
+                    defence.set_threshold(self.thresholds[first.label].threshold)
+                self._compute_decisions(group, defence, missing, f"defence {first.label}")
+                self._compute_decisions(group, defence, missing_test, f"{first.label} on test split")
             finally:
                 if defence is not None:
                     defence.close()
 
     def _compute_decisions(
-        self, cfg: DefenceConfig, defence: Defence, items: Sequence[EvalSample | SplitRow], desc: str
+        self, group: Sequence[DefenceConfig], defence: Defence, items: Sequence[EvalSample | SplitRow], desc: str
     ) -> None:
-        # One kind of item per call: a batch of split rows reads one prepared dataset.
-        decide = self._decide_split_rows if items and isinstance(items[0], SplitRow) else self._decide_samples
-        compute_missing(
-            self.decisions,
-            items,
-            partial(self._decision_key, cfg),
-            partial(decide, cfg, defence),
-            self.config.batch_size,
-            desc=desc,
-        )
+        """Decide ``items`` (all missing for some defence of ``group``) a batch at a time, appending each batch.
+
+        One kind of item per call: a batch of split rows reads one prepared dataset.
+        """
+        if not items:
+            return
+        decide = self._decide_split_rows if isinstance(items[0], SplitRow) else self._decide_samples
+        batch_size = self.config.batch_size
+        with tqdm(total=len(items), desc=desc, unit="item") as progress:
+            for start in range(0, len(items), batch_size):
+                batch = list(items[start : start + batch_size])
+                self.decisions.append(decide(group, defence, batch))
+                progress.update(len(batch))
+        self.computed["decisions"] = self.computed.get("decisions", 0) + len(items)
 
     def choose_threshold(self, cfg: DefenceConfig) -> ThresholdChoice:
         """The moderator's threshold for this run, from its cached validation decisions (see ``choose_threshold``)."""
@@ -470,15 +549,29 @@ class EvalRun:
             for item, d in zip(batch, decisions, strict=True)
         ]
 
-    def _decide_samples(self, cfg: DefenceConfig, defence: Defence, batch: list[EvalSample]) -> list[dict]:
-        decisions = defence.decide_batch([s.dialogue for s in batch], open_images(batch))
-        return self._decision_records(cfg, batch, decisions)
+    def _group_records(self, group: Sequence[DefenceConfig], defence: Defence, batch, verdicts) -> list[dict]:
+        # One verdict per item; each defence of the group turns it into its own mode's decision.
+        return list(
+            chain.from_iterable(
+                self._decision_records(cfg, batch, [defence.decision(v, cfg.mode) for v in verdicts]) for cfg in group
+            )
+        )
 
-    def _decide_split_rows(self, cfg: DefenceConfig, defence: Defence, batch: list[SplitRow]) -> list[dict]:
+    def _decide_samples(self, group: Sequence[DefenceConfig], defence: Defence, batch: list[EvalSample]) -> list:
+        dialogues, images = [s.dialogue for s in batch], open_images(batch)
+        if isinstance(defence, ModeratorDefence):
+            return self._group_records(group, defence, batch, defence.verdicts(dialogues, images))
+        (cfg,) = group  # a guard or none shares its pass with no other defence
+        return self._decision_records(cfg, batch, defence.decide_batch(dialogues, images))
+
+    def _decide_split_rows(self, group: Sequence[DefenceConfig], defence: Defence, batch: list[SplitRow]) -> list:
         data = {"test": self.split, THRESHOLD_SPLIT: self.threshold_split}[batch[0].split]  # one split per batch
         rows = data.select([r.index for r in batch])
         prompts = [_without_target(row["messages"], row["id"]) for row in rows]
         images = [[image.convert("RGB") for image in row["images"]] for row in rows]
+        if isinstance(defence, ModeratorDefence):
+            return self._group_records(group, defence, batch, defence.verdicts_rendered(prompts, images))
+        (cfg,) = group
         return self._decision_records(cfg, batch, defence.decide_rendered(prompts, images))
 
     def decision(self, defence: DefenceConfig, item: EvalSample | SplitRow) -> DefenceDecision:
@@ -510,7 +603,7 @@ class EvalRun:
                 continue
             target: ChatModel | None = self.target_loader(cfg)
             try:
-                compute_missing(
+                done = compute_missing(
                     self.generations,
                     # Grouped by length, so a batch holds prompts of similar size (less padding).
                     sorted(items, key=lambda item: (item.sample.benign, item.sample.k)),
@@ -519,6 +612,7 @@ class EvalRun:
                     self.workload_chunk(cfg, target),
                     desc=f"target {cfg.label}",
                 )
+                self.computed["generations"] = self.computed.get("generations", 0) + done
             finally:
                 close_model(target)
                 # Drop the last reference too: the next loader runs before this name is rebound.
@@ -656,7 +750,7 @@ class EvalRun:
     def judge_all(self, samples: Sequence[EvalSample]) -> None:
         pending = self._pending(samples)
         batch_size = max(self.config.judge.batch_size, self.config.judge.concurrency)
-        compute_missing(
+        self.computed["judgements"] = compute_missing(
             self.judgements,
             pending,
             lambda p: self._row_key(p.target, p.defence, p.sample),
@@ -680,11 +774,26 @@ class EvalRun:
 
     # -- report -------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from eval.report import write_report
+        """The whole run, or one shard's part of it (see :meth:`shard_summary`); holds ``out_dir`` meanwhile."""
+        with lock_out_dir(self.out_dir, None if self.shard is None else self.shard.name):
+            return self._run()
 
-        samples = self.load_samples()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+    def fix_thresholds(self) -> dict[str, Any]:
+        """Phase 0 alone: score the validation split and fix each moderator's threshold, nothing else.
+
+        Every shard needs the whole validation split to fix the run's threshold; run this once before
+        the shards (``python -m eval.run --thresholds-only``) so they find it cached instead of each
+        scoring all of it. Returns ``{defence: threshold record}``.
+        """
+        if self.shard is not None:
+            raise ValueError("thresholds are fixed for the whole run: --thresholds-only takes no --shard")
+        with lock_out_dir(self.out_dir):
+            samples = self.load_samples()
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            self.decide(samples, thresholds_only=True)
+        return {label: choice.to_record() for label, choice in self.thresholds.items()}
+
+    def _compute(self, samples: Sequence[EvalSample]) -> None:
         try:
             self.decide(samples)
             self.generate(samples)
@@ -692,6 +801,20 @@ class EvalRun:
         finally:
             if self.judge is not None:
                 self.judge.close()
+
+    def _run(self) -> dict[str, Any]:
+        from eval.report import write_report
+
+        samples = self.load_samples()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        config_json = json.dumps(self.config.to_dict(), indent=2) + "\n"
+        if self.shard is not None:
+            # A shard writes only under its own cache folder; the report is the unsharded run's job.
+            (self.cache_dir / "config.json").write_text(config_json)
+            self._compute(samples)
+            return self.shard_summary(samples)
+        (self.out_dir / "config.json").write_text(config_json)
+        self._compute(samples)
         rows = self.rows(samples)
         with (self.out_dir / "rows.jsonl").open("w", encoding="utf-8") as handle:
             for row in rows:
@@ -712,6 +835,17 @@ class EvalRun:
         if summary.failed:
             logger.warning("%s", summary.describe())
         return report
+
+    def shard_summary(self, samples: Sequence[EvalSample]) -> dict[str, Any]:
+        """What a shard did (it writes no report: ``python -m eval.run`` without ``--shard`` merges them)."""
+        assert self.shard is not None
+        return {
+            "shard": f"{self.shard.index}/{self.shard.count}",
+            "samples": len(samples),
+            "test_split_rows": len(self.split_rows),
+            "computed": {stage: self.computed.get(stage, 0) for stage in ("decisions", "generations", "judgements")},
+            "cache": str(self.cache_dir),
+        }
 
     @property
     def max_judge_failure_share(self) -> float:
@@ -769,5 +903,9 @@ def detection_results(run: EvalRun, samples: Sequence[EvalSample]) -> dict[str, 
 
 
 def run_eval(config: EvalConfig, **kwargs: Any) -> dict[str, Any]:
-    """Run the whole evaluation; returns the report dict (also written to ``config.out_dir``)."""
+    """Run the whole evaluation; returns the report dict (also written to ``config.out_dir``).
+
+    With ``shard=Shard(i, n)`` only that shard's items are computed into ``cache/shard-i-of-n/`` and
+    the shard's summary is returned instead (no report).
+    """
     return EvalRun(config, **kwargs).run()

@@ -4,8 +4,16 @@ Every config key can be overridden (``--limit 3``, ``--judge.kind local``, ``--t
 see ``eval/config.py``. The loop itself lives in ``eval/loop.py``; results resume from
 ``<out_dir>/cache/`` and the report lands in ``<out_dir>/report.{json,md}`` and ``asr_vs_turns.png``.
 
+Sharded (e.g. one GPU each, see ``launch/eval_sharded.sh``): ``--shard I/N`` computes only shard I of
+N (split by SafeMT id) into ``<out_dir>/cache/shard-I-of-N/`` and writes no report; the shards of a run
+may run at once. Afterwards the same command without ``--shard`` reads every shard's cache, computes
+only what is still missing (nothing, when every shard finished) and writes the report. With a
+``detection_split``, run ``--thresholds-only`` once first: it scores the validation split and fixes
+the moderator's threshold, which every shard needs (otherwise each shard scores all of it).
+
 Exit codes: 0 done; 2 bad config or input data; 3 more than ``max_judge_failure_share`` of the judge
-calls gave no verdict (the report is still written; failed calls are asked again on the next run).
+calls gave no verdict (the report is still written; failed calls are asked again on the next run);
+4 another eval is writing the same ``out_dir`` (or the same shard of it).
 """
 
 from __future__ import annotations
@@ -14,18 +22,32 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from eval.cache import OutDirLockedError
 from eval.config import ConfigError, load_config
 from eval.judge import JudgeFailureError
-from eval.loop import EvalDataError, run_eval
+from eval.loop import EvalDataError, EvalRun, Shard, run_eval
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML config (configs/eval/*.yaml)")
+    parser.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="compute only shard I of N (0-based; split by SafeMT id) and write no report; "
+        "run again without --shard to merge the shards' caches and write the report",
+    )
+    parser.add_argument(
+        "--thresholds-only",
+        action="store_true",
+        help="only score the validation split and fix each moderator's decision threshold (run once before "
+        "the shards, so each need not score all of it) and write no report",
+    )
     args, overrides = parser.parse_known_args(argv)
     try:
+        shard = Shard.parse(args.shard) if args.shard is not None else None
         config = load_config(args.config, overrides)
-    except ConfigError as error:
+    except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     run = None
@@ -33,17 +55,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         import wandb
 
         run = wandb.init(project=config.wandb_project, name=config.wandb_run_name, config=config.to_dict())
+    if args.thresholds_only and shard is not None:
+        print("error: --thresholds-only fixes the thresholds of the whole run: give no --shard", file=sys.stderr)
+        return 2
     try:
-        report = run_eval(config)
+        if args.thresholds_only:
+            thresholds = EvalRun(config).fix_thresholds()
+            for defence, choice in thresholds.items():
+                print(f"{defence}: decision threshold {choice['threshold']:.6g} ({choice['source']})")
+            print(f"thresholds fixed in {config.out_dir}/cache/ ({len(thresholds)} moderator defences); no report")
+            return 0
+        report = run_eval(config, shard=shard)
     except EvalDataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OutDirLockedError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 4
     except JudgeFailureError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
     finally:
         if run is not None:
             run.finish()
+    if shard is not None:
+        computed = ", ".join(f"{n} {stage}" for stage, n in report["computed"].items())
+        print(
+            f"shard {report['shard']}: {report['samples']} samples, {report['test_split_rows']} test-split rows; "
+            f"computed {computed} into {report['cache']}; no report written (run without --shard for it)"
+        )
+        return 0
     print(f"report: {config.out_dir}/report.md")
     for defence, choice in (report.get("thresholds") or {}).items():
         print(f"{defence}: decision threshold {choice['threshold']:.6g} ({choice['source']}: {choice['detail']})")

@@ -124,3 +124,103 @@ def test_records_flagged_by_recompute_are_computed_again_and_replace_the_cached_
     assert [reopened.get(_key(i))["value"] for i in range(5)] == [0, 1, 4, 9, 16]
     # Once filled in, nothing is asked again.
     assert compute_missing(reopened, range(5), _key, _squares([]), batch_size=2, recompute=failed) == 0
+
+
+# -- the output folder lock --------------------------------------------------------------------------
+
+_HOLD = """
+import sys, time
+from eval.cache import lock_out_dir
+with lock_out_dir(sys.argv[1], sys.argv[2] or None):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Start another process that holds ``out_dir`` (whole run or one shard) until the test ends."""
+    import subprocess
+    import sys
+
+    processes = []
+
+    def start(out_dir, shard=""):
+        process = subprocess.Popen(
+            [sys.executable, "-c", _HOLD, str(out_dir), shard], stdout=subprocess.PIPE, text=True
+        )
+        processes.append(process)
+        assert process.stdout.readline().strip() == "locked"
+        return process
+
+    yield start
+    for process in processes:
+        process.kill()
+        process.wait()
+
+
+def _refused(out_dir, shard, match):
+    from eval.cache import OutDirLockedError, lock_out_dir
+
+    with pytest.raises(OutDirLockedError, match=match), lock_out_dir(out_dir, shard):
+        pytest.fail("the lock was granted")
+
+
+def test_a_second_eval_on_the_same_out_dir_fails_at_once_naming_folder_and_pid(tmp_path, holder):
+    from eval.cache import lock_out_dir
+
+    out_dir = tmp_path / "eval"
+    other = holder(out_dir)
+    _refused(out_dir, None, rf"^{out_dir}: another eval is writing this folder \(pid {other.pid}\)")
+    _refused(out_dir, "0-of-2", rf"a whole \(unsharded\) eval is writing this folder \(pid {other.pid}\)")
+    other.kill()
+    other.wait()
+    with lock_out_dir(out_dir):  # released when its holder dies (kill -9 included)
+        pass
+
+
+def test_shards_of_one_run_go_together_but_not_twice_and_a_whole_run_waits_for_them(tmp_path, holder):
+    from eval.cache import lock_out_dir
+
+    out_dir = tmp_path / "eval"
+    shard0 = holder(out_dir, "0-of-2")
+    with lock_out_dir(out_dir, "1-of-2"):  # another shard of the same run
+        pass
+    _refused(out_dir, "0-of-2", rf"shard 0-of-2 is already running \(pid {shard0.pid}\)")
+    _refused(out_dir, None, rf"another eval is writing this folder \(shard 0-of-2 pid {shard0.pid}\)")
+
+
+def test_eval_run_refuses_an_out_dir_another_eval_holds(tmp_path, holder, capsys):
+    from eval.run import main
+
+    out_dir = tmp_path / "eval"
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        f"safemt_dir: {tmp_path}\nout_dir: {out_dir}\ntargets: [{{model: unused}}]\ndefences: [{{kind: none}}]\n"
+    )
+    other = holder(out_dir)
+    assert main(["--config", str(config)]) == 4
+    assert capsys.readouterr().err == (
+        f"error: {out_dir}: another eval is writing this folder (pid {other.pid}); "
+        "wait for it to finish or choose another out_dir\n"
+    )
+    assert sorted(p.name for p in out_dir.iterdir()) == [".lock"]  # nothing else written
+
+
+def test_other_processes_files_are_read_never_cut_and_the_own_file_wins(tmp_path):
+    shard = tmp_path / "shard-0-of-2" / "cache.jsonl"
+    shard.parent.mkdir()
+    # The shard is writing its third line right now: that line is incomplete.
+    shard.write_text('{"id": "a", "k": 1, "value": 1}\n{"id": "b", "k": 1, "value": 2}\n{"id": "c", "k"')
+    before = shard.read_bytes()
+    own = tmp_path / "cache.jsonl"
+    own.write_text('{"id": "b", "k": 1, "value": 20}\n')
+    with pytest.warns(RuntimeWarning, match="still being written by another process"):
+        cache = JsonlCache(own, KEY_FIELDS, read_also=[shard])
+    assert shard.read_bytes() == before  # never truncated: it is not this process's file
+    assert {key: r["value"] for key, r in ((cache.key_of(r), r) for r in cache.records())} == {
+        ("a", 1): 1,
+        ("b", 1): 20,  # this process's record (e.g. a judge error judged again) supersedes the shard's
+    }
+    cache.append([{"id": "c", "k": 1, "value": 3}])
+    assert shard.read_bytes() == before and len(own.read_text().splitlines()) == 2

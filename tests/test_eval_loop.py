@@ -703,8 +703,9 @@ def test_the_threshold_in_report_json_is_the_one_every_attack_row_was_decided_at
         assert recorded["validation_fpr"] == 0.0
     assert json.loads((tmp_path / "eval" / "report.json").read_text())["thresholds"] == report["thresholds"]
     assert "| moderator | 0.8 | validation |" in (tmp_path / "eval" / "report.md").read_text()
-    # Each moderator was loaded once; it decided every eval sample at the recorded threshold, not at 0.5.
-    assert len(stubs) == 2 and all(
+    # The moderator was loaded once for both modes; it decided every eval sample at the recorded threshold,
+    # not at 0.5.
+    assert len(stubs) == 1 and all(
         threshold == 0.8 for stub in stubs for kind, threshold in stub.calls if kind == "samples"
     )
     rows = [json.loads(line) for line in (tmp_path / "eval" / "rows.jsonl").read_text().splitlines()]
@@ -717,7 +718,7 @@ def test_the_threshold_in_report_json_is_the_one_every_attack_row_was_decided_at
 
     # Resume: validation scores and decisions are cached under the same threshold; nothing is loaded again.
     again = EvalRun(config, judge=FakeJudge(), defence_loader=loader, target_loader=lambda c: ReplyStub()).run()
-    assert len(stubs) == 2 and again == report
+    assert len(stubs) == 1 and again == report
 
 
 # -- targets: a whole workload per model, each freed before the next loads -------------------------------
@@ -788,3 +789,75 @@ def test_each_target_gets_its_pending_workload_at_once_and_is_closed_before_the_
     fail.clear()
     EvalRun(config, judge=FakeJudge(), target_loader=loader).run()
     assert events == [("load", "engine-a"), ("generate", "engine-a", n - 8), ("close", "engine-a")]
+
+
+# -- the moderator's two modes share one model pass --------------------------------------------------
+
+
+class SpyModerator(ThresholdHonouringStub):
+    """ThresholdHonouringStub that records every dialogue or rendered prompt it scores."""
+
+    def __init__(self, threshold):
+        super().__init__(threshold)
+        self.scored: list[str] = []
+
+    def moderate_batch(self, dialogues, images, max_new_tokens=64):
+        self.scored += [json.dumps(d, sort_keys=True) for d in dialogues]
+        return super().moderate_batch(dialogues, images, max_new_tokens)
+
+    def moderate_rendered(self, prompts, images, max_new_tokens=64):
+        self.scored += [json.dumps(p, sort_keys=True) for p in prompts]
+        return super().moderate_rendered(prompts, images, max_new_tokens)
+
+
+def test_policy_and_block_modes_load_and_run_the_moderator_once(eval_inputs, tmp_path):
+    from collections import Counter
+
+    from eval.defences import defence_settings
+    from moderator.inference import resolve_threshold
+
+    safemt_dir, benign = eval_inputs
+    prepared = _prepared_dataset(safemt_dir, tmp_path / "prepared", load_taxonomy())
+    model = tmp_path / "stub-moderator"
+    model.mkdir()
+    spies = []
+
+    def loader(cfg, taxonomy):
+        if cfg.kind != "moderator":
+            return load_defence(cfg, taxonomy)
+        spies.append(SpyModerator(resolve_threshold(cfg.model, cfg.threshold)))
+        return ModeratorDefence(spies[-1], cfg.label, cfg.mode, cfg.max_new_tokens, defence_settings(cfg))
+
+    def run(out_dir, defences):
+        config = _config(safemt_dir, benign, model, out_dir)
+        config.turns, config.detection_split, config.defences = [1, 2], str(prepared), defences
+        config.validate()
+        report = EvalRun(config, judge=FakeJudge(), defence_loader=loader, target_loader=lambda c: ReplyStub()).run()
+        rows = [json.loads(line) for line in (out_dir / "rows.jsonl").read_text().splitlines()]
+        return config, report, rows
+
+    config, both, rows = run(tmp_path / "both", _config(safemt_dir, benign, model, tmp_path).defences)
+    assert [d.label for d in config.defences] == ["none", "moderator", "moderator-block"]
+    # One load; every sample, validation and test row scored exactly once (it used to be twice each).
+    (spy,) = spies
+    n_items = len(EvalRun(config).load_samples()) + _n_test_and_validation_rows(prepared)
+    assert len(spy.scored) == n_items and set(Counter(spy.scored).values()) == {1}
+
+    # The same rows, thresholds and detection metrics as each mode run on its own.
+    moderator_only = [d for d in config.defences if d.label == "moderator"]
+    block_only = [d for d in config.defences if d.label == "moderator-block"]
+    for label, defences in (("moderator", moderator_only), ("moderator-block", block_only)):
+        _, alone, alone_rows = run(tmp_path / label, defences)
+        assert alone["thresholds"][label] == both["thresholds"][label]
+        assert alone["detection"][label] == both["detection"][label]
+        assert alone["results"]["tiny-target"][label]["asr"] == both["results"]["tiny-target"][label]["asr"]
+        assert alone_rows == [r for r in rows if r["defence"] == label]
+    assert {r["action"] for r in rows if r["defence"] == "moderator-block"} == {BLOCK, PASS}
+    assert {r["action"] for r in rows if r["defence"] == "moderator"} == {INJECT, PASS}
+
+
+def _n_test_and_validation_rows(prepared):
+    from data_prep.io import load_prepared
+
+    splits = load_prepared(prepared)
+    return len(splits["test"]) + len(splits["validation"])
