@@ -32,7 +32,7 @@ def _write_config(path, safemt_dir, benign, model_dir, prepared):
         # Test rows shard too; validation fixes the threshold. Attacked: the 2 test-split ids at 2 lengths.
         "detection_split": str(prepared),
         "turns": [1, 2],
-        "max_new_tokens": 4,
+        "max_new_tokens": 2,
         # One item per model call: a batch's padding moves scores in the 7th digit, and a shard's batches
         # necessarily hold other items than a single process's; at batch 1 every output is byte-identical.
         "batch_size": 1,
@@ -40,8 +40,8 @@ def _write_config(path, safemt_dir, benign, model_dir, prepared):
         "targets": [{"model": str(model_dir), "name": "tiny-target"}],
         "defences": [
             {"kind": "none"},
-            {"kind": "moderator", "model": str(model_dir), "max_new_tokens": 6},
-            {"kind": "moderator", "model": str(model_dir), "mode": "block", "max_new_tokens": 6},
+            {"kind": "moderator", "model": str(model_dir), "max_new_tokens": 2},
+            {"kind": "moderator", "model": str(model_dir), "mode": "block", "max_new_tokens": 2},
         ],
         "judge": {"kind": "refusal_match", "refusal_check": "heuristic"},
     }
