@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{defence}: decision threshold {choice['threshold']:.6g} ({choice['source']})")
             print(f"thresholds fixed in {config.out_dir}/cache/ ({len(thresholds)} moderator defences); no report")
             return 0
-        report = run_eval(config, shard=shard)
+        report = run_eval(config) if shard is None else run_eval(config, shard=shard)
     except EvalDataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
