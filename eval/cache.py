@@ -78,8 +78,11 @@ class JsonlCache:
                         raise CacheError(f"{path}:{number}: unreadable cache line ({exc})") from None
                     warnings.warn(
                         f"{path}:{number}: dropped a truncated last line (an interrupted write"
-                        + ("" if owned else ", or one still being written by another process")
-                        + "); its item will be recomputed",
+                        + (
+                            "); its item will be recomputed"
+                            if owned
+                            else ", or one still being written by another process)"
+                        ),
                         RuntimeWarning,
                         stacklevel=3,
                     )

@@ -1,7 +1,15 @@
 """The evaluation loop: target x defence x SafeMT dialogue length -> judged replies -> report.
 
 Phases, each resumable from its own JSONL cache under ``<out_dir>/cache/`` (one model in memory at a
-time, so a 7B target, a guard and a local judge need not fit together):
+time, so a 7B target, a guard and a local judge need not fit together). A run holds ``<out_dir>/.lock``
+(:func:`eval.cache.lock_out_dir`), so a second eval on the same folder fails at once.
+
+Sharding (:class:`Shard`, ``python -m eval.run --shard I/N``): shard I computes only the samples and
+test-split rows of the SafeMT and benign ids that hash into it, into ``cache/shard-I-of-N/``, and
+writes no report. Every run reads the whole run's cache and every shard's, so the unsharded run that
+follows finds everything cached and only writes the report. Each shard needs the whole validation
+split to fix the moderator's threshold: :meth:`EvalRun.fix_thresholds` (``--thresholds-only``) scores
+it once before the shards.
 
 0. threshold:   each moderator defence scores the prepared validation split (``detection_split``) and
                 its decision threshold for the whole run is fixed there, at ``target_fpr``, before
@@ -10,7 +18,9 @@ time, so a 7B target, a guard and a local judge need not fit together):
                 scores are keyed without the threshold, so choosing it never invalidates them.
 1. decisions:   every defence decides on every sample (SafeMT dialogues at each length, benign
                 dialogues), keyed by (defence, settings, id, k, benign); the moderator's settings hold
-                the threshold of phase 0, so every row of the report is measured at it.
+                the threshold of phase 0, so every row of the report is measured at it. The moderator's
+                ``policy`` and ``block`` defences (same model, settings and threshold) share one load and
+                one verdict per dialogue; each mode's decision is derived from that verdict.
 2. generations: every target answers the final user turn of every sample that was not blocked, with
                 the system prompt its defence gave it, keyed by (target, settings, id, k, benign,
                 system prompt). Identical prompts (no defence, an unflagged guard) are generated once.
