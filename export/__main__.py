@@ -7,12 +7,14 @@
 
 The threshold shipped is the one the ``--eval-report``'s tables were measured at; a ``--threshold``
 that differs from it is refused (without a report: ``--threshold``, else 0.5). Logic in
-``export/exporting.py``.
+``export/exporting.py``. A bad flag is one ``error:`` line and exit code 2 (``SAFEMT_DEBUG=1`` adds
+the traceback).
 """
 
 import sys
 
 from export.exporting import main
+from moderator.cli import run_cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

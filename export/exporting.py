@@ -69,6 +69,7 @@ from export.manifest import (
     sha256_file,
     verify_export,
 )
+from moderator.cli import UsageError, one_line, one_line_parser_errors
 from moderator.contract import PROMPT_FORMAT_VERSION
 from moderator.taxonomy import REPO_ROOT, Taxonomy, load_taxonomy
 from train.provenance import PROVENANCE_FILE, git_commit, redact
@@ -575,6 +576,7 @@ def log_wandb_artifact(directory: Path, name: str, project: str | None = None) -
 
 
 def parse_export_args(argv: Sequence[str] | None = None) -> ExportArguments:
+    """Parse the export flags; an unknown flag or bad value raises ``UsageError`` (one line, no usage block)."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(
@@ -583,12 +585,19 @@ def parse_export_args(argv: Sequence[str] | None = None) -> ExportArguments:
         description="Export a trained moderator (merged or adapter-only) with a manifest, model card and an "
         "equivalence check. `python -m export verify <dir>` checks an export against its manifest.",
     )
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    one_line_parser_errors(parser)
+    try:
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    except UsageError:
+        raise
+    except ValueError as exc:  # HfArgumentParser's "arguments are not used" and dataclass value checks
+        raise UsageError(f"{one_line(exc)} (see python -m export --help)") from exc
     return args
 
 
 def _verify_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m export verify", description="Check an export's hashes.")
+    one_line_parser_errors(parser)
     parser.add_argument("directory")
     args = parser.parse_args(argv)
     try:

@@ -1,7 +1,9 @@
 """Training behaviour users rely on, proven on CPU with the tiny model and the real sample records."""
 
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,9 +18,10 @@ from moderator.inference import Moderator, Verdict
 from moderator.taxonomy import load_taxonomy
 from tests.conftest import REPO_ROOT, tiny_recipe_args
 from tests.wandb_offline import read_offline_run
+from train.checkpoints import checkpoint_problem
 from train.config import ModeratorScriptArguments
 from train.provenance import PROVENANCE_FILE, REDACTED, redact
-from train.run import PREEMPTED_EXIT_CODE, build_trainer, planned_evaluations, train
+from train.run import PREEMPTED_EXIT_CODE, build_trainer, planned_evaluations, resume_checkpoint, train
 from train.trainer import moderation_metrics, moderation_shard
 
 SFT = str(REPO_ROOT / "train" / "sft.py")
@@ -177,16 +180,22 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes_from_it(tiny_mo
 def test_wandb_offline_records_metrics_and_provenance_but_no_secret(
     tiny_model_dir, prepared_data_dir, tmp_path, monkeypatch
 ):
+    from train.sft import main
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_PROJECT", "safemt-moderator-test")
+    monkeypatch.setenv("HF_TOKEN", "")  # restored after the test; the run moves --hub_token here
     secret = "hf_SECRETsecret1234567890"
     argv = tiny_recipe_args(
         tiny_model_dir, prepared_data_dir, tmp_path / "out",
         "--max_steps", "4", "--eval_steps", "4", "--save_steps", "4", "--moderation_eval_samples", "4",
         "--report_to", "wandb", "--run_name", "offline-test", "--hub_token", secret, "--logging_steps", "2",
     )  # fmt: skip
-    assert train(*parse(argv)) == 0
+    # As `python train/sft.py ...` runs it: W&B records the process's command line with the run.
+    monkeypatch.setattr(sys, "argv", [SFT, *argv])
+    assert main(argv) == 0
+    assert os.environ["HF_TOKEN"] == secret  # where huggingface_hub reads it for push_to_hub
     import wandb
 
     # The run the trainer logged to (wandb's settings may predate this test's WANDB_DIR in one process).
@@ -202,9 +211,145 @@ def test_wandb_offline_records_metrics_and_provenance_but_no_secret(
     logged = {key for row in recorded["history"] for key in row}
     expected = {"train/loss", "eval/loss", "eval/unsafe_auprc", "eval/unsafe_f1", "eval/verdict_accuracy"}
     assert expected | {"eval/category_accuracy"} <= logged  # the tiny recipe also generates its verdicts
-    for path in [*run_dir.rglob("*"), tmp_path / "out" / PROVENANCE_FILE]:
-        if path.is_file():
-            assert secret.encode() not in path.read_bytes(), path
+    # Nowhere in the run's files: training_args.bin of the run and of every checkpoint (which push_to_hub
+    # uploads) pickle the whole TrainingArguments; W&B's files hold the config and the command line.
+    written = [p for p in [*run_dir.rglob("*"), *(tmp_path / "out").rglob("*")] if p.is_file()]
+    assert tmp_path / "out" / "checkpoint-4" / "training_args.bin" in written
+    for path in written:
+        assert secret.encode() not in path.read_bytes(), path
+    # W&B did record the command line, so the check above covers it: with the token's value redacted.
+    (wandb_log,) = run_dir.glob("run-*.wandb")
+    assert b"--hub_token" in wandb_log.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tiny_model_dir, prepared_data_dir, tmp_path_factory) -> Path:
+    """A finished 4-step tiny run that saved checkpoint-2 and checkpoint-4 (no evaluation: seconds)."""
+    out = tmp_path_factory.mktemp("checkpointed") / "run"
+    argv = tiny_recipe_args(
+        tiny_model_dir, prepared_data_dir, out,
+        "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "10", "--eval_strategy", "no",
+        "--load_best_model_at_end", "false", "--logging_steps", "1",
+    )  # fmt: skip
+    assert train(*parse(argv)) == 0
+    assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-4"}
+    return out
+
+
+def _cut(path: Path, keep: float = 0.5) -> None:
+    """Truncate ``path`` as a write killed part-way leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_resume_skips_torn_checkpoints_for_the_newest_complete_one(
+    checkpointed_run, tiny_model_dir, prepared_data_dir, tmp_path, caplog
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copytree(checkpointed_run / "checkpoint-2", out / "checkpoint-2")
+    (out / "checkpoint-4").mkdir()  # killed right after the folder was made
+    partial = out / "checkpoint-6"  # killed after the weights and optimizer, before trainer_state.json
+    shutil.copytree(checkpointed_run / "checkpoint-4", partial)
+    (partial / "trainer_state.json").unlink()
+    _, training_args, _ = parse(tiny_recipe_args(tiny_model_dir, prepared_data_dir, out))
+
+    with caplog.at_level(logging.WARNING, logger="train.run"):
+        assert resume_checkpoint(training_args, fresh_start=False) == str(out / "checkpoint-2")
+    skipped = [r.getMessage() for r in caplog.records if "skipping torn checkpoint" in r.getMessage()]
+    assert len(skipped) == 2, skipped
+    assert skipped[0].startswith(f"skipping torn checkpoint {partial}: no trainer_state.json")
+    assert skipped[1].startswith(f"skipping torn checkpoint {out / 'checkpoint-4'}: empty folder")
+    assert all(message.endswith(f"resuming from {out / 'checkpoint-2'} instead") for message in skipped)
+    # Set aside, out of transformers' checkpoint-* rotation and of the next save of those steps.
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "torn-checkpoint-4", "torn-checkpoint-6"]
+    assert f"moved to {out / 'torn-checkpoint-6'}" in skipped[0]
+
+    # An explicit --resume_from_checkpoint that is torn is refused, naming what is missing.
+    training_args.resume_from_checkpoint = str(out / "torn-checkpoint-6")
+    with pytest.raises(ValueError, match=r"torn-checkpoint-6: no trainer_state\.json"):
+        resume_checkpoint(training_args, fresh_start=False)
+
+
+@pytest.mark.parametrize(
+    ("tear", "problem"),
+    [
+        (lambda c: _cut(c / "adapter_model.safetensors"), r"adapter_model\.safetensors is \d+ bytes, its header"),
+        (lambda c: _cut(c / "adapter_model.safetensors", 0.0001), "adapter_model.safetensors is cut off inside"),
+        (lambda c: _cut(c / "optimizer.pt"), r"optimizer\.pt is cut off"),
+        (lambda c: (c / "scheduler.pt").unlink(), "no scheduler.pt"),
+        (lambda c: _cut(c / "rng_state.pth"), r"rng_state\.pth is cut off"),
+        (lambda c: _cut(c / "trainer_state.json"), "trainer_state.json does not parse"),
+        (lambda c: (c / "adapter_model.safetensors").unlink(), "no weights"),
+    ],
+)
+def test_checkpoint_completeness_catches_each_file_cut_off(checkpointed_run, tmp_path, tear, problem):
+    checkpoint = tmp_path / "checkpoint-4"
+    shutil.copytree(checkpointed_run / "checkpoint-4", checkpoint)
+    assert checkpoint_problem(checkpoint) is None  # what the Trainer wrote is complete
+    tear(checkpoint)
+    assert re.match(problem, checkpoint_problem(checkpoint) or "complete"), checkpoint_problem(checkpoint)
+
+
+def test_checkpoint_completeness_of_deepspeed_and_sharded_layouts(checkpointed_run, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    # DeepSpeed ZeRO-3 on 2 ranks, as the 2-process CPU run writes it: states in global_step4/, named by `latest`.
+    checkpoint = tmp_path / "checkpoint-4"
+    shutil.copytree(checkpointed_run / "checkpoint-4", checkpoint)
+    (checkpoint / "optimizer.pt").unlink()
+    (checkpoint / "adapter_model.safetensors").unlink()  # ZeRO-3 without a 16-bit gather saves none
+    (checkpoint / "rng_state.pth").rename(checkpoint / "rng_state_0.pth")
+    shutil.copy(checkpoint / "rng_state_0.pth", checkpoint / "rng_state_1.pth")
+    shards = checkpoint / "global_step4"
+    shards.mkdir()
+    for rank in (0, 1):
+        torch.save({"rank": rank}, shards / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
+        torch.save({"rank": rank}, shards / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    (checkpoint / "latest").write_text("global_step4")
+    assert checkpoint_problem(checkpoint) is None
+    _cut(shards / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    assert "optim_states.pt is cut off" in checkpoint_problem(checkpoint)
+    (shards / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    assert checkpoint_problem(checkpoint) == "RNG states of 2 ranks but optimizer shards of 1"
+    (checkpoint / "latest").unlink()  # DeepSpeed writes it once every rank has saved
+    assert "no 'latest' file" in checkpoint_problem(checkpoint)
+
+    # A full model in safetensors shards: every shard the index maps must be there and whole.
+    full = tmp_path / "checkpoint-2"
+    shutil.copytree(checkpointed_run / "checkpoint-2", full)
+    (full / "adapter_model.safetensors").unlink()
+    for name in ("a", "b"):
+        save_file({name: torch.zeros(64)}, full / f"model-{name}.safetensors")
+    index = {"weight_map": {"a": "model-a.safetensors", "b": "model-b.safetensors"}}
+    (full / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert checkpoint_problem(full) is None
+    (full / "model-b.safetensors").unlink()
+    assert checkpoint_problem(full) == "sharded weights incomplete: no model-b.safetensors"
+
+
+def test_relaunch_after_a_torn_last_checkpoint_resumes_from_the_one_before(
+    checkpointed_run, tiny_model_dir, prepared_data_dir, tmp_path, capsys, caplog
+):
+    out = tmp_path / "run"
+    shutil.copytree(checkpointed_run, out)
+    # The node died while checkpoint-4's weights were written: trainer_state.json made it, the weights not.
+    _cut(out / "checkpoint-4" / "adapter_model.safetensors")
+    argv = tiny_recipe_args(
+        tiny_model_dir, prepared_data_dir, out,
+        "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "10", "--eval_strategy", "no",
+        "--load_best_model_at_end", "false", "--logging_steps", "1",
+    )  # fmt: skip
+    assert train(*parse(argv)) == 0
+    printed = capsys.readouterr().out
+    assert f"resuming from {out / 'checkpoint-2'}" in printed
+    assert "trained steps 2->6" in printed
+    assert any(f"skipping torn checkpoint {out / 'checkpoint-4'}" in r.getMessage() for r in caplog.records)
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6
+    # Steps 3-4 were retrained and checkpoint-4 saved afresh, whole.
+    assert checkpoint_problem(out / "checkpoint-4") is None and checkpoint_problem(out / "checkpoint-6") is None
+    assert (out / "torn-checkpoint-4").is_dir()
 
 
 @pytest.mark.slow

@@ -34,6 +34,23 @@ def redact(value: Any, key: str = "") -> Any:
     return value
 
 
+def redact_argv(argv: list[str]) -> list[str]:
+    """``argv`` with the values of secret-named flags (``--hub_token X``, ``--api_key=X``) and token-like
+    values redacted: W&B records the process's command line with each run."""
+    out: list[str] = []
+    redact_next = False
+    for arg in argv:
+        flag, equals, value = arg.partition("=")
+        if redact_next:
+            out.append(REDACTED)
+        elif arg.startswith("-") and equals and _SECRET_KEY.search(flag):
+            out.append(f"{flag}={REDACTED}")
+        else:
+            out.append(_SECRET_VALUE.sub(REDACTED, arg))
+        redact_next = arg.startswith("-") and not equals and bool(_SECRET_KEY.search(arg))
+    return out
+
+
 def git_commit(repo: Path = REPO_ROOT) -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)

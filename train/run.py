@@ -14,13 +14,15 @@ from typing import Any
 
 from transformers import TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback, TrainerControl, TrainerState
-from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
+from transformers.trainer_utils import IntervalStrategy
 from trl import ModelConfig, SFTConfig
 
 from data_prep.io import load_prepared
+from moderator.cli import InputError, MissingInputError, UsageError, one_line
 from moderator.contract import PROMPT_FORMAT_VERSION
 from moderator.images import bound_image_pixels
-from moderator.taxonomy import Taxonomy, load_taxonomy
+from moderator.taxonomy import REPO_ROOT, Taxonomy, load_taxonomy
+from train.checkpoints import TORN_PREFIX, checkpoint_problem, find_resume_checkpoint, set_aside
 from train.config import ModeratorScriptArguments
 from train.modeling import build_model, build_peft_config, build_processor
 from train.provenance import run_provenance, write_provenance
@@ -31,24 +33,96 @@ PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the run is not finished; rerun the s
 
 
 def resume_checkpoint(training_args: SFTConfig, fresh_start: bool) -> str | None:
-    """The checkpoint to resume from: an explicit ``--resume_from_checkpoint``, else the last in output_dir."""
+    """The checkpoint to resume from: an explicit ``--resume_from_checkpoint``, else the newest complete one
+    in output_dir (``train.checkpoints.checkpoint_problem`` says what complete means).
+
+    Newer torn checkpoints (a save killed mid-write) are logged and renamed ``torn-checkpoint-N`` by the
+    process that saves, so a relaunch never loops on them; an explicit checkpoint that is torn is refused.
+    """
+    needs_training_state = not training_args.save_only_model
     if training_args.resume_from_checkpoint:
+        problem = checkpoint_problem(training_args.resume_from_checkpoint, needs_training_state)
+        if problem:
+            raise InputError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: {problem}")
         return training_args.resume_from_checkpoint
     output_dir = Path(training_args.output_dir)
     if fresh_start:
         if output_dir.is_dir() and training_args.process_index == 0:
-            for checkpoint in output_dir.glob("checkpoint-*"):
+            for checkpoint in [*output_dir.glob("checkpoint-*"), *output_dir.glob(f"{TORN_PREFIX}checkpoint-*")]:
                 shutil.rmtree(checkpoint)
         return None
-    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    checkpoint, torn = find_resume_checkpoint(output_dir, needs_training_state)
+    for path, problem in torn:
+        moved = ""
+        if training_args.should_save:  # the saving process; the others reach the same choice without it
+            try:
+                moved = f"; moved to {set_aside(path)}"
+            except OSError as exc:
+                moved = f"; could not move it aside ({exc.strerror or exc})"
+        logger.warning(
+            "skipping torn checkpoint %s: %s%s; resuming from %s instead",
+            path,
+            problem,
+            moved,
+            checkpoint or "scratch (no complete checkpoint)",
+        )
+    return str(checkpoint) if checkpoint else None
+
+
+def data_recipe_writing(dataset_path: str | Path) -> Path | None:
+    """The data recipe (``configs/data/*.yaml``) whose ``out`` is ``dataset_path``, if one is."""
+    import yaml
+
+    wanted = Path(dataset_path).resolve()
+    for recipe in sorted((REPO_ROOT / "configs" / "data").glob("*.yaml")):
+        try:
+            out = (yaml.safe_load(recipe.read_text()) or {}).get("out")
+        except (yaml.YAMLError, OSError, AttributeError):
+            continue
+        if out and wanted in (Path(out).resolve(), (REPO_ROOT / out).resolve()):
+            return recipe
+    return None
+
+
+def missing_dataset_hint(dataset_path: str | Path) -> str:
+    """Which command builds ``dataset_path``: the data recipe that writes it, else data prep with ``--out``."""
+    recipe = data_recipe_writing(dataset_path)
+    if recipe is None:
+        return (
+            f"build it first with `python -m data_prep.build --config configs/data/<recipe>.yaml --out {dataset_path}`"
+        )
+    command = f"`python -m data_prep.build --config {recipe.relative_to(REPO_ROOT)}`"
+    if recipe.name == "demo.yaml":  # the demo data also needs the tiny model and images make demo creates
+        return f"run `make demo` or {command} first"
+    return f"run {command} first"
+
+
+DEMO_BASE_MODEL = "runs/demo/base"  # the tiny default configs/sft/tiny_cpu.yaml trains
+
+
+def missing_model_message(name_or_path: str, error: BaseException) -> str:
+    """One line for a model that would not load: which command builds the tiny default, else why."""
+    if Path(name_or_path).resolve() in (Path(DEMO_BASE_MODEL).resolve(), (REPO_ROOT / DEMO_BASE_MODEL).resolve()):
+        return f"{name_or_path} not found: run `make demo` or `python -m tiny_models.moderator {DEMO_BASE_MODEL}` first"
+    if not Path(name_or_path).exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
+        return f"{name_or_path} not found (no such folder, and not a Hugging Face Hub id)"
+    return f"model {name_or_path!r} could not be loaded: {one_line(error)}"
 
 
 def load_dataset_stats(dataset_path: str | Path) -> dict[str, Any]:
     """Data prep's ``stats.json`` for a prepared dataset folder."""
     stats_file = Path(dataset_path) / "stats.json"
+    if not Path(dataset_path).is_dir():
+        raise MissingInputError(f"{dataset_path} not found: {missing_dataset_hint(dataset_path)}")
     if not stats_file.is_file():
-        raise FileNotFoundError(f"{stats_file}: missing; was {dataset_path} written by python -m data_prep.build?")
-    return json.loads(stats_file.read_text())
+        raise MissingInputError(
+            f"{stats_file}: missing; was {dataset_path} written by python -m data_prep.build? "
+            f"{missing_dataset_hint(dataset_path)}"
+        )
+    try:
+        return json.loads(stats_file.read_text())
+    except ValueError as exc:
+        raise InputError(f"{stats_file}: not valid JSON ({exc}); rebuild the dataset") from exc
 
 
 def check_dataset_contract(dataset_path: str | Path, taxonomy: Taxonomy) -> None:
@@ -57,12 +131,12 @@ def check_dataset_contract(dataset_path: str | Path, taxonomy: Taxonomy) -> None
     stats = load_dataset_stats(dataset_path)
     version = stats.get("prompt_format_version")
     if str(version) != PROMPT_FORMAT_VERSION:
-        raise ValueError(
+        raise InputError(
             f"{stats_file}: data rendered with prompt format {version}, this code uses {PROMPT_FORMAT_VERSION}; "
             "rebuild the dataset"
         )
     if not taxonomy.matches(stats.get("taxonomy") or {}):
-        raise ValueError(
+        raise InputError(
             f"{stats_file}: data built with other taxonomy categories than {taxonomy.path}; "
             "rebuild the dataset or pass --taxonomy_path"
         )
@@ -96,7 +170,7 @@ def check_pixel_bounds(
         if prepared is None or trained is None or trained <= prepared:
             continue
         default = " (the processor's default)"
-        raise ValueError(
+        raise InputError(
             f"{Path(dataset_path) / 'stats.json'}: token lengths were checked at {name}={prepared}"
             f"{default if tokens.get(name) is None else ''}, but training would use {name}={trained}"
             f"{default if training[position] is None else ''}: images would be longer than checked. "
@@ -136,7 +210,7 @@ def check_full_finetune_precision(model_args: ModelConfig, training_args: Traini
     if deepspeed_keeps_fp32_master(ds_config, bool(training_args.bf16), bool(training_args.fp16)):
         return
     where = "a DeepSpeed config without bf16/fp16 mixed precision" if ds_config else "no DeepSpeed config"
-    raise ValueError(
+    raise UsageError(
         f"full fine-tune (use_peft false) with dtype={model_args.dtype} and {where}: the optimizer would update "
         "16-bit weights with no fp32 master copy and round most updates away. Load the weights with "
         "--dtype float32 and train with --bf16 true (mixed precision), or launch under a DeepSpeed config "
@@ -193,7 +267,19 @@ def _log_evaluation_plan(training_args: TrainingArguments, train_rows: int) -> N
         )
 
 
-def _first(dataset, n: int | None):
+def _split(datasets: Mapping[str, Any], dataset_path: str | Path, name: str, flag: str) -> Any:
+    """A split that exists and has rows (TRL fails on an empty one with a bare StopIteration)."""
+    if name not in datasets:
+        raise InputError(f"{dataset_path}: no split {name!r} (it has {', '.join(datasets)}); set {flag}")
+    if len(datasets[name]) == 0:
+        hint = "; pass --eval_strategy no to train without evaluation" if flag == "--dataset_eval_split" else ""
+        raise InputError(f"{dataset_path}: split {name!r} has no rows (see its stats.json and quarantine.jsonl){hint}")
+    return datasets[name]
+
+
+def _first(dataset, n: int | None, flag: str):
+    if n is not None and n < 1:
+        raise UsageError(f"{flag} {n}: must be at least 1 (TRL cannot train or evaluate on no rows)")
     return dataset.select(range(min(n, len(dataset)))) if dataset is not None and n is not None else dataset
 
 
@@ -203,16 +289,27 @@ def build_trainer(
     taxonomy = load_taxonomy(script_args.taxonomy_path)
     check_dataset_contract(script_args.dataset_path, taxonomy)
     check_full_finetune_precision(model_args, training_args)  # before loading a multi-GB model
-    datasets = load_prepared(script_args.dataset_path)
-    train_dataset = _first(datasets[script_args.dataset_train_split], script_args.max_train_samples)
+    try:
+        datasets = load_prepared(script_args.dataset_path)
+    except FileNotFoundError as exc:
+        raise MissingInputError(str(exc)) from exc
+    train_dataset = _first(
+        _split(datasets, script_args.dataset_path, script_args.dataset_train_split, "--dataset_train_split"),
+        script_args.max_train_samples,
+        "--max_train_samples",
+    )
     eval_dataset = None
     if training_args.eval_strategy != "no":
-        eval_dataset = _first(datasets[script_args.dataset_eval_split], script_args.max_eval_samples)
+        eval_dataset = _first(
+            _split(datasets, script_args.dataset_path, script_args.dataset_eval_split, "--dataset_eval_split"),
+            script_args.max_eval_samples,
+            "--max_eval_samples",
+        )
     # Metadata columns (id, label, category) must reach the collator and the moderation eval.
     training_args.remove_unused_columns = False
     grouped = training_args.train_sampling_strategy in ("group_by_length", "batch_rebalance")
     if grouped and training_args.length_column_name not in train_dataset.column_names:
-        raise ValueError(
+        raise InputError(
             f"train_sampling_strategy={training_args.train_sampling_strategy!r} needs a "
             f"{training_args.length_column_name!r} column of token lengths in {script_args.dataset_path}: run "
             "data prep with --processor set to the model you train, or use --train_sampling_strategy random"
@@ -220,7 +317,10 @@ def build_trainer(
 
     # Unbounded first, to learn the processor's own bounds (what data prep's "None" bounds meant).
     unbounded = dataclasses.replace(script_args, min_pixels=None, max_pixels=None)
-    processor = build_processor(model_args, unbounded, training_args.trust_remote_code)
+    try:
+        processor = build_processor(model_args, unbounded, training_args.trust_remote_code)
+    except OSError as exc:  # transformers' "not a folder, not a Hub repo (or offline)" errors
+        raise MissingInputError(missing_model_message(model_args.model_name_or_path, exc)) from exc
     check_pixel_bounds(
         script_args.dataset_path,
         load_dataset_stats(script_args.dataset_path),
@@ -260,9 +360,22 @@ def build_trainer(
     return trainer, preemption
 
 
+def hub_token_to_environment(training_args: TrainingArguments) -> None:
+    """Move ``--hub_token`` into ``HF_TOKEN`` and off the arguments, before any Trainer sees them.
+
+    The Trainer pickles the whole ``TrainingArguments`` into ``training_args.bin`` of the run and of
+    every checkpoint (``Trainer._save``), and ``push_to_hub`` uploads those files. With the field
+    empty, huggingface_hub reads the token from ``HF_TOKEN`` for every download and upload instead.
+    """
+    if training_args.hub_token:
+        os.environ["HF_TOKEN"] = training_args.hub_token
+        training_args.hub_token = None
+
+
 def train(script_args: ModeratorScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> int:
     """Train; return 0 when finished, ``PREEMPTED_EXIT_CODE`` when stopped by SIGTERM after a checkpoint."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    hub_token_to_environment(training_args)
     trainer, preemption = build_trainer(script_args, training_args, model_args)
     checkpoint = resume_checkpoint(training_args, script_args.fresh_start)
     if checkpoint and trainer.is_world_process_zero():
