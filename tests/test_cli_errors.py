@@ -184,3 +184,25 @@ def test_run_cli_keeps_tracebacks_for_bugs_and_catches_only_user_errors(capsys, 
         run_cli(fails_with(ValueError("tensor shapes")), [])
     assert run_cli(fails_with(LookupError("listed")), [], user_errors=(LookupError,)) == USER_ERROR_EXIT_CODE
     assert run_cli(lambda argv: 3, ["a"]) == 3 and run_cli(lambda argv: None, []) == 0
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        (
+            None,
+            "error: runs/demo/base not found: run `make demo` or `python -m tiny_models.moderator runs/demo/base` first",
+        ),
+        ("/nonexistent/model", "error: /nonexistent/model not found (no such folder, and not a Hugging Face Hub id)"),
+    ],
+)
+def test_sft_with_a_missing_model_says_what_to_run(prepared_data_dir, tmp_path, capsys, monkeypatch, model, expected):
+    from train.sft import main
+
+    monkeypatch.delenv("SAFEMT_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["train/sft.py"])
+    monkeypatch.chdir(tmp_path)  # a fresh clone: no runs/demo/base (the tiny recipe's model)
+    argv = ["--config", TINY_RECIPE, "--dataset_path", str(prepared_data_dir), "--output_dir", str(tmp_path / "out")]
+    argv += ["--model_name_or_path", model] if model else []
+    assert run_cli(main, argv) == USER_ERROR_EXIT_CODE
+    assert capsys.readouterr().err.splitlines() == [expected]
