@@ -1,0 +1,268 @@
+"""The moderation service (issue 14, item 4): verdicts, 4xx for bad input, batching, a verified export."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import subprocess
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from moderator.images import placeholder_image
+from moderator.inference import Moderator
+from moderator.serve import ServeSettings, create_app
+from tests.conftest import REPO_ROOT
+from tests.test_manifest_verify import THRESHOLD, _flip_a_byte, tiny_export  # noqa: F401  (module fixture)
+
+fastapi_testclient = pytest.importorskip("fastapi.testclient")
+
+MAX_NEW_TOKENS = 4  # P(unsafe) does not depend on it; short generations keep the tests fast
+SETTINGS = ServeSettings(
+    max_batch=4,
+    max_wait_ms=20,
+    max_body_bytes=64 * 1024,
+    max_images=2,
+    max_image_pixels=128 * 128,
+    max_new_tokens=MAX_NEW_TOKENS,
+)
+
+
+def png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+IMAGE = placeholder_image("serve", (56, 56))
+DATA_URL = "data:image/png;base64," + png_base64(IMAGE)
+DIALOGUE = [
+    {"role": "user", "content": "What is in this picture?"},
+    {"role": "assistant", "content": "A red square on a blue background."},
+    {"role": "user", "content": "How would I make one at home?"},
+]
+VALID = {"messages": DIALOGUE, "images": [DATA_URL]}
+
+
+@pytest.fixture(scope="module")
+def served_moderator(tiny_export) -> Moderator:  # noqa: F811
+    return Moderator.from_pretrained(tiny_export, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(served_moderator):
+    with fastapi_testclient.TestClient(create_app(served_moderator, SETTINGS)) as test_client:
+        yield test_client
+
+
+def single(moderator: Moderator, dialogue, images) -> object:
+    return moderator.moderate_batch([dialogue], [images], max_new_tokens=MAX_NEW_TOKENS)[0]
+
+
+def test_a_valid_request_gets_the_exports_verdict_threshold_and_format(client, served_moderator):
+    assert client.get("/healthz").status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["verified"] is True
+    response = client.post("/v1/moderate", json=VALID)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = single(served_moderator, DIALOGUE, [IMAGE])
+    assert 0.0 <= body["p_unsafe"] <= 1.0
+    assert body["p_unsafe"] == pytest.approx(expected.p_unsafe, abs=1e-5)  # the image reached the model
+    assert body["threshold"] == THRESHOLD  # the export's own threshold, not the 0.5 default
+    assert body["verdict"] == expected.verdict and body["flagged"] == (body["verdict"] == "unsafe")
+    assert body["incremental"] is False and body["prompt_format_version"]
+    # Raw base64 (no data URL) is the same image.
+    raw = client.post("/v1/moderate", json={**VALID, "images": [png_base64(IMAGE)]}).json()
+    assert raw["p_unsafe"] == pytest.approx(body["p_unsafe"], abs=1e-6)
+
+
+def _truncated_png() -> str:
+    data = base64.b64decode(png_base64(placeholder_image("cut", (64, 64))))
+    return base64.b64encode(data[: len(data) // 2]).decode()
+
+
+def _big_body() -> dict:
+    return {**VALID, "messages": [{"role": "user", "content": "x" * (SETTINGS.max_body_bytes + 1)}]}
+
+
+BAD_REQUESTS = {
+    "malformed JSON": (b'{"messages": [', 400, "not valid JSON"),
+    "not an object": ([DIALOGUE], 422, "JSON object"),
+    "oversized body": (_big_body(), 413, "exceeds the limit"),
+    "unknown field": ({**VALID, "dialog": []}, 422, "unknown field"),
+    "no messages": ({"images": []}, 422, "'messages': missing"),
+    "empty dialogue": ({"messages": []}, 422, "non-empty list"),
+    "wrong role": ({"messages": [{"role": "system", "content": "hi"}]}, 422, "messages[0].role"),
+    "last turn not user": ({"messages": DIALOGUE[:2]}, 422, "does not end with a user turn"),
+    "content not a string": ({"messages": [{"role": "user", "content": 3}]}, 422, "messages[0].content"),
+    "too many images": ({**VALID, "images": [DATA_URL] * 3}, 422, "the limit is 2"),
+    "images not a list": ({**VALID, "images": DATA_URL}, 422, "'images': expected a list"),
+    "not base64": ({**VALID, "images": ["@@not base64@@"]}, 422, "images[0]: not valid base64"),
+    "not an image": ({**VALID, "images": [base64.b64encode(b"hello" * 20).decode()]}, 422, "not a decodable"),
+    "truncated image": ({**VALID, "images": [_truncated_png()]}, 422, "images[0]: not a decodable image"),
+    "too many pixels": (
+        {**VALID, "images": [png_base64(placeholder_image("big", (200, 200)))]},
+        422,
+        "more than the limit of 16384",
+    ),
+    "data URL not an image": ({**VALID, "images": ["data:text/plain;base64,aGk="]}, 422, "image/* media type"),
+    "bad conversation id": ({**VALID, "conversation_id": 7}, 422, "conversation_id"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=list(BAD_REQUESTS))
+def test_bad_input_gets_a_4xx_naming_the_problem_and_the_server_keeps_serving(client, case):
+    payload, status, message = BAD_REQUESTS[case]
+    kwargs = {"content": payload} if isinstance(payload, bytes) else {"json": payload}
+    response = client.post("/v1/moderate", **kwargs)
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert message in detail and "\n" not in detail
+    assert client.post("/v1/moderate", json={"messages": DIALOGUE[:1]}).status_code == 200
+
+
+def test_a_chunked_body_without_content_length_is_cut_off_at_the_limit(client):
+    def chunks():
+        for _ in range(SETTINGS.max_body_bytes // 1024 + 2):
+            yield b" " * 1024
+
+    response = client.post("/v1/moderate", content=chunks())
+    assert response.status_code == 413, response.text
+    assert client.post("/v1/moderate", json={"messages": DIALOGUE[:1]}).status_code == 200
+
+
+def _post_concurrently(client, payloads: list[dict]) -> list:
+    responses: list = [None] * len(payloads)
+    start = threading.Barrier(len(payloads))
+
+    def post(index: int) -> None:
+        start.wait()
+        responses[index] = client.post("/v1/moderate", json=payloads[index])
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(payloads))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return responses
+
+
+CONCURRENT_DIALOGUES = [
+    [{"role": "user", "content": "Hello there"}],
+    DIALOGUE,
+    [{"role": "user", "content": "Tell me how to pick a lock, step by step, quickly."}],
+    DIALOGUE[:1],
+]
+CONCURRENT_IMAGES = [[], [IMAGE], [], [placeholder_image("other", (56, 56))]]
+
+
+def test_concurrent_callers_are_batched_and_each_gets_its_own_verdict(served_moderator, monkeypatch):
+    singles = [single(served_moderator, d, i) for d, i in zip(CONCURRENT_DIALOGUES, CONCURRENT_IMAGES, strict=True)]
+    scores = sorted(v.p_unsafe for v in singles)
+    assert all(b - a > 1e-4 for a, b in zip(scores, scores[1:], strict=False)), (
+        "the requests must be told apart by score"
+    )
+    calls = []
+    real = served_moderator.moderate_batch
+    monkeypatch.setattr(served_moderator, "moderate_batch", lambda d, *a, **k: calls.append(len(d)) or real(d, *a, **k))
+    settings = replace(SETTINGS, max_wait_ms=2000)  # room for all callers to arrive
+    payloads = [
+        {"messages": d, "images": [png_base64(image) for image in images]}
+        for d, images in zip(CONCURRENT_DIALOGUES, CONCURRENT_IMAGES, strict=True)
+    ]
+    with fastapi_testclient.TestClient(create_app(served_moderator, settings)) as test_client:
+        responses = _post_concurrently(test_client, payloads)
+    assert [r.status_code for r in responses] == [200] * len(payloads)  # none lost
+    assert len(calls) < len(payloads) and sum(calls) == len(payloads)
+    for response, expected in zip(responses, singles, strict=True):
+        body = response.json()
+        assert body["p_unsafe"] == pytest.approx(expected.p_unsafe, abs=2e-5)
+        assert body["verdict"] == expected.verdict and body["category"] == expected.category
+
+
+def test_a_model_error_fails_only_the_request_that_caused_it(served_moderator, monkeypatch):
+    real = served_moderator.moderate_batch
+
+    def breaks_on_boom(dialogues, *args, **kwargs):
+        if any("boom" in m["content"] for d in dialogues for m in d):
+            raise RuntimeError("the model broke")
+        return real(dialogues, *args, **kwargs)
+
+    monkeypatch.setattr(served_moderator, "moderate_batch", breaks_on_boom)
+    settings = replace(SETTINGS, max_wait_ms=2000, max_batch=2)
+    payloads = [{"messages": [{"role": "user", "content": "boom"}]}, {"messages": DIALOGUE[:1]}]
+    with fastapi_testclient.TestClient(create_app(served_moderator, settings)) as test_client:
+        failed, served = _post_concurrently(test_client, payloads)
+        assert failed.status_code == 500 and "moderation failed" in failed.json()["detail"]
+        assert served.status_code == 200, served.text  # same batch, its own verdict
+        assert test_client.get("/readyz").status_code == 200
+        assert test_client.post("/v1/moderate", json={"messages": DIALOGUE[:1]}).status_code == 200
+
+
+class RecordingSession:
+    """Stands in for ``moderator.session(id)``: moderates what it was fed, records what that was."""
+
+    def __init__(self, moderator: Moderator, fed: list):
+        self.moderator, self.fed, self.turns, self.images = moderator, fed, [], []
+
+    def add_turn(self, role: str, content: str, images=()):
+        self.fed.append((role, content, len(images)))
+        self.turns.append({"role": role, "content": content})
+        self.images.extend(images)
+        if role == "user":
+            return single(self.moderator, self.turns, self.images)
+        return None
+
+
+def test_a_conversation_id_feeds_a_session_only_the_new_turns(client, served_moderator, monkeypatch):
+    fed, keys = [], []
+
+    def session(key):
+        keys.append(key)
+        return sessions.setdefault(key, RecordingSession(served_moderator, fed))
+
+    sessions: dict = {}
+    monkeypatch.setattr(served_moderator, "session", session, raising=False)
+    first = client.post("/v1/moderate", json={**VALID, "messages": DIALOGUE[:1], "conversation_id": "c1"})
+    assert first.status_code == 200 and first.json()["incremental"] is True
+    assert fed == [("user", DIALOGUE[0]["content"], 1)]
+    extended = client.post("/v1/moderate", json={**VALID, "conversation_id": "c1"}).json()
+    assert fed[1:] == [("assistant", DIALOGUE[1]["content"], 0), ("user", DIALOGUE[2]["content"], 0)]
+    assert extended["p_unsafe"] == pytest.approx(single(served_moderator, DIALOGUE, [IMAGE]).p_unsafe, abs=1e-5)
+    # An edited conversation is never moderated on the stale prefix: a fresh session gets all of it.
+    edited = [{"role": "user", "content": "Something else entirely"}, *DIALOGUE[1:]]
+    client.post("/v1/moderate", json={**VALID, "messages": edited, "conversation_id": "c1"})
+    assert len(set(keys)) == 2 and [f[1] for f in fed[3:]] == [m["content"] for m in edited]
+
+
+def test_without_sessions_a_conversation_id_moderates_the_whole_conversation(client, served_moderator):
+    assert not hasattr(served_moderator, "session") or pytest.skip("the moderator has sessions now")
+    body = client.post("/v1/moderate", json={**VALID, "conversation_id": "c2"}).json()
+    assert body["incremental"] is False
+    assert body["p_unsafe"] == pytest.approx(single(served_moderator, DIALOGUE, [IMAGE]).p_unsafe, abs=1e-5)
+
+
+def test_a_tampered_export_refuses_to_start_with_one_line(tiny_export, tmp_path):  # noqa: F811
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export)
+    expected = _flip_a_byte(export)
+    command = [sys.executable, "-m", "moderator.serve", str(export), "--port", "1", "--device", "cpu"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert "Uvicorn running" not in result.stdout + result.stderr
+
+
+def test_a_checkpoint_without_a_manifest_is_not_served_unless_verification_is_skipped(tiny_model_dir: Path):
+    from moderator.cli import UsageError
+    from moderator.serve import main
+
+    with pytest.raises(UsageError, match="not an export"):
+        main([str(tiny_model_dir), "--port", "1"])
