@@ -270,6 +270,13 @@ def test_resume_skips_torn_checkpoints_for_the_newest_complete_one(
     with pytest.raises(ValueError, match=r"torn-checkpoint-6: no trainer_state\.json"):
         resume_checkpoint(training_args, fresh_start=False)
 
+    # Nothing complete at all: training starts over, and says so.
+    only_torn = tmp_path / "only-torn"
+    (only_torn / "checkpoint-2").mkdir(parents=True)
+    training_args.resume_from_checkpoint, training_args.output_dir = None, str(only_torn)
+    assert resume_checkpoint(training_args, fresh_start=False) is None
+    assert "empty folder; moved to" in caplog.text and "no complete checkpoint: training from step 0" in caplog.text
+
 
 @pytest.mark.parametrize(
     ("tear", "problem"),

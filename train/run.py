@@ -59,13 +59,10 @@ def resume_checkpoint(training_args: SFTConfig, fresh_start: bool) -> str | None
                 moved = f"; moved to {set_aside(path)}"
             except OSError as exc:
                 moved = f"; could not move it aside ({exc.strerror or exc})"
-        logger.warning(
-            "skipping torn checkpoint %s: %s%s; resuming from %s instead",
-            path,
-            problem,
-            moved,
-            checkpoint or "scratch (no complete checkpoint)",
+        instead = (
+            f"resuming from {checkpoint} instead" if checkpoint else "no complete checkpoint: training from step 0"
         )
+        logger.warning("skipping torn checkpoint %s: %s%s; %s", path, problem, moved, instead)
     return str(checkpoint) if checkpoint else None
 
 
