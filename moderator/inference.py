@@ -2,7 +2,9 @@
 
 This is what eval, export's equivalence check and the serving stack import. P(unsafe) is read
 from the logits at the verdict position (a calibrated score for thresholds and AUPRC); the
-category and intent come from greedy generation parsed by the shared, fail-closed parser.
+category and intent come from greedy generation parsed by the shared, fail-closed parser. Both come
+from one ``generate`` call (``Moderator.generate_with_scores``); ``Moderator.p_unsafe`` is the
+scoring pass alone (the trainer's score-only eval).
 """
 
 from __future__ import annotations
@@ -288,27 +290,71 @@ class Moderator:
     def moderate_texts(
         self, texts: list[str], images: Sequence[Sequence[Any]], max_new_tokens: int = 64
     ) -> list[Verdict]:
-        scores = self.p_unsafe(texts, images)
-        raws = self.generate(texts, images, max_new_tokens=max_new_tokens)
-        verdicts = []
-        for raw, score in zip(raws, scores, strict=True):
-            parsed = parse_verdict(raw, self.taxonomy)
-            # The calibrated score decides the flag; the text supplies category and intent. An
-            # unparseable answer flags regardless (fail-closed) and is reported via parse_error.
-            flagged = score >= self.threshold or parsed.parse_error
-            category = (parsed.category or UNKNOWN_CATEGORY) if flagged else None
-            verdicts.append(
-                Verdict(
-                    verdict="unsafe" if flagged else "safe",
-                    category=category,
-                    intent=parsed.intent if flagged else None,
-                    p_unsafe=score,
-                    policy=self.taxonomy.policy_for(category) if category else None,
-                    parse_error=parsed.parse_error,
-                    raw=raw,
-                )
-            )
-        return verdicts
+        return [self._verdict(raw, score) for raw, score in self.generate_with_scores(texts, images, max_new_tokens)]
+
+    @torch.no_grad()
+    def generate_with_scores(
+        self, texts: list[str], images: Sequence[Sequence[Any]], max_new_tokens: int = 64
+    ) -> list[tuple[str, float]]:
+        """Greedy answers and their P(unsafe), from one ``generate`` call (each image encoded once).
+
+        P(unsafe) is read from the logits of the step that follows the generated ``verdict: `` prefix
+        tokens: the same position and the same value (within float rounding) as :meth:`p_unsafe`, which
+        appends the prefix to the prompt. A row whose answer does not start with exactly those prefix
+        tokens (an untrained or drifting model; ``max_new_tokens`` too small to reach the verdict) has
+        no verdict position in its generation: for those rows only, P(unsafe) comes from the scoring
+        pass (:meth:`p_unsafe`), so the score never depends on whether the answer parsed. Such an
+        answer does not parse either, so its verdict stays fail-closed (``unsafe``, ``parse_error``).
+        """
+        raws, scores, _ = self._generate_scored(self._inputs(texts, images), max_new_tokens)
+        missing = [row for row, score in enumerate(scores) if score is None]
+        if missing:
+            fallback = self.p_unsafe([texts[row] for row in missing], [images[row] for row in missing])
+            for row, score in zip(missing, fallback, strict=True):
+                scores[row] = score
+        return list(zip(raws, scores, strict=True))
+
+    def _generate_scored(
+        self, inputs: Mapping[str, Any], max_new_tokens: int, **generate_kwargs: Any
+    ) -> tuple[list[str], list[float | None], Any]:
+        """``generate`` once; P(unsafe) per row at its verdict position, None where the prefix was not generated."""
+        out = self.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            output_logits=True,  # raw logits, as the scoring pass reads them (scores are post-processor)
+            return_dict_in_generate=True,
+            **generate_kwargs,
+        )
+        generated = out.sequences[:, inputs["input_ids"].shape[1] :]
+        raws = self.processor.batch_decode(generated, skip_special_tokens=True)
+        position = len(self._prefix)  # the step after the prefix tokens predicts safe/unsafe
+        prefix = torch.tensor(self._prefix, dtype=generated.dtype, device=generated.device)
+        scores: list[float | None] = []
+        for row in range(generated.shape[0]):
+            if position < len(out.logits) and torch.equal(generated[row, :position], prefix):
+                logits = out.logits[position][row]
+                pair = torch.stack([logits[self._safe_id], logits[self._unsafe_id]]).float()
+                scores.append(pair.softmax(dim=-1)[1].item())
+            else:
+                scores.append(None)
+        return raws, scores, out.past_key_values
+
+    def _verdict(self, raw: str, score: float) -> Verdict:
+        parsed = parse_verdict(raw, self.taxonomy)
+        # The calibrated score decides the flag; the text supplies category and intent. An
+        # unparseable answer flags regardless (fail-closed) and is reported via parse_error.
+        flagged = score >= self.threshold or parsed.parse_error
+        category = (parsed.category or UNKNOWN_CATEGORY) if flagged else None
+        return Verdict(
+            verdict="unsafe" if flagged else "safe",
+            category=category,
+            intent=parsed.intent if flagged else None,
+            p_unsafe=score,
+            policy=self.taxonomy.policy_for(category) if category else None,
+            parse_error=parsed.parse_error,
+            raw=raw,
+        )
 
     def moderate(
         self,

@@ -1,4 +1,5 @@
 import json
+from contextlib import contextmanager
 
 import pytest
 from PIL import Image
@@ -43,12 +44,12 @@ def test_untrained_output_is_fail_closed_and_scores_are_probabilities(moderator)
 
 def test_threshold_decides_when_the_answer_parses(moderator, monkeypatch):
     dialogues, images = _dialogues()
+    answer = "verdict: unsafe\ncategory: fraud\nintent: scam people"
+    score = 0.37
     monkeypatch.setattr(
-        moderator,
-        "generate",
-        lambda texts, images, max_new_tokens=64: ["verdict: unsafe\ncategory: fraud\nintent: scam people"] * len(texts),
+        moderator, "generate_with_scores", lambda texts, images, max_new_tokens=64: [(answer, score)] * len(texts)
     )
-    score = moderator.moderate(dialogues[0], images[0]).p_unsafe
+    assert moderator.moderate(dialogues[0], images[0]).p_unsafe == score
     moderator.threshold = score + 1e-6
     assert moderator.moderate(dialogues[0], images[0]).verdict == "safe"
     moderator.threshold = score - 1e-6
@@ -56,6 +57,82 @@ def test_threshold_decides_when_the_answer_parses(moderator, monkeypatch):
     assert flagged.verdict == "unsafe" and flagged.category == "fraud"
     assert flagged.policy == moderator.taxonomy.by_id["fraud"].policy
     moderator.threshold = 0.5
+
+
+@contextmanager
+def verdict_prefix_nudged(moderator, rows=None):
+    """Make the random tiny model generate the ``verdict: `` prefix (on batch ``rows``; None: all).
+
+    A forward hook adds a large logit to the next prefix token after the generation prompt's last
+    token and after each prefix token. The safe/unsafe logits at the verdict position are untouched,
+    so P(unsafe) is still the random model's own score. Also counts the forward passes that process
+    a whole prompt (prefills) and the ``generate`` calls.
+    """
+    prefix = moderator._prefix
+    prompt_end = moderator._inputs(moderator.prompt_texts(*_one_dialogue()), [[]])["input_ids"][0, -1].item()
+    following = {prompt_end: prefix[0], **{prefix[i]: prefix[i + 1] for i in range(len(prefix) - 1)}}
+    counts = {"prefills": 0, "generate": 0}
+
+    def hook(module, args, kwargs, output):
+        input_ids = kwargs["input_ids"]
+        counts["prefills"] += input_ids.shape[1] > 1
+        for row in range(input_ids.shape[0]):
+            target = following.get(input_ids[row, -1].item())
+            if target is not None and (rows is None or row in rows):
+                output.logits[row, -1, target] += 1e3
+
+    generate = moderator.model.generate
+
+    def counting_generate(*args, **kwargs):
+        counts["generate"] += 1
+        return generate(*args, **kwargs)
+
+    handle = moderator.model.register_forward_hook(hook, with_kwargs=True)
+    moderator.model.generate = counting_generate
+    try:
+        yield counts
+    finally:
+        handle.remove()
+        del moderator.model.generate
+
+
+def _one_dialogue():
+    return [[{"role": "user", "content": "hi"}]], [[]]
+
+
+def test_one_generate_pass_gives_the_scoring_pass_value_when_the_verdict_prefix_is_generated(moderator):
+    # Bug caught: a second (scoring) forward per decision, or the score read at the wrong step
+    # (the first generated step, or the step of the verdict word's successor).
+    dialogues, images = _dialogues()
+    texts = moderator.prompt_texts(dialogues, [[0]] * len(dialogues))
+    with verdict_prefix_nudged(moderator) as counts:
+        verdicts = moderator.moderate_batch(dialogues, images, max_new_tokens=4)
+        assert counts == {"prefills": 1, "generate": 1}  # one pass: no separate scoring forward
+        two_pass = moderator.p_unsafe(texts, images)
+    assert all(v.raw.startswith("verdict:") for v in verdicts)
+    for verdict, score in zip(verdicts, two_pass, strict=True):
+        assert verdict.p_unsafe == pytest.approx(score, abs=1e-5)
+    assert len({round(v.p_unsafe, 6) for v in verdicts}) == len(verdicts)  # per-row scores, not row 0's
+
+
+def test_rows_without_the_verdict_prefix_are_scored_by_the_scoring_pass_and_fail_closed(moderator):
+    # Row 1 generates the prefix, rows 0 and 2 do not (as the untrained model never does): those two
+    # get the scoring pass's P(unsafe) (one extra pass for just them) and a fail-closed verdict.
+    dialogues, images = _dialogues()
+    texts = moderator.prompt_texts(dialogues, [[0]] * len(dialogues))
+    with verdict_prefix_nudged(moderator, rows={1}) as counts:
+        verdicts = moderator.moderate_batch(dialogues, images, max_new_tokens=4)
+        assert counts == {"prefills": 2, "generate": 1}
+        two_pass = moderator.p_unsafe(texts, images)
+    assert [v.raw.startswith("verdict:") for v in verdicts] == [False, True, False]
+    for verdict, score in zip(verdicts, two_pass, strict=True):
+        assert verdict.p_unsafe == pytest.approx(score, abs=1e-4)  # rows 0, 2: scored in a batch of two
+    for verdict in (verdicts[0], verdicts[2]):
+        assert verdict.parse_error and verdict.verdict == "unsafe" and verdict.category == UNKNOWN_CATEGORY
+    # Too few new tokens to reach the verdict position: scored by the scoring pass, never left unscored.
+    with verdict_prefix_nudged(moderator):
+        short = moderator.moderate_batch(dialogues, images, max_new_tokens=len(moderator._prefix))
+    assert [v.p_unsafe for v in short] == pytest.approx(two_pass, abs=1e-4)
 
 
 def test_the_loader_pads_left_and_a_right_padded_processor_is_refused_not_changed(moderator, tiny_model_dir):
