@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from PIL import Image
 
 from moderator.images import placeholder_image
 from moderator.inference import Moderator
+from moderator.manifest import HASH_CACHE_ENV
 from moderator.serve import ServeSettings, create_app
 from tests.conftest import REPO_ROOT
 from tests.test_manifest_verify import THRESHOLD, _flip_a_byte, tiny_export  # noqa: F401  (module fixture)
@@ -47,6 +49,7 @@ DIALOGUE = [
     {"role": "user", "content": "How would I make one at home?"},
 ]
 VALID = {"messages": DIALOGUE, "images": [DATA_URL]}
+SUBPROCESS_ENV = {**os.environ, HASH_CACHE_ENV: "off"}  # the user's hash cache stays untouched
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +85,11 @@ def test_a_valid_request_gets_the_exports_verdict_threshold_and_format(client, s
     assert raw["p_unsafe"] == pytest.approx(body["p_unsafe"], abs=1e-6)
 
 
-def _truncated_png() -> str:
-    data = base64.b64decode(png_base64(placeholder_image("cut", (64, 64))))
-    return base64.b64encode(data[: len(data) // 2]).decode()
+def _truncated_jpeg() -> str:
+    # A JPEG cut off halfway passes PIL's verify(); only decoding it all (load) notices.
+    buffer = io.BytesIO()
+    Image.effect_noise((128, 128), 80).convert("RGB").save(buffer, format="JPEG")  # noise: mostly pixel data
+    return base64.b64encode(buffer.getvalue()[: buffer.tell() * 3 // 4]).decode()
 
 
 def _big_body() -> dict:
@@ -105,7 +110,7 @@ BAD_REQUESTS = {
     "images not a list": ({**VALID, "images": DATA_URL}, 422, "'images': expected a list"),
     "not base64": ({**VALID, "images": ["@@not base64@@"]}, 422, "images[0]: not valid base64"),
     "not an image": ({**VALID, "images": [base64.b64encode(b"hello" * 20).decode()]}, 422, "not a decodable"),
-    "truncated image": ({**VALID, "images": [_truncated_png()]}, 422, "images[0]: not a decodable image"),
+    "truncated image": ({**VALID, "images": [_truncated_jpeg()]}, 422, "images[0]: not a decodable image"),
     "too many pixels": (
         {**VALID, "images": [png_base64(placeholder_image("big", (200, 200)))]},
         422,
@@ -253,7 +258,7 @@ def test_a_tampered_export_refuses_to_start_with_one_line(tiny_export, tmp_path)
     shutil.copytree(tiny_export, export)
     expected = _flip_a_byte(export)
     command = [sys.executable, "-m", "moderator.serve", str(export), "--port", "1", "--device", "cpu"]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, cwd=REPO_ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
@@ -266,3 +271,54 @@ def test_a_checkpoint_without_a_manifest_is_not_served_unless_verification_is_sk
 
     with pytest.raises(UsageError, match="not an export"):
         main([str(tiny_model_dir), "--port", "1"])
+
+
+def test_the_command_serves_a_verified_export_on_loopback_and_loses_no_request(tiny_export, tmp_path):  # noqa: F811
+    import json
+    import time
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.conftest import LOOPBACK, _free_port
+
+    port = _free_port()
+    url = f"http://{LOOPBACK}:{port}"
+    command = [sys.executable, "-m", "moderator.serve", str(tiny_export), "--host", LOOPBACK, "--port", str(port)]
+    command += [
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        str(MAX_NEW_TOKENS),
+        "--max-batch",
+        "4",
+        "--log-level",
+        "warning",
+    ]
+    with (tmp_path / "serve.log").open("w") as log:
+        server = subprocess.Popen(command, cwd=REPO_ROOT, env=SUBPROCESS_ENV, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=2) as ready:
+                    assert json.load(ready)["verified"] is True
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the service did not become ready"
+                time.sleep(0.3)
+
+        def post(index: int) -> dict:
+            payload = {"messages": [{"role": "user", "content": f"request {index}"}], "images": [DATA_URL]}
+            request = urllib.request.Request(
+                f"{url}/v1/moderate", json.dumps(payload).encode(), {"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return json.load(response)
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            answers = list(pool.map(post, range(8)))
+        assert len(answers) == 8 and all(a["threshold"] == THRESHOLD and 0 <= a["p_unsafe"] <= 1 for a in answers)
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
