@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 try:  # the serving extra; without it the command says what to install instead of a traceback
     from fastapi import FastAPI, Request
@@ -60,6 +60,8 @@ logger = logging.getLogger("moderator.serve")
 
 # Images of a request belong to the first user turn (the SafeMT contract: moderator/schema.py).
 IMAGE_TURN = SAFEMT_IMAGE_TURNS[0]
+# Formats PIL decodes in-process; others are refused (EPS, for one, would run Ghostscript on the bytes).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 SERVE_EXTRA_MISSING = "serving needs fastapi and uvicorn: pip install 'safemt-moderator[serve]'"
 _DATA_URL = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*),(?P<data>.*)$", re.DOTALL)
 
@@ -131,18 +133,20 @@ def decode_image(value: Any, where: str, max_pixels: int) -> tuple[Image.Image, 
         with warnings.catch_warnings():
             # Our own pixel limit decides; PIL's bomb warning would only add noise to the log.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as header:
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as header:
                 width, height = header.size
                 if width * height > max_pixels:
                     raise BadRequest(
                         422, f"{where}: image is {width}x{height} pixels, more than the limit of {max_pixels}"
                     )
                 header.verify()
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
                 image.load()
                 rgb = image.convert("RGB")
     except BadRequest:
         raise
+    except UnidentifiedImageError:
+        raise BadRequest(422, f"{where}: not a {'/'.join(IMAGE_FORMATS)} image") from None
     except Exception as exc:  # PIL raises many types for bad bytes; all mean "not a usable image"
         reason = next(iter(str(exc).splitlines()), "") or type(exc).__name__
         raise BadRequest(422, f"{where}: not a decodable image ({reason})") from None

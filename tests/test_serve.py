@@ -92,6 +92,12 @@ def _truncated_jpeg() -> str:
     return base64.b64encode(buffer.getvalue()[: buffer.tell() * 3 // 4]).decode()
 
 
+def _tiff() -> str:
+    buffer = io.BytesIO()
+    IMAGE.save(buffer, format="TIFF")  # PIL decodes it, but the service only takes the web formats
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def _big_body() -> dict:
     return {**VALID, "messages": [{"role": "user", "content": "x" * (SETTINGS.max_body_bytes + 1)}]}
 
@@ -109,7 +115,8 @@ BAD_REQUESTS = {
     "too many images": ({**VALID, "images": [DATA_URL] * 3}, 422, "the limit is 2"),
     "images not a list": ({**VALID, "images": DATA_URL}, 422, "'images': expected a list"),
     "not base64": ({**VALID, "images": ["@@not base64@@"]}, 422, "images[0]: not valid base64"),
-    "not an image": ({**VALID, "images": [base64.b64encode(b"hello" * 20).decode()]}, 422, "not a decodable"),
+    "not an image": ({**VALID, "images": [base64.b64encode(b"hello" * 20).decode()]}, 422, "not a PNG/JPEG"),
+    "format not allowed": ({**VALID, "images": [_tiff()]}, 422, "not a PNG/JPEG/WEBP/GIF/BMP image"),
     "truncated image": ({**VALID, "images": [_truncated_jpeg()]}, 422, "images[0]: not a decodable image"),
     "too many pixels": (
         {**VALID, "images": [png_base64(placeholder_image("big", (200, 200)))]},
