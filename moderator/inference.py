@@ -9,6 +9,7 @@ scoring pass alone (the trainer's score-only eval).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,7 @@ from moderator.contract import (
     MODERATOR_CONFIG_FILE,
     PROMPT_FORMAT_VERSION,
     TAXONOMY_FILE,
+    DialogueError,
     parse_verdict,
     render_moderator_messages,
     verdict_choice_token_ids,
@@ -178,6 +180,58 @@ def local_checkpoint(path: str | Path, revision: str | None = None) -> Path:
         ) from None
 
 
+# Inputs that carry pixels, dropped when their image's tokens are already in a reused cache.
+_VISION_PIXEL_INPUTS = ("pixel_values", "pixel_values_videos")
+
+
+class PrefixCache:
+    """One conversation's prompt token ids and their key/value cache, for ``Moderator.moderate_extended``."""
+
+    def __init__(self) -> None:
+        self.input_ids: torch.Tensor | None = None
+        self.pixels = ""
+        self.cache: Any = None
+        self.reused_tokens = 0  # last call: tokens taken from the cache instead of being run
+        self.run_tokens = 0  # last call: prompt tokens run through the model
+
+    @property
+    def cached_tokens(self) -> int:
+        return 0 if self.cache is None else int(self.cache.get_seq_length())
+
+    def reusable_length(self, input_ids: torch.Tensor, pixels: str, image_token_ids: Sequence[int]) -> int:
+        """How many leading tokens of ``input_ids`` the cache can stand for (0: start over).
+
+        ``pixels`` is the digest of this prompt's pixel inputs (``pixel_digest``): other images behind
+        the same placeholder tokens (an edited image of the same size) make the cache stale.
+        """
+        if self.cache is None or self.input_ids is None or pixels != self.pixels:
+            return 0
+        limit = min(len(self.input_ids), len(input_ids) - 1)  # at least one token must be run
+        same = (self.input_ids[:limit].to(input_ids.device) == input_ids[:limit]).long()
+        common = int(same.cumprod(0).sum())
+        if common == 0 or bool(torch.isin(input_ids[common:], torch.tensor(image_token_ids)).any()):
+            return 0
+        return common
+
+    def update(self, input_ids: torch.Tensor, pixels: str, cache: Any, reused: int) -> None:
+        self.input_ids, self.pixels, self.cache = input_ids.detach().cpu(), pixels, cache
+        self.reused_tokens, self.run_tokens = reused, len(input_ids) - reused
+
+    def clear(self) -> None:
+        self.input_ids, self.pixels, self.cache = None, "", None
+
+
+def pixel_digest(inputs: Mapping[str, Any]) -> str:
+    """SHA-256 of a prompt's pixel inputs and image grids (what its image placeholder tokens stand for)."""
+    digest = hashlib.sha256()
+    for key in (*_VISION_PIXEL_INPUTS, "image_grid_thw", "video_grid_thw"):
+        value = inputs.get(key)
+        if value is not None:
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class Moderator:
     def __init__(self, model: Any, processor: Any, taxonomy: Taxonomy | None = None, threshold: float = 0.5):
         # Batched scoring reads the last position and generation appends there. The loader sets left
@@ -189,6 +243,11 @@ class Moderator:
         self.taxonomy = taxonomy or load_taxonomy()
         self.threshold = check_threshold(threshold, "Moderator threshold")
         self._prefix, self._safe_id, self._unsafe_id = verdict_choice_token_ids(processor.tokenizer)
+        config = getattr(model, "config", None)
+        self._image_token_ids = [
+            token for name in ("image_token_id", "video_token_id") if (token := getattr(config, name, None)) is not None
+        ]
+        self._rope_delta_modules = [module for module in model.modules() if hasattr(module, "rope_deltas")]
 
     @classmethod
     def from_pretrained(
@@ -364,6 +423,80 @@ class Moderator:
     ) -> Verdict:
         turns = None if image_turns is None else [image_turns]
         return self.moderate_batch([dialogue], [list(images)], turns)[0]
+
+    def moderate_turns(
+        self,
+        dialogue: Sequence[Mapping[str, Any]],
+        images: Sequence[Any] = (),
+        image_turns: Sequence[int] | None = None,
+        max_new_tokens: int = 64,
+    ) -> list[Verdict]:
+        """One verdict per user turn: the verdict on the conversation up to and including that turn.
+
+        Equal to ``moderate(dialogue[: i + 1], ...)`` for each user turn ``i`` (an image counts from the
+        turn that carries it), but each turn reuses the key/value cache of the transcript the earlier
+        turns share with it (the prompt differs only after the transcript), so only the new turns and
+        the closing instruction are run, and an image is encoded once. A turn whose new tokens hold an
+        image (an image on a later turn) is run from the start, exactly as ``moderate`` would.
+        """
+        image_turns = list(SAFEMT_IMAGE_TURNS[: len(images)] if image_turns is None else image_turns)
+        if len(image_turns) != len(images):
+            raise DialogueError(f"{len(images)} images but {len(image_turns)} image_turns")
+        prefix_cache = PrefixCache()
+        verdicts = []
+        for end, message in enumerate(dialogue):
+            if message.get("role") != "user":
+                continue
+            shown = [(turn, image) for turn, image in zip(image_turns, images, strict=True) if turn <= end]
+            verdicts.append(
+                self.moderate_extended(
+                    prefix_cache,
+                    dialogue[: end + 1],
+                    [image for _, image in shown],
+                    [turn for turn, _ in shown],
+                    max_new_tokens,
+                )
+            )
+        return verdicts
+
+    @torch.no_grad()
+    def moderate_extended(
+        self,
+        prefix_cache: PrefixCache,
+        dialogue: Sequence[Mapping[str, Any]],
+        images: Sequence[Any],
+        image_turns: Sequence[int],
+        max_new_tokens: int = 64,
+    ) -> Verdict:
+        """``moderate(dialogue, images, image_turns)``, continuing from what ``prefix_cache`` holds.
+
+        The cache keeps the last prompt's tokens and their keys/values. It is cut back to the longest
+        common token prefix with this prompt (never all of it: one token at least is run), and
+        generation continues from there; afterwards it holds this prompt. With nothing in common, or a
+        new image among the tokens to run, it starts over. Not thread-safe: one cache per conversation,
+        used by one caller at a time (the model is shared state too).
+        """
+        text = self.prompt_texts([dialogue], [list(image_turns)])[0]
+        inputs = self._inputs([text], [list(images)])
+        input_ids = inputs["input_ids"]
+        pixels = pixel_digest(inputs)
+        reused = prefix_cache.reusable_length(input_ids[0], pixels, self._image_token_ids)
+        kwargs: dict[str, Any] = {}
+        if reused:
+            surplus = prefix_cache.cached_tokens - reused
+            if surplus:
+                prefix_cache.cache.crop(-surplus)  # transformers 5: a negative count of tokens to drop
+            # The vision inputs are in the cache already; the grid sizes stay for the 3D (mrope) positions.
+            inputs = {key: value for key, value in inputs.items() if key not in _VISION_PIXEL_INPUTS}
+            kwargs["past_key_values"] = prefix_cache.cache
+            # Qwen-VL keeps the last call's rope offset on the model and would reuse it when a cache is
+            # passed; without it, generate computes this prompt's positions from the whole input.
+            for module in self._rope_delta_modules:
+                module.rope_deltas = None
+        raws, scores, cache = self._generate_scored(inputs, max_new_tokens, **kwargs)
+        prefix_cache.update(input_ids[0], pixels, cache, reused)
+        score = scores[0] if scores[0] is not None else self.p_unsafe([text], [list(images)])[0]
+        return self._verdict(raws[0], score)
 
 
 def main() -> None:

@@ -1,0 +1,103 @@
+"""Per-turn moderation with a reused transcript cache: equal to moderating each prefix from scratch."""
+
+import json
+from contextlib import contextmanager
+
+import pytest
+from PIL import Image
+
+from moderator.inference import Moderator, PrefixCache
+from tests.conftest import SAMPLE_DIR
+from tests.test_inference import verdict_prefix_nudged
+
+
+@pytest.fixture(scope="module")
+def moderator(tiny_model_dir):
+    return Moderator.from_pretrained(tiny_model_dir)
+
+
+def _dialogue() -> list[dict]:
+    return json.loads((SAMPLE_DIR / "4_turn.json").read_text())[0]["dialogue"]
+
+
+def _image(color=(40, 90, 200)) -> Image.Image:
+    return Image.new("RGB", (84, 56), color)
+
+
+@contextmanager
+def counted_work(moderator):
+    """Counts vision-tower runs and the prompt tokens the language model runs in prefills."""
+    visual = next(module for name, module in moderator.model.named_modules() if name.endswith("visual"))
+    counts = {"vision": 0, "prefill_tokens": 0}
+
+    def on_vision(module, args, output):
+        counts["vision"] += 1
+
+    def on_forward(module, args, kwargs, output):
+        length = kwargs["input_ids"].shape[1]
+        counts["prefill_tokens"] += length if length > 1 else 0
+
+    handles = [visual.register_forward_hook(on_vision)]
+    handles.append(moderator.model.register_forward_hook(on_forward, with_kwargs=True))
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _user_ends(dialogue):
+    return [i for i, message in enumerate(dialogue) if message["role"] == "user"]
+
+
+def test_per_turn_verdicts_equal_moderating_each_prefix_and_reuse_the_transcript(moderator):
+    # Bugs caught: a cache continued at the wrong rope positions (Qwen-VL's mrope offset after the
+    # image), the image encoded again (or its pixels fed with text-only tokens), a prefix recomputed
+    # every turn, the score read from a stale step.
+    dialogue, images = _dialogue(), [_image()]
+    with verdict_prefix_nudged(moderator), counted_work(moderator) as work:
+        per_turn = moderator.moderate_turns(dialogue, images, max_new_tokens=6)
+        reused_work = dict(work)
+        work.update(vision=0, prefill_tokens=0)
+        fresh = [
+            moderator.moderate_batch([dialogue[: end + 1]], [images], max_new_tokens=6)[0]
+            for end in _user_ends(dialogue)
+        ]
+    assert len(per_turn) == len(_user_ends(dialogue)) == 4
+    for streamed, reference in zip(per_turn, fresh, strict=True):
+        assert streamed.raw == reference.raw and streamed.raw.startswith("verdict:")
+        assert streamed.p_unsafe == pytest.approx(reference.p_unsafe, abs=1e-5)
+    assert reused_work["vision"] == 1 and work["vision"] == 4
+    assert reused_work["prefill_tokens"] < 0.5 * work["prefill_tokens"]
+
+
+def test_an_image_on_a_later_turn_and_unparsed_answers_match_moderating_each_prefix(moderator):
+    # The image arrives with the second user turn: that turn starts over (its new tokens hold an
+    # image); the untrained model's answers do not parse, so their scores come from the scoring pass.
+    dialogue, images = _dialogue(), [_image((200, 30, 30))]
+    per_turn = moderator.moderate_turns(dialogue, images, image_turns=[2], max_new_tokens=6)
+    for streamed, end in zip(per_turn, _user_ends(dialogue), strict=True):
+        shown = [2] if end >= 2 else []
+        reference = moderator.moderate_batch(
+            [dialogue[: end + 1]], [images if shown else []], image_turns=[shown], max_new_tokens=6
+        )[0]
+        assert streamed.raw == reference.raw and streamed.parse_error
+        assert streamed.p_unsafe == pytest.approx(reference.p_unsafe, abs=1e-5)
+
+
+def test_a_cache_from_another_image_or_an_edited_turn_is_not_reused_stale(moderator):
+    # A conversation edited rather than extended: the same-size image replaced (same placeholder
+    # tokens, other pixels), or an earlier turn's text changed. The cache must not stand for either.
+    dialogue = _dialogue()
+    edited = [dict(message) for message in dialogue]
+    edited[2] = {**edited[2], "content": edited[2]["content"] + " Answer in detail."}
+    other_image = _image((250, 250, 10))
+    with verdict_prefix_nudged(moderator):
+        for later, later_images in ((dialogue, [other_image]), (edited, [_image()])):
+            prefix_cache = PrefixCache()
+            moderator.moderate_extended(prefix_cache, dialogue[:3], [_image()], [0], max_new_tokens=4)
+            streamed = moderator.moderate_extended(prefix_cache, later[:5], later_images, [0], max_new_tokens=4)
+            reference = moderator.moderate_batch([later[:5]], [later_images], max_new_tokens=4)[0]
+            assert streamed.raw == reference.raw
+            assert streamed.p_unsafe == pytest.approx(reference.p_unsafe, abs=1e-5)
+        assert prefix_cache.reused_tokens > 0  # the edited text kept the turns before the edit
