@@ -329,3 +329,55 @@ def test_the_command_serves_a_verified_export_on_loopback_and_loses_no_request(t
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def test_no_verify_serves_a_changed_export_with_a_warning(tiny_export, tmp_path, monkeypatch, caplog):  # noqa: F811
+    import uvicorn
+
+    from moderator import serve
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export)
+    _flip_a_byte(export)
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append((app, kwargs)))
+    with caplog.at_level("WARNING", logger="moderator.serve"):
+        assert serve.main([str(export), "--no-verify", "--device", "cpu", "--port", "8123"]) == 0
+    assert "WITHOUT checking its manifest" in caplog.text
+    ((app, kwargs),) = served
+    assert kwargs["host"] == "127.0.0.1" and kwargs["port"] == 8123  # loopback unless asked otherwise
+    with fastapi_testclient.TestClient(app) as test_client:
+        assert test_client.get("/readyz").json()["verified"] is False
+
+
+def test_a_full_queue_answers_503_and_the_queued_requests_still_complete(served_moderator, monkeypatch):
+    import time
+
+    entered, release = threading.Event(), threading.Event()
+    real = served_moderator.moderate_batch
+
+    def held(*args, **kwargs):
+        entered.set()
+        assert release.wait(timeout=60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(served_moderator, "moderate_batch", held)
+    app = create_app(served_moderator, replace(SETTINGS, max_batch=1, max_queue=1))
+    payload = {"messages": DIALOGUE[:1]}
+    with fastapi_testclient.TestClient(app) as test_client:
+        answers: list = []
+        running = threading.Thread(target=lambda: answers.append(test_client.post("/v1/moderate", json=payload)))
+        running.start()
+        assert entered.wait(timeout=30)  # the first request holds the model
+        queued = threading.Thread(target=lambda: answers.append(test_client.post("/v1/moderate", json=payload)))
+        queued.start()
+        deadline = time.monotonic() + 30
+        while app.state.worker.queue.qsize() < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        refused = test_client.post("/v1/moderate", json=payload)
+        release.set()
+        running.join(timeout=60)
+        queued.join(timeout=60)
+    assert refused.status_code == 503 and "server busy" in refused.json()["detail"]
+    assert [a.status_code for a in answers] == [200, 200]
