@@ -22,10 +22,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from eval.cache import OutDirLockedError
+from eval.cache import CacheError, OutDirLockedError
 from eval.config import ConfigError, load_config
 from eval.judge import JudgeFailureError
 from eval.loop import EvalDataError, EvalRun, Shard, run_eval
+from moderator.cli import run_cli
+from moderator.loading import ModelLoadError
+from moderator.manifest import ManifestError
+
+# Input problems the user fixes from the message alone: one line on stderr, exit 2 (traceback with SAFEMT_DEBUG=1).
+USER_ERRORS = (EvalDataError, CacheError, ModelLoadError, ManifestError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,9 +72,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"thresholds fixed in {config.out_dir}/cache/ ({len(thresholds)} moderator defences); no report")
             return 0
         report = run_eval(config) if shard is None else run_eval(config, shard=shard)
-    except EvalDataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except OutDirLockedError as error:
         print(f"error: {error}", file=sys.stderr)
         return 4
@@ -97,4 +100,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main, user_errors=USER_ERRORS))

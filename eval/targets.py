@@ -70,6 +70,10 @@ def is_multimodal(path: str | Path, trust_remote_code: bool = False, revision: s
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
+    from moderator.loading import ModelNotFoundError, looks_like_a_path
+
+    if not Path(path).expanduser().is_dir() and looks_like_a_path(str(path)):
+        raise ModelNotFoundError(f"{path}: model directory not found")
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, revision=revision)
     return config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 

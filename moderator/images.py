@@ -120,21 +120,30 @@ def write_placeholder_images(safemt_dir: str | Path, size: tuple[int, int] = (64
     return len(written)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import argparse
     import shutil
 
-    parser = argparse.ArgumentParser(description="Copy SafeMT <k>_turn.json files and write placeholder images.")
+    from moderator.cli import one_line_parser_errors
+
+    parser = argparse.ArgumentParser(
+        prog="python -m moderator.images", description="Copy SafeMT <k>_turn.json files and write placeholder images."
+    )
+    one_line_parser_errors(parser)
     parser.add_argument("out_dir")
     parser.add_argument("--copy-from", help="folder whose <k>_turn.json files are copied first")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = Path(args.out_dir)
+    sources = sorted(Path(args.copy_from).glob("*_turn.json")) if args.copy_from else []
+    if args.copy_from and not sources:
+        parser.error(f"--copy-from {args.copy_from}: no <k>_turn.json files there (is it a SafeMT Data folder?)")
     out.mkdir(parents=True, exist_ok=True)
-    if args.copy_from:
-        for path in sorted(Path(args.copy_from).glob("*_turn.json")):
-            shutil.copy(path, out / path.name)
+    for path in sources:
+        shutil.copy(path, out / path.name)
     print(f"{write_placeholder_images(out)} placeholder images under {out}")
 
 
 if __name__ == "__main__":
-    main()
+    from moderator.cli import run_cli
+
+    raise SystemExit(run_cli(main))

@@ -19,13 +19,14 @@ import pytest
 from moderator.cli import USER_ERROR_EXIT_CODE, InputError, MissingInputError, UsageError, run_cli
 from moderator.contract import PROMPT_FORMAT_VERSION
 from moderator.taxonomy import load_taxonomy
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, SAMPLE_DIR
 
 SFT = str(REPO_ROOT / "train" / "sft.py")
 TINY_RECIPE = str(REPO_ROOT / "configs" / "sft" / "tiny_cpu.yaml")
 # The recipes still set transformers' deprecated `gradient_checkpointing` name, which warns on stderr
 # at parse time; that warning is not what these tests are about.
-QUIET = {"PYTHONWARNINGS": "ignore::FutureWarning"}
+# Progress bars (eval's per-defence bars) also go to stderr before a late error; they are not it either.
+QUIET = {"PYTHONWARNINGS": "ignore::FutureWarning", "TQDM_DISABLE": "1"}
 
 
 def _stats(taxonomy_ids: list[str]) -> dict:
@@ -61,6 +62,7 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], Path, str]]:
     misspelt_config.write_text(Path(TINY_RECIPE).read_text() + "\nlearnig_rate: 1.0e-4\n")
     fresh_clone = tmp / "clone"
     fresh_clone.mkdir()
+    eval_config, broken_cache = _eval_inputs(tmp)
     return {
         # The documented first command, run before `make demo` (no runs/ yet).
         "sft_before_make_demo": (
@@ -109,7 +111,48 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], Path, str]]:
             REPO_ROOT,
             "error: the following arguments are required: --checkpoint (see python -m export --help)",
         ),
+        "eval_missing_model": (
+            ["-m", "eval.run", "--config", str(eval_config)],
+            REPO_ROOT,
+            f"error: {tmp / 'no-such-model'}: model directory not found",
+        ),
+        "eval_broken_cache_line": (
+            ["-m", "eval.run", "--config", str(eval_config), "--out_dir", str(broken_cache.parent.parent)],
+            REPO_ROOT,
+            f"error: {broken_cache}:1: unreadable cache line (Expecting value: line 1 column 1 (char 0))",
+        ),
+        # Used to print "0 placeholder images" and exit 0.
+        "images_copy_from_missing": (
+            ["-m", "moderator.images", str(tmp / "images"), "--copy-from", str(tmp / "nope")],
+            REPO_ROOT,
+            f"error: --copy-from {tmp / 'nope'}: no <k>_turn.json files there (is it a SafeMT Data folder?) "
+            "(see python -m moderator.images --help)",
+        ),
     }
+
+
+def _eval_inputs(tmp: Path) -> tuple[Path, Path]:
+    """An eval config over the SafeMT sample whose target model does not exist, and a damaged cache file."""
+    import shutil
+
+    from moderator.images import write_placeholder_images
+
+    safemt = tmp / "safemt"
+    safemt.mkdir()
+    for path in SAMPLE_DIR.glob("*_turn.json"):
+        shutil.copy(path, safemt / path.name)
+    write_placeholder_images(safemt)
+    config = tmp / "eval.yaml"
+    config.write_text(
+        f"safemt_dir: {safemt}\nturns: [1]\nlimit: 1\nout_dir: {tmp / 'eval'}\n"
+        f"targets: [{{model: {tmp / 'no-such-model'}}}]\ndefences: [{{kind: none}}]\n"
+        "judge: {kind: refusal_match, refusal_check: heuristic}\n"
+    )
+    # A cache line that is not JSON, before a good one: not a torn last write, so it must not be skipped.
+    broken = tmp / "eval-broken" / "cache" / "decisions.jsonl"
+    broken.parent.mkdir(parents=True)
+    broken.write_text('not json\n{"defence": "none", "sig": "x", "id": "a", "k": 1, "benign": false}\n')
+    return config, broken
 
 
 def _run(argv: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -134,6 +177,9 @@ SUBPROCESS_CASES = [
     "sft_empty_training_split",
     "export_unknown_flag",
     "export_missing_required_flag",
+    "eval_missing_model",
+    "eval_broken_cache_line",
+    "images_copy_from_missing",
 ]
 IN_PROCESS_CASES = ["sft_missing_dataset", "sft_taxonomy_mismatch", "sft_misspelt_config_field"]
 
