@@ -376,7 +376,8 @@ class Moderator:
     def _generate_scored(
         self, inputs: Mapping[str, Any], max_new_tokens: int, **generate_kwargs: Any
     ) -> tuple[list[str], list[float | None], Any]:
-        """``generate`` once; P(unsafe) per row at its verdict position, None where the prefix was not generated."""
+        """``generate`` once: answers, P(unsafe) per row at its verdict position (None where the prefix was
+        not generated), and generate's output (its cache holds the prompt and the answer but its last token)."""
         out = self.model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
@@ -392,12 +393,15 @@ class Moderator:
         scores: list[float | None] = []
         for row in range(generated.shape[0]):
             if position < len(out.logits) and torch.equal(generated[row, :position], prefix):
-                logits = out.logits[position][row]
-                pair = torch.stack([logits[self._safe_id], logits[self._unsafe_id]]).float()
-                scores.append(pair.softmax(dim=-1)[1].item())
+                scores.append(self._pair_p_unsafe(out.logits[position][row]))
             else:
                 scores.append(None)
-        return raws, scores, out.past_key_values
+        return raws, scores, out
+
+    def _pair_p_unsafe(self, logits: torch.Tensor) -> float:
+        """P(unsafe) from one position's vocabulary logits, as :meth:`p_unsafe` reads it."""
+        pair = torch.stack([logits[self._safe_id], logits[self._unsafe_id]]).float()
+        return pair.softmax(dim=-1)[1].item()
 
     def _verdict(self, raw: str, score: float) -> Verdict:
         parsed = parse_verdict(raw, self.taxonomy)
@@ -473,7 +477,9 @@ class Moderator:
         The cache keeps the last prompt's tokens and their keys/values. It is cut back to the longest
         common token prefix with this prompt (never all of it: one token at least is run), and
         generation continues from there; afterwards it holds this prompt. With nothing in common, or a
-        new image among the tokens to run, it starts over. Not thread-safe: one cache per conversation,
+        new image among the tokens to run, it starts over. An answer without the ``verdict: `` prefix
+        is scored by running the prefix on this prompt's cache (the scoring pass, minus the prompt it
+        shares), and stays fail-closed as in ``moderate``. Not thread-safe: one cache per conversation,
         used by one caller at a time (the model is shared state too).
         """
         text = self.prompt_texts([dialogue], [list(image_turns)])[0]
@@ -481,22 +487,42 @@ class Moderator:
         input_ids = inputs["input_ids"]
         pixels = pixel_digest(inputs)
         reused = prefix_cache.reusable_length(input_ids[0], pixels, self._image_token_ids)
+        raws, scores, out = self._continue_generation(inputs, prefix_cache.cache, reused, max_new_tokens)
+        cache, score = out.past_key_values, scores[0]
+        if score is None:  # no verdict position in the answer: run the prefix on the prompt's cache instead
+            score = self._score_on_cache(inputs, cache)
+        prefix_cache.update(input_ids[0], pixels, cache, reused)
+        return self._verdict(raws[0], score)
+
+    def _continue_generation(
+        self, inputs: Mapping[str, Any], cache: Any, reused: int, max_new_tokens: int
+    ) -> tuple[list[str], list[float | None], Any]:
+        """``_generate_scored`` on one prompt whose first ``reused`` tokens ``cache`` holds (0: from scratch)."""
         kwargs: dict[str, Any] = {}
         if reused:
-            surplus = prefix_cache.cached_tokens - reused
+            surplus = cache.get_seq_length() - reused
             if surplus:
-                prefix_cache.cache.crop(-surplus)  # transformers 5: a negative count of tokens to drop
+                cache.crop(-surplus)  # transformers 5: a negative count of tokens to drop
             # The vision inputs are in the cache already; the grid sizes stay for the 3D (mrope) positions.
             inputs = {key: value for key, value in inputs.items() if key not in _VISION_PIXEL_INPUTS}
-            kwargs["past_key_values"] = prefix_cache.cache
+            kwargs["past_key_values"] = cache
             # Qwen-VL keeps the last call's rope offset on the model and would reuse it when a cache is
             # passed; without it, generate computes this prompt's positions from the whole input.
             for module in self._rope_delta_modules:
                 module.rope_deltas = None
-        raws, scores, cache = self._generate_scored(inputs, max_new_tokens, **kwargs)
-        prefix_cache.update(input_ids[0], pixels, cache, reused)
-        score = scores[0] if scores[0] is not None else self.p_unsafe([text], [list(images)])[0]
-        return self._verdict(raws[0], score)
+        return self._generate_scored(inputs, max_new_tokens, **kwargs)
+
+    def _score_on_cache(self, inputs: Mapping[str, Any], cache: Any) -> float:
+        """P(unsafe) of the scoring pass (prompt + ``verdict: `` prefix), the prompt taken from ``cache``."""
+        prompt_length = inputs["input_ids"].shape[1]
+        prefix = torch.tensor([self._prefix], dtype=inputs["input_ids"].dtype, device=inputs["input_ids"].device)
+        extended = dict(inputs)
+        extended["input_ids"] = torch.cat([inputs["input_ids"], prefix], dim=1)
+        for key, fill in (("attention_mask", 1), ("mm_token_type_ids", 0), ("token_type_ids", 0)):
+            if key in inputs:
+                extended[key] = torch.cat([inputs[key], torch.full_like(prefix, fill)], dim=1)
+        _, _, out = self._continue_generation(extended, cache, prompt_length, max_new_tokens=1)
+        return self._pair_p_unsafe(out.logits[0][0])  # the prefix is input: the first step is the verdict position
 
 
 def main() -> None:
