@@ -229,8 +229,7 @@ class ModerationWorker:
         self.settings = settings
         self.queue: asyncio.Queue[ModerationRequest] | None = None
         self.task: asyncio.Task | None = None
-        # One thread: the model never runs two forward passes at once.
-        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moderator")
+        self.model_thread: ThreadPoolExecutor | None = None
         # conversation_id -> (session key, messages fed, image digests fed); LRU-bounded.
         self.sessions: OrderedDict[str, tuple[str, list[dict[str, str]], tuple[str, ...]]] = OrderedDict()
         self._session_generation = 0
@@ -241,6 +240,8 @@ class ModerationWorker:
 
     def start(self) -> None:
         self.queue = asyncio.Queue(maxsize=self.settings.max_queue)
+        # One thread: the model never runs two forward passes at once.
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moderator")
         self.task = asyncio.get_running_loop().create_task(self._run(), name="moderation-worker")
 
     async def stop(self) -> None:
@@ -248,7 +249,8 @@ class ModerationWorker:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
-        self.model_thread.shutdown(wait=True)
+        if self.model_thread is not None:
+            self.model_thread.shutdown(wait=True)
 
     async def submit(self, request: ModerationRequest) -> dict[str, Any]:
         if not self.running or self.queue is None:
@@ -281,7 +283,11 @@ class ModerationWorker:
             batch = [r for r in await self._collect() if not r.future.done()]  # a caller may have gone
             if not batch:
                 continue
-            results = await loop.run_in_executor(self.model_thread, self._moderate, batch)
+            try:
+                results = await loop.run_in_executor(self.model_thread, self._moderate, batch)
+            except Exception:  # a bug outside the per-request guards must not stop the worker
+                logger.exception("moderation failed for a batch")
+                results = [ModelFailure() for _ in batch]
             for request, result in zip(batch, results, strict=True):
                 if request.future.done():
                     continue

@@ -381,3 +381,22 @@ def test_a_full_queue_answers_503_and_the_queued_requests_still_complete(served_
         queued.join(timeout=60)
     assert refused.status_code == 503 and "server busy" in refused.json()["detail"]
     assert [a.status_code for a in answers] == [200, 200]
+
+
+def test_a_model_returning_the_wrong_number_of_verdicts_fails_the_batch_not_the_worker(served_moderator, monkeypatch):
+    real = served_moderator.moderate_batch
+    broken = [True]
+
+    def drops_a_verdict(*args, **kwargs):
+        if broken.pop() if broken else False:
+            return []  # a bug below the service: no verdict for the request
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(served_moderator, "moderate_batch", drops_a_verdict)
+    with fastapi_testclient.TestClient(create_app(served_moderator, SETTINGS)) as test_client:
+        answers: list = []
+        caller = threading.Thread(target=lambda: answers.append(test_client.post("/v1/moderate", json=VALID)))
+        caller.start()
+        caller.join(timeout=20)
+        assert answers and answers[0].status_code == 500  # answered, not left waiting
+        assert test_client.post("/v1/moderate", json=VALID).status_code == 200  # the worker still runs
