@@ -342,12 +342,13 @@ def test_no_verify_serves_a_changed_export_with_a_warning(tiny_export, tmp_path,
     served = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append((app, kwargs)))
     with caplog.at_level("WARNING", logger="moderator.serve"):
-        assert serve.main([str(export), "--no-verify", "--device", "cpu", "--port", "8123"]) == 0
+        assert serve.main([str(export), "--no-verify", "--device", "cpu", "--port", "8123", "--threshold", "0.3"]) == 0
     assert "WITHOUT checking its manifest" in caplog.text
     ((app, kwargs),) = served
     assert kwargs["host"] == "127.0.0.1" and kwargs["port"] == 8123  # loopback unless asked otherwise
     with fastapi_testclient.TestClient(app) as test_client:
-        assert test_client.get("/readyz").json()["verified"] is False
+        ready = test_client.get("/readyz").json()
+        assert ready["verified"] is False and ready["threshold"] == 0.3  # --threshold overrides the export's
 
 
 def test_a_full_queue_answers_503_and_the_queued_requests_still_complete(served_moderator, monkeypatch):
