@@ -442,13 +442,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, choices=[*DTYPE_NAMES, "auto"])
     parser.add_argument("--threshold", type=float, default=None, help="override the export's decision threshold")
     parser.add_argument("--no-verify", action="store_true", help="skip the manifest check (development only)")
-    parser.add_argument("--max-batch", type=int, default=defaults.max_batch)
-    parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms)
-    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
-    parser.add_argument("--max-images", type=int, default=defaults.max_images)
-    parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels)
-    parser.add_argument("--max-queue", type=int, default=defaults.max_queue)
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--max-batch", type=int, default=defaults.max_batch, help="requests per model batch")
+    parser.add_argument(
+        "--max-wait-ms", type=float, default=defaults.max_wait_ms, help="how long a batch waits to fill up"
+    )
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=defaults.max_body_bytes, help="larger request bodies get 413"
+    )
+    parser.add_argument("--max-images", type=int, default=defaults.max_images, help="images per request")
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=defaults.max_image_pixels,
+        help="width x height per image, before decoding",
+    )
+    parser.add_argument(
+        "--max-queue", type=int, default=defaults.max_queue, help="requests waiting beyond this get 503"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=defaults.max_new_tokens, help="verdict text length (category, intent)"
+    )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser.parse_args(argv)
 
