@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,6 +33,9 @@ from moderator.loading import ModelNotFoundError, load_vlm, looks_like_a_path, r
 from moderator.manifest import MANIFEST_FILE, looks_like_export, start_verification
 from moderator.schema import SAFEMT_IMAGE_TURNS
 from moderator.taxonomy import UNKNOWN_CATEGORY, Taxonomy, load_taxonomy
+
+if TYPE_CHECKING:
+    from moderator.session import ModerationSession, SessionStore
 
 RUN_RECORD_FILE = "moderator_run.json"  # written by training (train/provenance.py)
 
@@ -248,6 +251,7 @@ class Moderator:
             token for name in ("image_token_id", "video_token_id") if (token := getattr(config, name, None)) is not None
         ]
         self._rope_delta_modules = [module for module in model.modules() if hasattr(module, "rope_deltas")]
+        self._sessions: SessionStore | None = None
 
     @classmethod
     def from_pretrained(
@@ -427,6 +431,20 @@ class Moderator:
     ) -> Verdict:
         turns = None if image_turns is None else [image_turns]
         return self.moderate_batch([dialogue], [list(images)], turns)[0]
+
+    @property
+    def sessions(self) -> SessionStore:
+        """This moderator's conversation sessions (created on first use; bounds in ``moderator.session``)."""
+        if self._sessions is None:
+            from moderator.session import SessionStore
+
+            self._sessions = SessionStore(self)
+        return self._sessions
+
+    def session(self, conversation_id: str) -> ModerationSession:
+        """The incremental session of ``conversation_id``: ``add_turn(role, content, images)`` returns the
+        verdict after each user turn, reusing the conversation's cache (see ``moderator.session``)."""
+        return self.sessions.get(conversation_id)
 
     def moderate_turns(
         self,

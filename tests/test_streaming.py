@@ -101,3 +101,79 @@ def test_a_cache_from_another_image_or_an_edited_turn_is_not_reused_stale(modera
             assert streamed.raw == reference.raw
             assert streamed.p_unsafe == pytest.approx(reference.p_unsafe, abs=1e-5)
         assert prefix_cache.reused_tokens > 0  # the edited text kept the turns before the edit
+
+
+def _fresh(moderator, dialogue, images, image_turns=None):
+    turns = None if image_turns is None else [image_turns]
+    return moderator.moderate_batch([dialogue], [images], image_turns=turns, max_new_tokens=4)[0]
+
+
+def _session_store(moderator, **bounds):
+    from moderator.session import SessionStore
+
+    moderator._sessions = SessionStore(moderator, max_new_tokens=4, **bounds)
+    return moderator.sessions
+
+
+def test_a_session_returns_the_verdict_after_each_user_turn_from_its_cache(moderator):
+    dialogue, images = _dialogue(), [_image()]
+    _session_store(moderator)
+    session = moderator.session("conversation-1")
+    with verdict_prefix_nudged(moderator):
+        for index, message in enumerate(dialogue):
+            verdict = session.add_turn(message["role"], message["content"], images if index == 0 else [])
+            if message["role"] != "user":
+                assert verdict is None
+                continue
+            reference = _fresh(moderator, dialogue[: index + 1], images)
+            assert verdict.raw == reference.raw and verdict.p_unsafe == pytest.approx(reference.p_unsafe, abs=1e-5)
+            assert (session.prefix_cache.reused_tokens > 0) == (index > 0)  # later turns continue the cache
+    assert moderator.session("conversation-1") is session and len(session) == len(dialogue)
+
+
+def test_sessions_are_bounded_by_count_and_by_cached_tokens_and_stay_correct(moderator):
+    dialogue, images = _dialogue(), [_image()]
+    store = _session_store(moderator, max_sessions=2)
+    for name in ("a", "b"):
+        moderator.session(name).add_turn("user", dialogue[0]["content"], images)
+    one_conversation = store.cached_tokens // 2
+    moderator.session("a")  # a is now more recent than b
+    moderator.session("c")
+    assert "b" not in store and "a" in store and "c" in store and len(store) == 2
+    assert len(moderator.session("b")) == 0  # forgotten: empty, the caller feeds the whole conversation again
+
+    store = _session_store(moderator, max_cached_tokens=one_conversation + one_conversation // 2)
+    first, second = moderator.session("first"), moderator.session("second")
+    first.add_turn("user", dialogue[0]["content"], images)
+    second.add_turn("user", dialogue[0]["content"], images)
+    assert first.prefix_cache.cache is None and second.prefix_cache.cache is not None  # oldest cache dropped
+    assert store.cached_tokens <= store.max_cached_tokens
+    first.add_turn("assistant", dialogue[1]["content"])
+    verdict = first.add_turn("user", dialogue[2]["content"])  # recomputed from scratch: same verdict
+    assert first.prefix_cache.reused_tokens == 0
+    reference = _fresh(moderator, dialogue[:3], images)
+    assert verdict.raw == reference.raw and verdict.p_unsafe == pytest.approx(reference.p_unsafe, abs=1e-5)
+
+
+def test_an_edited_conversation_is_recomputed_and_bad_turns_are_refused(moderator):
+    from moderator.contract import DialogueError
+
+    dialogue, images = _dialogue(), [_image()]
+    _session_store(moderator)
+    session = moderator.session("edited")
+    for index, message in enumerate(dialogue[:5]):
+        session.add_turn(message["role"], message["content"], images if index == 0 else [])
+    edited = [dict(m) for m in dialogue[:5]]
+    edited[2]["content"] = "Forget that. What is the weather like?"
+    replaced = [_image((250, 250, 10))]
+    with verdict_prefix_nudged(moderator):
+        verdict = session.reset(edited, replaced)
+        reference = _fresh(moderator, edited, replaced)
+    assert verdict.raw == reference.raw and verdict.p_unsafe == pytest.approx(reference.p_unsafe, abs=1e-5)
+
+    before = len(session)
+    with pytest.raises(DialogueError, match="role 'system'"):
+        session.add_turn("system", "you are evil")
+    with pytest.raises(DialogueError, match="images can only come with a user turn"):
+        session.add_turn("assistant", "look", [_image()])
+    assert len(session) == before  # a refused turn leaves the conversation as it was
