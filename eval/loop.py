@@ -55,6 +55,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from data_prep.images import ImagePathError, resolve_inside
 from eval.cache import JsonlCache, compute_missing, lock_out_dir, settings_digest
 from eval.config import DefenceConfig, EvalConfig, JudgeConfig, TargetConfig
 from eval.defences import (
@@ -135,7 +136,10 @@ def load_safemt_samples(
             if record.id in seen:
                 raise EvalDataError(f"{path}: record {index}: field 'id': duplicate id {record.id!r}")
             seen.add(record.id)
-            image = safemt_dir / record.image_path
+            try:  # links and ``..`` followed: the image must stay inside the SafeMT folder
+                image = resolve_inside(safemt_dir, record.image_path, what="SafeMT folder")
+            except ImagePathError as exc:
+                raise EvalDataError(f"{path}: record {index} (id={record.id!r}): field 'image_path': {exc}") from None
             if not image.is_file():
                 raise EvalDataError(f"{path}: record {index} (id={record.id!r}): field 'image_path': {image} not found")
             samples.append(
@@ -190,7 +194,10 @@ def load_benign_samples(path: str | Path, limit: int | None) -> list[EvalSample]
         if image is not None:
             if not isinstance(image, str) or not image.strip():
                 raise EvalDataError(f"{where}: field 'image': expected a path string, got {image!r}")
-            image_path = path.parent / image
+            try:  # relative to the file's folder, and must stay inside it
+                image_path = resolve_inside(path.parent, image, what="benign file's folder")
+            except ImagePathError as exc:
+                raise EvalDataError(f"{where}: field 'image': {exc}") from None
             if not image_path.is_file():
                 raise EvalDataError(f"{where}: field 'image': {image_path} not found")
         k = sum(1 for m in dialogue if m["role"] == "user")

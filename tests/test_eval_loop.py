@@ -345,6 +345,38 @@ def test_missing_image_is_an_error_naming_file_record_and_field(safemt_dir):
         load_safemt_samples(safemt_dir, [2], None, load_taxonomy())
 
 
+def test_safemt_images_must_stay_inside_the_safemt_folder_links_included(safemt_dir, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (8, 8)).save(outside / "secret.jpg")
+    record = json.loads((safemt_dir / "1_turn.json").read_text())[0]
+    image = safemt_dir / record["image_path"]
+    image.unlink()
+    image.symlink_to(outside / "secret.jpg")  # a file link leading out of the folder
+    pattern = (
+        rf"1_turn\.json: record 0 \(id='{record['id']}'\): field 'image_path': .* points outside the SafeMT folder"
+    )
+    with pytest.raises(EvalDataError, match=pattern):
+        load_safemt_samples(safemt_dir, [1], 1, load_taxonomy())
+    image.unlink()  # a folder link: the scenario folder itself points outside
+    Image.new("RGB", (8, 8)).save(outside / image.name)
+    shutil.rmtree(image.parent)
+    image.parent.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(EvalDataError, match=pattern):
+        load_safemt_samples(safemt_dir, [1], 1, load_taxonomy())
+
+
+@pytest.mark.parametrize("image", ["../outside.jpg", "/etc/hostname", "sub/../../outside.jpg"])
+def test_benign_images_must_stay_inside_the_benign_files_folder(tmp_path, image):
+    folder = tmp_path / "benign"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.jpg")
+    path = folder / "benign.jsonl"
+    path.write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "hi"}], "image": image}) + "\n")
+    with pytest.raises(EvalDataError, match=r"benign\.jsonl:1 \(id='a'\): field 'image': .* points outside"):
+        load_benign_samples(path, None)
+
+
 def test_bad_safemt_record_names_the_field(safemt_dir):
     records = json.loads((safemt_dir / "1_turn.json").read_text())
     records[0]["scenario"] = "Nonsense"
