@@ -336,31 +336,48 @@ class ModerationWorker:
         )
 
     def _moderate_in_session(self, request: ModerationRequest) -> dict[str, Any]:
-        """Feed the session only the turns it has not seen; an edited conversation starts a fresh session."""
+        """Feed the session only the turns it has not seen yet.
+
+        The server remembers what it fed each conversation (LRU). A session that holds fewer turns than
+        that (its store forgot it: ``len(session)``) gets the whole conversation again. An edited
+        conversation (an earlier turn or an image changed) goes to ``session.reset`` when the session has
+        one, else to a fresh session under a new key: a stale prefix is never reused.
+        """
         assert request.conversation_id is not None
         known = self.sessions.pop(request.conversation_id, None)
+        key = known[0] if known is not None else request.conversation_id
+        session = self.moderator.session(key)
+        fed = len(known[1]) if known is not None else 0
+        held = len(session) if hasattr(session, "__len__") else fed
         extends = (
             known is not None
+            and held == fed
             and known[2] == request.image_digests
-            and len(request.messages) > len(known[1])
-            and request.messages[: len(known[1])] == known[1]
+            and len(request.messages) > fed
+            and request.messages[:fed] == known[1]
         )
-        if extends:
-            key, fed = known[0], len(known[1])
+        image_turns = [IMAGE_TURN] * len(request.images)
+        if extends or held == 0:
+            verdict = self._add_turns(session, request, start=fed if extends else 0)
+        elif hasattr(session, "reset"):
+            verdict = session.reset(request.messages, request.images, image_turns)
         else:
-            # Edited (or new, or its images changed): a new key so no stale prefix is ever reused.
             self._session_generation += 1
-            key, fed = f"{request.conversation_id}#{self._session_generation}", 0
-        session = self.moderator.session(key)
-        verdict = None
-        for index in range(fed, len(request.messages)):
-            message = request.messages[index]
-            images = request.images if index == IMAGE_TURN else []
-            verdict = session.add_turn(message["role"], message["content"], images)
+            key = f"{request.conversation_id}#{self._session_generation}"
+            verdict = self._add_turns(self.moderator.session(key), request, start=0)
         self.sessions[request.conversation_id] = (key, list(request.messages), request.image_digests)
         while len(self.sessions) > self.settings.max_sessions:
             self.sessions.popitem(last=False)
         return verdict_response(verdict, self.moderator.threshold, incremental=True)
+
+    @staticmethod
+    def _add_turns(session: Any, request: ModerationRequest, start: int) -> Any:
+        verdict = None
+        for index in range(start, len(request.messages)):
+            message = request.messages[index]
+            images = request.images if index == IMAGE_TURN else []
+            verdict = session.add_turn(message["role"], message["content"], images)
+        return verdict  # the last turn is a user turn: a verdict
 
     @staticmethod
     def _guarded(call: Any) -> dict[str, Any] | BaseException:

@@ -253,6 +253,47 @@ def test_a_conversation_id_feeds_a_session_only_the_new_turns(client, served_mod
     assert len(set(keys)) == 2 and [f[1] for f in fed[3:]] == [m["content"] for m in edited]
 
 
+class ResettableSession(RecordingSession):
+    """A session that knows how many turns it holds and takes an edited conversation through ``reset``."""
+
+    resets: list
+
+    def __len__(self) -> int:
+        return len(self.turns)
+
+    def reset(self, dialogue, images=(), image_turns=None):
+        self.resets.append([m["content"] for m in dialogue])
+        self.turns, self.images = [dict(m) for m in dialogue], list(images)
+        return single(self.moderator, self.turns, self.images)
+
+
+def test_a_forgotten_session_is_fed_everything_and_an_edit_goes_through_reset(client, served_moderator, monkeypatch):
+    fed, resets, sessions = [], [], {}
+
+    def session(key):
+        return sessions.setdefault(key, ResettableSession(served_moderator, fed))
+
+    monkeypatch.setattr(ResettableSession, "resets", resets, raising=False)
+    monkeypatch.setattr(served_moderator, "session", session, raising=False)
+    client.post("/v1/moderate", json={**VALID, "messages": DIALOGUE[:1], "conversation_id": "c3"})
+    sessions.clear()  # the moderator's store evicted the conversation (LRU)
+    extended = client.post("/v1/moderate", json={**VALID, "conversation_id": "c3"}).json()
+    assert [f[1] for f in fed] == [DIALOGUE[0]["content"]] + [m["content"] for m in DIALOGUE]  # all again
+    assert extended["p_unsafe"] == pytest.approx(single(served_moderator, DIALOGUE, [IMAGE]).p_unsafe, abs=1e-5)
+    edited = [{"role": "user", "content": "Something else entirely"}, *DIALOGUE[1:]]
+    client.post("/v1/moderate", json={**VALID, "messages": edited, "conversation_id": "c3"})
+    assert resets == [[m["content"] for m in edited]] and len(fed) == 4 and list(sessions) == ["c3"]
+
+
+def test_the_moderators_own_sessions_give_the_full_conversations_verdict(client, served_moderator):
+    if not hasattr(Moderator, "session"):
+        pytest.skip("Moderator.session is not there yet: the service moderates whole conversations")
+    for messages in (DIALOGUE[:1], DIALOGUE, [{"role": "user", "content": "Edited"}, *DIALOGUE[1:]]):
+        body = client.post("/v1/moderate", json={**VALID, "messages": messages, "conversation_id": "c4"}).json()
+        assert body["incremental"] is True
+        assert body["p_unsafe"] == pytest.approx(single(served_moderator, messages, [IMAGE]).p_unsafe, abs=1e-4)
+
+
 def test_without_sessions_a_conversation_id_moderates_the_whole_conversation(client, served_moderator):
     assert not hasattr(served_moderator, "session") or pytest.skip("the moderator has sessions now")
     body = client.post("/v1/moderate", json={**VALID, "conversation_id": "c2"}).json()
