@@ -401,6 +401,9 @@ def create_app(moderator: Any, settings: ServeSettings | None = None) -> Any:
     if FastAPI is None:
         raise ImportError(SERVE_EXTRA_MISSING)
     settings = settings or ServeSettings()
+    store = getattr(moderator, "sessions", None)
+    if hasattr(store, "max_new_tokens"):  # incremental verdicts are generated as long as whole-conversation ones
+        store.max_new_tokens = settings.max_new_tokens
     worker = ModerationWorker(moderator, settings)
 
     @contextlib.asynccontextmanager

@@ -290,13 +290,22 @@ def test_the_moderators_own_sessions_give_the_full_conversations_verdict(client,
         pytest.skip("Moderator.session is not there yet: the service moderates whole conversations")
     for messages in (DIALOGUE[:1], DIALOGUE, [{"role": "user", "content": "Edited"}, *DIALOGUE[1:]]):
         body = client.post("/v1/moderate", json={**VALID, "messages": messages, "conversation_id": "c4"}).json()
-        assert body["incremental"] is True
-        assert body["p_unsafe"] == pytest.approx(single(served_moderator, messages, [IMAGE]).p_unsafe, abs=1e-4)
+        expected = single(served_moderator, messages, [IMAGE])
+        assert body["incremental"] is True and body["parse_error"] == expected.parse_error
+        assert body["p_unsafe"] == pytest.approx(expected.p_unsafe, abs=1e-4)
+    assert served_moderator.sessions.max_new_tokens == MAX_NEW_TOKENS  # the service's --max-new-tokens
 
 
-def test_without_sessions_a_conversation_id_moderates_the_whole_conversation(client, served_moderator):
-    assert not hasattr(served_moderator, "session") or pytest.skip("the moderator has sessions now")
-    body = client.post("/v1/moderate", json={**VALID, "conversation_id": "c2"}).json()
+class WithoutSessions:
+    """A moderator that offers no ``session`` (e.g. one from before sessions existed)."""
+
+    def __init__(self, moderator: Moderator):
+        self.moderate_batch, self.threshold = moderator.moderate_batch, moderator.threshold
+
+
+def test_without_sessions_a_conversation_id_moderates_the_whole_conversation(served_moderator):
+    with fastapi_testclient.TestClient(create_app(WithoutSessions(served_moderator), SETTINGS)) as test_client:
+        body = test_client.post("/v1/moderate", json={**VALID, "conversation_id": "c2"}).json()
     assert body["incremental"] is False
     assert body["p_unsafe"] == pytest.approx(single(served_moderator, DIALOGUE, [IMAGE]).p_unsafe, abs=1e-5)
 
