@@ -14,9 +14,11 @@ line). Requests from concurrent callers are batched: one worker collects up to `
 or waits ``--max-wait-ms``, then runs one ``moderate_batch`` in a single model thread (never two forward
 passes at once). Bad input gets a 4xx naming the field; a model error fails only the requests it hit.
 
-With a ``conversation_id``, and a moderator that offers ``session(conversation_id)``, only the turns the
-session has not seen are fed to it (``"incremental": true``); otherwise the whole conversation is
-moderated (``"incremental": false``).
+With a ``conversation_id``, and a moderator that offers ``session(conversation_id)``, the client still
+sends the whole conversation; only the turns the session has not seen are fed to it (``"incremental":
+true``), an edited conversation goes through ``session.reset``, and a session its store forgot is fed
+everything again. Session requests run one at a time (not batched). Without sessions the whole
+conversation is moderated (``"incremental": false``).
 """
 
 from __future__ import annotations
