@@ -220,9 +220,9 @@ def load_eval_report(path: str | Path) -> dict[str, Any]:
 
 def _check_threshold(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ExportError(f"{where}: threshold must be a finite number in [0, 1], got {value!r}")
-    if not 0.0 <= value <= 1.0:
-        raise ExportError(f"{where}: threshold must be in [0, 1], got {value}")
+        raise ExportError(f"{where}: threshold must be a finite number in (0, 1), got {value!r}")
+    if not 0.0 < value < 1.0:  # 0 flags everything, 1 nothing: Moderator.from_pretrained refuses both
+        raise ExportError(f"{where}: threshold must be in (0, 1), got {value}")
     return float(value)
 
 

@@ -482,7 +482,8 @@ def test_export_refuses_bad_inputs_with_a_clear_message(trained_adapter, eval_re
 
     assert "would overwrite the checkpoint" in refused(trained_adapter, "--overwrite", out=trained_adapter)
     assert "would overwrite the base model" in refused(trained_adapter, "--overwrite", out=tiny_model_dir)
-    assert "--threshold: threshold must be in [0, 1], got 1.5" in refused(trained_adapter, "--threshold", "1.5")
+    assert "--threshold: threshold must be in (0, 1), got 1.5" in refused(trained_adapter, "--threshold", "1.5")
+    assert "--threshold: threshold must be in (0, 1), got 1.0" in refused(trained_adapter, "--threshold", "1")
 
     bad_report = tmp_path / "bad-report.json"
     report = json.loads(eval_report.read_text())
