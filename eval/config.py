@@ -98,7 +98,7 @@ class JudgeConfig:
     temperature: float = 0.0
     max_tokens: int = 8
     timeout_s: float = 60.0
-    max_attempts: int = 5  # tenacity: total attempts per request
+    max_attempts: int = 5  # attempts per request, retried by the openai client (Retry-After honoured)
     retry_wait_s: float = 1.0  # first backoff; doubles per attempt (capped at 30 s)
     concurrency: int = 8  # parallel requests to the endpoint
     refusal_check: str = "judge"  # judge (refusal prompt) | heuristic (refusal phrases, see judge.py)
