@@ -248,10 +248,14 @@ class Moderator:
         self._prefix, self._safe_id, self._unsafe_id = verdict_choice_token_ids(processor.tokenizer)
         config = getattr(model, "config", None)
         self._image_token_ids = [
-            token for name in ("image_token_id", "video_token_id") if (token := getattr(config, name, None)) is not None
+            token
+            for name in ("image_token_id", "image_token_index", "video_token_id")
+            if (token := getattr(config, name, None)) is not None
         ]
         self._rope_delta_modules = [module for module in model.modules() if hasattr(module, "rope_deltas")]
         self._sessions: SessionStore | None = None
+        # The layer that turns hidden states into vocabulary logits: P(unsafe) is read from its output.
+        self._output_layer = model.get_output_embeddings()
 
     @classmethod
     def from_pretrained(
@@ -369,7 +373,7 @@ class Moderator:
         pass (:meth:`p_unsafe`), so the score never depends on whether the answer parsed. Such an
         answer does not parse either, so its verdict stays fail-closed (``unsafe``, ``parse_error``).
         """
-        raws, scores, _ = self._generate_scored(self._inputs(texts, images), max_new_tokens)
+        raws, scores, _, _ = self._generate_scored(self._inputs(texts, images), max_new_tokens)
         missing = [row for row, score in enumerate(scores) if score is None]
         if missing:
             fallback = self.p_unsafe([texts[row] for row in missing], [images[row] for row in missing])
@@ -379,33 +383,43 @@ class Moderator:
 
     def _generate_scored(
         self, inputs: Mapping[str, Any], max_new_tokens: int, **generate_kwargs: Any
-    ) -> tuple[list[str], list[float | None], Any]:
+    ) -> tuple[list[str], list[float | None], Any, torch.Tensor]:
         """``generate`` once: answers, P(unsafe) per row at its verdict position (None where the prefix was
-        not generated), and generate's output (its cache holds the prompt and the answer but its last token)."""
-        out = self.model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            output_logits=True,  # raw logits, as the scoring pass reads them (scores are post-processor)
-            return_dict_in_generate=True,
-            **generate_kwargs,
-        )
+        not generated), generate's output (its cache holds the prompt and the answer but its last token)
+        and the (safe, unsafe) logits of every generated step, shaped (steps, batch, 2)."""
+        # The two verdict logits are taken from the output layer as each step computes them: raw, as the
+        # scoring pass reads them (generate's ``scores`` went through its logits processors, e.g. a
+        # repetition penalty), without keeping a float32 vocabulary row per step and row (output_logits).
+        pairs: list[torch.Tensor] = []
+        choice = [self._safe_id, self._unsafe_id]
+
+        def record(module: Any, args: Any, output: Any) -> None:
+            pairs.append(output[:, -1, choice].float())
+
+        handle = self._output_layer.register_forward_hook(record)
+        try:
+            out = self.model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                return_dict_in_generate=True,
+                **generate_kwargs,
+            )
+        finally:
+            handle.remove()
         generated = out.sequences[:, inputs["input_ids"].shape[1] :]
+        # One output-layer call per generated token, the last ones (a chunked prefill may add calls first).
+        step_pairs = torch.stack(pairs[len(pairs) - generated.shape[1] :]) if generated.shape[1] else None
         raws = self.processor.batch_decode(generated, skip_special_tokens=True)
         position = len(self._prefix)  # the step after the prefix tokens predicts safe/unsafe
         prefix = torch.tensor(self._prefix, dtype=generated.dtype, device=generated.device)
         scores: list[float | None] = []
         for row in range(generated.shape[0]):
-            if position < len(out.logits) and torch.equal(generated[row, :position], prefix):
-                scores.append(self._pair_p_unsafe(out.logits[position][row]))
+            if position < generated.shape[1] and torch.equal(generated[row, :position], prefix):
+                scores.append(step_pairs[position, row].softmax(dim=-1)[1].item())
             else:
                 scores.append(None)
-        return raws, scores, out
-
-    def _pair_p_unsafe(self, logits: torch.Tensor) -> float:
-        """P(unsafe) from one position's vocabulary logits, as :meth:`p_unsafe` reads it."""
-        pair = torch.stack([logits[self._safe_id], logits[self._unsafe_id]]).float()
-        return pair.softmax(dim=-1)[1].item()
+        return raws, scores, out, step_pairs
 
     def _verdict(self, raw: str, score: float) -> Verdict:
         parsed = parse_verdict(raw, self.taxonomy)
@@ -505,7 +519,7 @@ class Moderator:
         input_ids = inputs["input_ids"]
         pixels = pixel_digest(inputs)
         reused = prefix_cache.reusable_length(input_ids[0], pixels, self._image_token_ids)
-        raws, scores, out = self._continue_generation(inputs, prefix_cache.cache, reused, max_new_tokens)
+        raws, scores, out, _ = self._continue_generation(inputs, prefix_cache.cache, reused, max_new_tokens)
         cache, score = out.past_key_values, scores[0]
         if score is None:  # no verdict position in the answer: run the prefix on the prompt's cache instead
             score = self._score_on_cache(inputs, cache)
@@ -514,7 +528,7 @@ class Moderator:
 
     def _continue_generation(
         self, inputs: Mapping[str, Any], cache: Any, reused: int, max_new_tokens: int
-    ) -> tuple[list[str], list[float | None], Any]:
+    ) -> tuple[list[str], list[float | None], Any, torch.Tensor]:
         """``_generate_scored`` on one prompt whose first ``reused`` tokens ``cache`` holds (0: from scratch)."""
         kwargs: dict[str, Any] = {}
         if reused:
@@ -539,8 +553,8 @@ class Moderator:
         for key, fill in (("attention_mask", 1), ("mm_token_type_ids", 0), ("token_type_ids", 0)):
             if key in inputs:
                 extended[key] = torch.cat([inputs[key], torch.full_like(prefix, fill)], dim=1)
-        _, _, out = self._continue_generation(extended, cache, prompt_length, max_new_tokens=1)
-        return self._pair_p_unsafe(out.logits[0][0])  # the prefix is input: the first step is the verdict position
+        _, _, _, step_pairs = self._continue_generation(extended, cache, prompt_length, max_new_tokens=1)
+        return step_pairs[0, 0].softmax(dim=-1)[1].item()  # the prefix is input: step 0 is the verdict position
 
 
 def main() -> None:

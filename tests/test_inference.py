@@ -115,6 +115,18 @@ def test_one_generate_pass_gives_the_scoring_pass_value_when_the_verdict_prefix_
     assert len({round(v.p_unsafe, 6) for v in verdicts}) == len(verdicts)  # per-row scores, not row 0's
 
 
+def test_the_one_pass_score_is_read_before_generations_logits_processors(moderator, monkeypatch):
+    # Qwen2.5-VL-Instruct ships repetition_penalty 1.05, and " safe"/" unsafe" occur in the system
+    # prompt: a score read from generate's processed scores would differ from the scoring pass's.
+    dialogues, images = _dialogues()
+    texts = moderator.prompt_texts(dialogues, [[0]] * len(dialogues))
+    monkeypatch.setattr(moderator.model.generation_config, "repetition_penalty", 1.5)
+    with verdict_prefix_nudged(moderator):
+        verdicts = moderator.moderate_batch(dialogues, images, max_new_tokens=4)
+        two_pass = moderator.p_unsafe(texts, images)
+    assert [v.p_unsafe for v in verdicts] == pytest.approx(two_pass, abs=1e-5)
+
+
 def test_rows_without_the_verdict_prefix_are_scored_by_the_scoring_pass_and_fail_closed(moderator):
     # Row 1 generates the prefix, rows 0 and 2 do not (as the untrained model never does): those two
     # get the scoring pass's P(unsafe) (one extra pass for just them) and a fail-closed verdict.
