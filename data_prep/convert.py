@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from moderator.contract import SAFE, UNSAFE, one_sentence, render_moderator_messages, render_target, target_message
-from moderator.schema import SAFEMT_IMAGE_TURNS, SafeMTRecord
+from moderator.schema import SAFEMT_IMAGE_TURNS, SafeMTRecord, format_row_id
 from moderator.taxonomy import Taxonomy
 
 COLUMNS = (
@@ -62,7 +62,7 @@ def safemt_rows(
     """The full dialogue, plus (with ``prefixes``) the dialogue cut after each earlier user turn.
 
     A prefix keeps the record's id as ``split_group`` (so it lands in the same split) and gets the id
-    ``<id>@<k>of<n>``; its target is the full dialogue's (``inherit``) or ``safe``.
+    :func:`moderator.schema.format_row_id` (``<id>@<k>of<n>``); its target is the full dialogue's (``inherit``) or ``safe``.
     """
     category = taxonomy.by_label[record.scenario].id
     common = dict(
@@ -82,7 +82,10 @@ def safemt_rows(
             verdict = UNSAFE if prefix_label == "inherit" else SAFE
             rows.append(
                 make_row(
-                    dialogue=record.dialogue[: 2 * k - 1], verdict=verdict, id=f"{record.id}@{k}of{total}", **common
+                    dialogue=record.dialogue[: 2 * k - 1],
+                    verdict=verdict,
+                    id=format_row_id(record.id, k, total),
+                    **common,
                 )
             )
     return rows

@@ -83,7 +83,7 @@ from eval.judge import (
 )
 from eval.targets import ChatModel, ChatRequest, load_target
 from moderator.contract import SAFE, UNSAFE
-from moderator.schema import RecordError, parse_safemt_record, safemt_turn_file
+from moderator.schema import RecordError, parse_row_id, parse_safemt_record, safemt_turn_file
 from moderator.taxonomy import Taxonomy, load_taxonomy
 
 logger = logging.getLogger(__name__)
@@ -261,11 +261,17 @@ class SplitRow:
     benign: bool
     category: str | None
     split: str = "test"
+    group: str | None = None  # the dataset's split_group (the SafeMT or benign id); None: from the row id
 
     @property
     def key(self) -> tuple[str, int, bool]:
         prefix = SPLIT_ID_PREFIX if self.split == "test" else f"{self.split}-split:"
         return (prefix + self.id, self.k, self.benign)
+
+    @property
+    def dialogue_id(self) -> str:
+        """The SafeMT (or benign) id this row was cut from: every prefix row of an id shares it."""
+        return self.group if self.group is not None else parse_row_id(self.id)[0]
 
 
 def load_detection_split(path: str | Path, split: str = "test") -> tuple[Any, list[SplitRow]]:
@@ -284,14 +290,22 @@ def load_detection_split(path: str | Path, split: str = "test") -> tuple[Any, li
         raise EvalDataError(f"{path}: {split} split lacks column(s) {missing}")
     rows = []
     # Column access reads only that column: the images are not decoded here.
-    for index, (row_id, label, category, turns) in enumerate(
-        zip(data["id"], data["label"], data["category"], data["turns"], strict=True)
+    ids = data["id"]
+    # data prep writes split_group (a row's SafeMT or benign id); older datasets: parse the row id.
+    groups = data["split_group"] if "split_group" in data.column_names else [None] * len(ids)
+    for index, (row_id, label, category, turns, group) in enumerate(
+        zip(ids, data["label"], data["category"], data["turns"], groups, strict=True)
     ):
         if label not in (SAFE, UNSAFE):
             raise EvalDataError(
                 f"{path}: {split} row {index} (id={row_id!r}): field 'label': {label!r} is not safe/unsafe"
             )
-        rows.append(SplitRow(index, row_id, int(turns), label == SAFE, category or None, split))
+        if group is None:
+            try:
+                group = parse_row_id(row_id)[0]
+            except ValueError as exc:
+                raise EvalDataError(f"{path}: {split} row {index}: field 'id': {exc}") from None
+        rows.append(SplitRow(index, row_id, int(turns), label == SAFE, category or None, split, group))
     return data, rows
 
 
@@ -299,7 +313,7 @@ def load_detection_split(path: str | Path, split: str = "test") -> tuple[Any, li
 class Shard:
     """Shard ``index`` of ``count`` (0-based): the SafeMT ids whose stable hash falls in it.
 
-    Every length of an id, its prepared test rows (``<id>@<k>of<n>``) and a benign id's rows go to the
+    Every length of an id, its prepared test rows (its prefixes too) and a benign id's rows go to the
     same shard, so the shards of one run split its work without overlap and their caches merge.
     """
 
@@ -324,11 +338,6 @@ class Shard:
     def holds(self, sample_id: str) -> bool:
         # sha256, not hash(): the same split in every process and Python version.
         return int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "big") % self.count == self.index
-
-
-def base_id(row_id: str) -> str:
-    """The SafeMT id of a prepared row id (data prep writes a prefix row as ``<id>@<k>of<n>``)."""
-    return row_id.split("@")[0]
 
 
 @dataclass(frozen=True)
@@ -402,8 +411,8 @@ class EvalRun:
         restricted = cfg.restricted_to_split
         samples = load_safemt_samples(cfg.safemt_dir, cfg.turns, None if restricted else cfg.limit, self.taxonomy)
         if restricted:
-            # Only dialogues the moderator never trained on (a prefix row's id is "<id>@<k>of<n>").
-            held_out = {base_id(row.id) for row in self.all_split_rows if not row.benign}
+            # Only dialogues the moderator never trained on (every prefix row of an id counts).
+            held_out = {row.dialogue_id for row in self.all_split_rows if not row.benign}
             samples = [s for s in samples if s.id in held_out]
             if cfg.limit is not None:
                 samples = [s for k in cfg.turns for s in [x for x in samples if x.k == k][: cfg.limit]]
@@ -417,7 +426,7 @@ class EvalRun:
             # After the limits: the shards of a run split exactly the items the whole run evaluates.
             # The validation split is not sharded: each shard needs all of it to fix the run's threshold.
             samples = [s for s in samples if self.shard.holds(s.id)]
-            self.split_rows = [r for r in self.all_split_rows if self.shard.holds(base_id(r.id))]
+            self.split_rows = [r for r in self.all_split_rows if self.shard.holds(r.dialogue_id)]
         return samples
 
     # -- keys ---------------------------------------------------------------------------------------

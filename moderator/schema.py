@@ -34,6 +34,31 @@ ID_PATTERN = re.compile(r"^(?P<source>[a-z]+)_(?P<slug>[a-z_]+)_(?P<n>\d+)$")
 SAFEMT_IMAGE_TURNS = (0,)
 
 
+# A prepared dataset's row id: a full SafeMT dialogue keeps the record's id; the prefix of it cut after
+# its k-th of n user turns (data_prep.convert.safemt_rows) is "<id>@<k>of<n>".
+ROW_ID_PATTERN = re.compile(r"^(?P<id>.+)@(?P<k>[1-9]\d*)of(?P<n>[1-9]\d*)$")
+
+
+def format_row_id(record_id: str, k: int, n: int) -> str:
+    """The row id of ``record_id``'s dialogue cut after user turn ``k`` of ``n`` (1 <= k < n)."""
+    if "@" in record_id or not record_id:
+        raise ValueError(f"record id {record_id!r}: a prefix row needs a non-empty id without '@'")
+    if not 1 <= k < n:
+        raise ValueError(f"record id {record_id!r}: a prefix cut needs 1 <= k < n, got k={k}, n={n}")
+    return f"{record_id}@{k}of{n}"
+
+
+def parse_row_id(row_id: str) -> tuple[str, int | None, int | None]:
+    """``(record id, k, n)`` of a row id written by :func:`format_row_id`; ``(row_id, None, None)`` for a full
+    dialogue (an id without ``@``). Raises ``ValueError`` naming the id when ``@`` is not ``@<k>of<n>``."""
+    if "@" not in row_id:
+        return row_id, None, None
+    match = ROW_ID_PATTERN.match(row_id)
+    if match is None or "@" in match["id"] or not int(match["k"]) < int(match["n"]):
+        raise ValueError(f"row id {row_id!r}: expected '<id>' or '<id>@<k>of<n>' with 1 <= k < n")
+    return match["id"], int(match["k"]), int(match["n"])
+
+
 class RecordError(ValueError):
     """A record breaks the schema; ``field`` names the offending field."""
 
@@ -76,6 +101,8 @@ def parse_safemt_record(raw: Any, taxonomy: Taxonomy, expected_turns: int | None
             raise RecordError(field, f"expected a string, got {type(raw[field]).__name__}")
     if not raw["id"].strip():
         raise RecordError("id", "empty")
+    if "@" in raw["id"]:  # reserved: prepared rows name a dialogue's prefixes "<id>@<k>of<n>"
+        raise RecordError("id", f"{raw['id']!r} contains '@', which row ids reserve for '<id>@<k>of<n>'")
     if raw["scenario"] not in taxonomy.by_label:
         raise RecordError("scenario", f"unknown scenario label {raw['scenario']!r}")
     if not raw["image_path"].strip():
