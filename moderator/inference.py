@@ -372,6 +372,7 @@ class Moderator:
         no verdict position in its generation: for those rows only, P(unsafe) comes from the scoring
         pass (:meth:`p_unsafe`), so the score never depends on whether the answer parsed. Such an
         answer does not parse either, so its verdict stays fail-closed (``unsafe``, ``parse_error``).
+        One call at a time per model: the score is read through a hook on its output layer.
         """
         raws, scores, _, _ = self._generate_scored(self._inputs(texts, images), max_new_tokens)
         missing = [row for row, score in enumerate(scores) if score is None]
@@ -478,6 +479,9 @@ class Moderator:
         image_turns = list(SAFEMT_IMAGE_TURNS[: len(images)] if image_turns is None else image_turns)
         if len(image_turns) != len(images):
             raise DialogueError(f"{len(images)} images but {len(image_turns)} image_turns")
+        for index in image_turns:  # an image past the dialogue's end would otherwise never be shown
+            if not 0 <= index < len(dialogue) or dialogue[index].get("role") != "user":
+                raise DialogueError(f"image_turns index {index} does not name a user turn of this dialogue")
         prefix_cache = PrefixCache()
         verdicts = []
         for end, message in enumerate(dialogue):
@@ -522,7 +526,7 @@ class Moderator:
         raws, scores, out, _ = self._continue_generation(inputs, prefix_cache.cache, reused, max_new_tokens)
         cache, score = out.past_key_values, scores[0]
         if score is None:  # no verdict position in the answer: run the prefix on the prompt's cache instead
-            score = self._score_on_cache(inputs, cache)
+            score = self._score_on_cache(inputs, cache) if self._prefix else self.p_unsafe([text], [list(images)])[0]
         prefix_cache.update(input_ids[0], pixels, cache, reused)
         return self._verdict(raws[0], score)
 

@@ -177,3 +177,13 @@ def test_an_edited_conversation_is_recomputed_and_bad_turns_are_refused(moderato
     with pytest.raises(DialogueError, match="images can only come with a user turn"):
         session.add_turn("assistant", "look", [_image()])
     assert len(session) == before  # a refused turn leaves the conversation as it was
+
+
+def test_moderate_turns_refuses_an_image_that_no_user_turn_of_the_dialogue_carries(moderator):
+    from moderator.contract import DialogueError
+
+    dialogue = _dialogue()
+    with pytest.raises(DialogueError, match="image_turns index 9"):  # past the end: it would never be shown
+        moderator.moderate_turns(dialogue, [_image()], image_turns=[9])
+    with pytest.raises(DialogueError, match="image_turns index 1"):  # an assistant turn
+        moderator.moderate_turns(dialogue, [_image()], image_turns=[1])
