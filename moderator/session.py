@@ -58,7 +58,10 @@ class ModerationSession:
         return len(self.dialogue)
 
     def add_turn(self, role: str, content: str, images: Sequence[Any] = ()) -> Verdict | None:
-        """Append a turn; after a user turn, the verdict on the conversation so far (else None)."""
+        """Append a turn; after a user turn, the verdict on the conversation so far (else None).
+
+        A user turn whose moderation raises is taken back out, so the caller can send it again.
+        """
         if role not in ROLE_NAMES:
             raise DialogueError(f"turn {len(self.dialogue)}: role {role!r} is not one of {sorted(ROLE_NAMES)}")
         if not isinstance(content, str):
@@ -71,7 +74,13 @@ class ModerationSession:
         self.image_turns += [index] * len(images)
         if role != "user":
             return None
-        return self._moderate()
+        try:
+            return self._moderate()
+        except Exception:
+            del self.dialogue[index:]
+            del self.images[len(self.images) - len(images) :]
+            del self.image_turns[len(self.image_turns) - len(images) :]
+            raise
 
     def reset(
         self,

@@ -187,3 +187,20 @@ def test_moderate_turns_refuses_an_image_that_no_user_turn_of_the_dialogue_carri
         moderator.moderate_turns(dialogue, [_image()], image_turns=[9])
     with pytest.raises(DialogueError, match="image_turns index 1"):  # an assistant turn
         moderator.moderate_turns(dialogue, [_image()], image_turns=[1])
+
+
+def test_a_user_turn_whose_moderation_fails_is_taken_back(moderator, monkeypatch):
+    # The service retries a failed request by feeding the turns the session does not hold (len(session)).
+    dialogue = _dialogue()
+    _session_store(moderator)
+    session = moderator.session("failing")
+    session.add_turn("user", dialogue[0]["content"], [_image()])
+    session.add_turn("assistant", dialogue[1]["content"])
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(moderator, "moderate_extended", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        session.add_turn("user", dialogue[2]["content"], [_image((1, 2, 3))])
+    assert len(session) == 2 and len(session.images) == len(session.image_turns) == 1
