@@ -37,7 +37,8 @@ if TYPE_CHECKING:
     from moderator.inference import Moderator, PrefixCache, Verdict
 
 DEFAULT_MAX_SESSIONS = 4096
-# About 1.8 GiB of bf16 keys/values for Qwen2.5-VL-3B (36 layers x 2 KV heads x 128 x 2 x 2 bytes per token).
+# 56 KiB of bf16 keys/values per token for Qwen2.5-VL-7B (28 layers x 4 KV heads x 128 dims x K, V x 2 bytes):
+# about 3.5 GiB at this cap.
 DEFAULT_MAX_CACHED_TOKENS = 65_536
 
 
