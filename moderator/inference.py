@@ -212,7 +212,8 @@ class PrefixCache:
         limit = min(len(self.input_ids), len(input_ids) - 1)  # at least one token must be run
         same = (self.input_ids[:limit].to(input_ids.device) == input_ids[:limit]).long()
         common = int(same.cumprod(0).sum())
-        if common == 0 or bool(torch.isin(input_ids[common:], torch.tensor(image_token_ids)).any()):
+        vision_tokens = torch.tensor(image_token_ids, dtype=input_ids.dtype, device=input_ids.device)
+        if common == 0 or bool(torch.isin(input_ids[common:], vision_tokens).any()):
             return 0
         return common
 
