@@ -29,7 +29,7 @@ from moderator.contract import (
     verdict_choice_token_ids,
 )
 from moderator.images import ImageBounds
-from moderator.loading import ModelNotFoundError, load_vlm, looks_like_a_path, require_left_padding
+from moderator.loading import ModelLoadError, ModelNotFoundError, load_vlm, looks_like_a_path, require_left_padding
 from moderator.manifest import MANIFEST_FILE, looks_like_export, start_verification
 from moderator.schema import SAFEMT_IMAGE_TURNS
 from moderator.taxonomy import UNKNOWN_CATEGORY, Taxonomy, load_taxonomy
@@ -562,20 +562,26 @@ class Moderator:
         return step_pairs[0, 0].softmax(dim=-1)[1].item()  # the prefix is input: step 0 is the verdict position
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from PIL import Image
 
+    from moderator.cli import MissingInputError, one_line_parser_errors
     from moderator.schema import parse_safemt_record
 
-    parser = argparse.ArgumentParser(description="Moderate SafeMT dialogues with a moderator checkpoint.")
+    parser = argparse.ArgumentParser(
+        prog="python -m moderator.inference", description="Moderate SafeMT dialogues with a moderator checkpoint."
+    )
+    one_line_parser_errors(parser)
     parser.add_argument("--model", required=True, help="merged checkpoint, adapter dir or hub name")
     parser.add_argument("--safemt-file", required=True, help="a <k>_turn.json file; images resolve next to it")
     parser.add_argument("--limit", type=int, default=3)
-    args = parser.parse_args()
-    moderator = Moderator.from_pretrained(args.model)
+    args = parser.parse_args(argv)
     path = Path(args.safemt_file)
+    if not path.is_file():
+        raise MissingInputError(f"{path}: SafeMT file not found")
+    moderator = Moderator.from_pretrained(args.model)
     for raw in json.loads(path.read_text())[: args.limit]:
         record = parse_safemt_record(raw, moderator.taxonomy)
         with Image.open(path.parent / record.image_path) as image:
@@ -587,4 +593,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from moderator.cli import run_cli
+    from moderator.manifest import ManifestError
+
+    raise SystemExit(run_cli(main, user_errors=(ModelLoadError, ManifestError, ModeratorConfigError)))

@@ -121,6 +121,18 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], Path, str]]:
             REPO_ROOT,
             f"error: {broken_cache}:1: unreadable cache line (Expecting value: line 1 column 1 (char 0))",
         ),
+        "inference_missing_model": (
+            [
+                "-m",
+                "moderator.inference",
+                "--model",
+                str(tmp / "no-such-moderator"),
+                "--safemt-file",
+                str(SAMPLE_DIR / "1_turn.json"),
+            ],
+            REPO_ROOT,
+            f"error: {tmp / 'no-such-moderator'}: moderator directory not found",
+        ),
         # Used to print "0 placeholder images" and exit 0.
         "images_copy_from_missing": (
             ["-m", "moderator.images", str(tmp / "images"), "--copy-from", str(tmp / "nope")],
@@ -180,6 +192,7 @@ SUBPROCESS_CASES = [
     "eval_missing_model",
     "eval_broken_cache_line",
     "images_copy_from_missing",
+    "inference_missing_model",
 ]
 IN_PROCESS_CASES = ["sft_missing_dataset", "sft_taxonomy_mismatch", "sft_misspelt_config_field"]
 
