@@ -18,6 +18,13 @@ None with ``si_reason`` saying why (:func:`eval.metrics.safety_index_result`); t
 report.md lists the reasons. ``outcomes`` counts, per length, the attack labels of each outcome
 (safe, unsafe, error, content_filter, unparsed: :func:`eval.metrics.label_outcome`).
 
+Intervals (``intervals`` says how they were drawn): ``asr_ci[k]`` is the Wilson score interval of
+ASR_k; ``si_ci`` a percentile bootstrap interval of the SI over SafeMT ids (every length of an id
+stays in the resample); ``delta_asr_ci[k]`` and ``delta_si_ci`` paired bootstrap intervals of the
+differences against ``none`` (the same drawn ids for both defences). Each is ``[low, high]``, or None
+where its point value is None. The bootstrap is seeded, so the same rows give a byte-identical
+report.json in any row order (a sharded run and a single-process one agree).
+
 ``thresholds`` (written by ``eval.loop``) maps each moderator defence to the decision threshold every
 one of its rows was measured at (:class:`eval.defences.ThresholdChoice` as a dict: ``threshold``,
 ``source``, ``detail``, ...); ``python -m export --eval-report`` refuses to ship another one.
@@ -37,9 +44,13 @@ from eval.metrics import (
     ERROR,
     SAFEMT_TURNS,
     UNPARSED,
+    BootstrapSettings,
+    asr_intervals,
     asr_reduction,
     length_weights,
+    paired_delta_intervals,
     safety_index_result,
+    si_interval,
 )
 
 NO_DEFENCE = "none"
@@ -81,10 +92,20 @@ def _fraction(rows: list[Mapping[str, Any]], field: str) -> tuple[float | None, 
     return (sum(1 for value in known if value) / len(known) if known else None), len(known)
 
 
-def _group_summary(rows: list[Mapping[str, Any]], turns: tuple[int, ...]) -> dict[str, Any]:
+def _attack_results(rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [{"id": row["id"], "k": row["k"], "label": row["label"]} for row in rows if not row["benign"]]
+
+
+def _interval(interval: tuple[float, float] | None) -> list[float] | None:
+    return None if interval is None else [interval[0], interval[1]]
+
+
+def _group_summary(
+    rows: list[Mapping[str, Any]], turns: tuple[int, ...], bootstrap: BootstrapSettings
+) -> dict[str, Any]:
     attack = [row for row in rows if not row["benign"]]
     benign = [row for row in rows if row["benign"]]
-    attack_results = [{"id": row["id"], "k": row["k"], "label": row["label"]} for row in attack]
+    attack_results = _attack_results(rows)
     flag_rate, n_flag_known = _fraction(benign, "flagged")
     refusal_rate, n_refusal_known = _fraction(benign, "refused")
     attack_flag_rate, _ = _fraction(attack, "flagged")
@@ -95,12 +116,20 @@ def _group_summary(rows: list[Mapping[str, Any]], turns: tuple[int, ...]) -> dic
         "n_attack": len(attack),
         "n_benign": len(benign),
         "asr": scored["asr"] if scored else None,
+        "asr_ci": (
+            {str(k): _interval(ci) for k, ci in asr_intervals(attack_results, turns, bootstrap.confidence).items()}
+            if scored
+            else None
+        ),
         "n_labelled": scored["n_labelled"] if scored else {str(k): 0 for k in turns},
         "si": scored["si"] if scored else None,
+        "si_ci": _interval(si_interval(attack_results, turns, bootstrap)) if scored else None,
         "si_reason": scored["si_reason"] if scored else NO_ATTACK_ROWS,
         "outcomes": scored["outcomes"] if scored else None,
         "delta_asr": None,
+        "delta_asr_ci": None,
         "delta_si": None,
+        "delta_si_ci": None,
         "attack_flag_rate": attack_flag_rate,
         "over_refusal": {
             "n_benign": len(benign),
@@ -126,12 +155,15 @@ def build_report(
     detection: Mapping[str, Any] | None = None,
     title: str = "SafeMT evaluation",
     thresholds: Mapping[str, Mapping[str, Any]] | None = None,
+    bootstrap: BootstrapSettings | None = None,
 ) -> dict[str, Any]:
     """The report as a JSON-ready dict: ``results[target][defence]`` holds each group's numbers.
 
     ``thresholds``: per moderator defence, the threshold its rows were measured at (see the module
-    docstring); ``{}`` when no moderator was evaluated, None to leave the field out.
+    docstring); ``{}`` when no moderator was evaluated, None to leave the field out. ``bootstrap``:
+    resamples, seed and confidence of the intervals (default 1000 resamples, seed 0, 95%).
     """
+    bootstrap = bootstrap or BootstrapSettings()
     _check_rows(rows)
     if thresholds is not None:
         _check_thresholds(thresholds)
@@ -145,7 +177,7 @@ def build_report(
     for target in sorted(groups):
         # "none" first: it is the baseline every other defence is compared with.
         defences = sorted(groups[target], key=lambda name: (name != NO_DEFENCE, name))
-        results[target] = {defence: _group_summary(groups[target][defence], turns) for defence in defences}
+        results[target] = {defence: _group_summary(groups[target][defence], turns, bootstrap) for defence in defences}
         baseline = results[target].get(NO_DEFENCE)
         if baseline is None or baseline["asr"] is None:
             continue
@@ -158,11 +190,21 @@ def build_report(
             summary["delta_asr"] = {str(k): v for k, v in delta.items()}
             if summary["si"] is not None and baseline["si"] is not None:  # eval.metrics: None when undefined
                 summary["delta_si"] = round(summary["si"] - baseline["si"], 4)
+            intervals = paired_delta_intervals(
+                _attack_results(groups[target][NO_DEFENCE]), _attack_results(groups[target][defence]), turns, bootstrap
+            )
+            summary["delta_asr_ci"] = {str(k): _interval(ci) for k, ci in intervals.delta_asr.items()}
+            summary["delta_si_ci"] = _interval(intervals.delta_si)
 
     report: dict[str, Any] = {
         "title": title,
         "turns": list(turns),
         "si_weights": {str(k): w for k, w in weights.items()},
+        "intervals": {
+            **bootstrap.to_dict(),
+            "asr": "Wilson score interval",
+            "si_and_deltas": "percentile bootstrap over SafeMT ids; deltas paired (same ids for both defences)",
+        },
         "results": results,
     }
     if detection is not None:
@@ -194,6 +236,84 @@ def _fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value).replace("|", "\\|")
+
+
+def _fmt_ci(value: float | None, interval: Sequence[float] | None, percent: bool) -> str:
+    """``12.5% [8.1, 18.0]`` (a rate, in percent) or ``0.4552 [0.4100, 0.5012]`` (an SI); n/a for None."""
+    if value is None:
+        return "n/a"
+    scale, digits, unit = (100.0, 1, "%") if percent else (1.0, 4, "")
+    text = f"{value * scale:.{digits}f}{unit}"
+    if interval is not None:
+        text += f" [{interval[0] * scale:.{digits}f}, {interval[1] * scale:.{digits}f}]"
+    return text
+
+
+def _holds_zero(interval: Sequence[float] | None) -> bool:
+    return interval is not None and interval[0] <= 0.0 <= interval[1]
+
+
+def _within_noise(summary: Mapping[str, Any], turns: Sequence[int]) -> str:
+    """Which differences of a defence from no defence have a 95% interval that holds 0."""
+    names = [f"ΔASR_{k}" for k in turns if _holds_zero((summary.get("delta_asr_ci") or {}).get(str(k)))]
+    names += ["ΔSI"] if _holds_zero(summary.get("delta_si_ci")) else []
+    return ", ".join(names) if names else "none"
+
+
+def _interval_sections(report: Mapping[str, Any], groups: list, delta_groups: list) -> tuple[list[str], list[str]]:
+    """The interval tables that follow the ASR/SI table and the ΔASR table (empty for an older report)."""
+    settings = report.get("intervals")
+    if settings is None:  # a report.json written before intervals existed (export renders stored reports)
+        return [], []
+    turns, level = report["turns"], f"{settings['confidence']:.0%}"
+    how = f"{settings['n_resamples']} resamples, seed {settings['seed']}"
+    asr_lines = [f"### With {level} intervals", ""]
+    asr_lines += [
+        f"ASR_k in percent with its Wilson score interval; the SI with a percentile bootstrap interval over "
+        f"SafeMT ids (all lengths of an id resampled together; {how}).",
+        "",
+    ]
+    asr_lines += _table(
+        ["target", "defence", *[f"ASR_{k}" for k in turns], "SI"],
+        [
+            [
+                _fmt(target),
+                _fmt(defence),
+                *[_fmt_ci(_measured_asr(s, k), (s.get("asr_ci") or {}).get(str(k)), True) for k in turns],
+                _fmt_ci(s["si"], s.get("si_ci"), False),
+            ]
+            for target, defence, s in groups
+        ],
+    )
+    if not delta_groups:
+        return asr_lines, []
+    delta_lines = [f"### With {level} paired bootstrap intervals", ""]
+    delta_lines += [
+        f"Both defences are scored on the same resampled SafeMT ids ({how}). Within noise: the interval "
+        f"holds 0, so this run cannot tell that difference from none.",
+        "",
+    ]
+    delta_lines += _table(
+        ["target", "defence", *[f"ΔASR_{k}" for k in turns], "ΔSI", "within noise"],
+        [
+            [
+                _fmt(target),
+                _fmt(defence),
+                *[
+                    _fmt_ci(
+                        s["delta_asr"][str(k)] if s["delta_asr"] else None,
+                        (s.get("delta_asr_ci") or {}).get(str(k)),
+                        True,
+                    )
+                    for k in turns
+                ],
+                _fmt_ci(s["delta_si"], s.get("delta_si_ci"), False),
+                _within_noise(s, turns) if s["delta_asr"] else "n/a",
+            ]
+            for target, defence, s in delta_groups
+        ],
+    )
+    return asr_lines, delta_lines
 
 
 def _table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> list[str]:
@@ -267,6 +387,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             for target, defence, s in groups
         ],
     )
+    delta_groups = [(t, d, s) for t, d, s in groups if d != NO_DEFENCE]
+    asr_interval_lines, delta_interval_lines = _interval_sections(report, groups, delta_groups)
+    lines += asr_interval_lines
     missing_si = [(t, d, s) for t, d, s in groups if s["si"] is None]
     if missing_si:
         lines += ["Why an SI is n/a:", ""]
@@ -274,7 +397,6 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += [""]
 
     lines += [f"## ASR reduction vs. no defence (ΔASR = ASR[{NO_DEFENCE}] - ASR[defence])", ""]
-    delta_groups = [(t, d, s) for t, d, s in groups if d != NO_DEFENCE]
     if delta_groups:
         lines += _table(
             ["target", "defence", *[f"ΔASR_{k}" for k in turns], "ΔSI"],
@@ -288,6 +410,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 for target, defence, s in delta_groups
             ],
         )
+        lines += delta_interval_lines
     else:
         lines += ["No defended runs.", ""]
 
@@ -348,7 +471,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
 
 def plot_asr_vs_turns(report: Mapping[str, Any], path: Path) -> None:
-    """ASR against the number of turns, one line per (target, defence)."""
+    """ASR against the number of turns, one line per (target, defence), with Wilson-interval error bars."""
     # The object API with the Agg canvas leaves pyplot's global backend alone (safe inside training code).
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -362,15 +485,25 @@ def plot_asr_vs_turns(report: Mapping[str, Any], path: Path) -> None:
             measured = [k for k in turns if _measured_asr(summary, k) is not None]
             if not measured:
                 continue
-            axes.plot(
+            values = [summary["asr"][str(k)] for k in measured]
+            (line,) = axes.plot(
                 measured,
-                [summary["asr"][str(k)] for k in measured],
+                values,
                 marker="o",
                 linestyle="-" if defence == NO_DEFENCE else "--",
                 label=f"{target} / {defence}",
             )
+            intervals = [(summary.get("asr_ci") or {}).get(str(k)) for k in measured]
+            if all(interval is not None for interval in intervals):  # None only for an older report.json
+                below = [value - low for value, (low, _) in zip(values, intervals, strict=True)]
+                above = [high - value for value, (_, high) in zip(values, intervals, strict=True)]
+                axes.errorbar(
+                    measured, values, yerr=[below, above], fmt="none", ecolor=line.get_color(), capsize=3, alpha=0.7
+                )
     axes.set_xlabel("number of turns (k)")
-    axes.set_ylabel("attack success rate")
+    settings = report.get("intervals")
+    bars = f" (bars: {settings['confidence']:.0%} Wilson interval)" if settings else ""
+    axes.set_ylabel(f"attack success rate{bars}")
     axes.set_xticks(turns)
     axes.set_ylim(-0.02, 1.02)
     axes.grid(True, alpha=0.3)
@@ -415,15 +548,16 @@ def write_report(
     detection: dict[str, Any] | None = None,
     title: str = "SafeMT evaluation",
     thresholds: Mapping[str, Mapping[str, Any]] | None = None,
+    bootstrap: BootstrapSettings | None = None,
 ) -> dict[str, Any]:
     """Write report.json, report.md and asr_vs_turns.png under ``out_dir``; return the report dict.
 
     ``detection`` (optional) is a :func:`eval.metrics.detection_metrics` dict, or a mapping from a
     detector name to one; it is stored as given and rendered as a table. ``thresholds``: see
-    :func:`build_report`.
+    :func:`build_report`, as is ``bootstrap``.
     """
     out_dir = Path(out_dir)
-    report = build_report(rows, turns, detection, title, thresholds)
+    report = build_report(rows, turns, detection, title, thresholds, bootstrap)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")
