@@ -69,14 +69,16 @@ def source_name(spec: str, explicit: str | None) -> str:
     return path.stem if path.exists() else spec.rstrip("/").split("/")[-1]
 
 
-def iter_candidates(spec: str, split: str, seed: int) -> Iterator[BenignCandidate]:
-    """Candidate rows in a deterministic, seed-shuffled order (callers stop once they have enough)."""
+def iter_candidates(spec: str, split: str, seed: int | None) -> Iterator[BenignCandidate]:
+    """Candidate rows in a deterministic, seed-shuffled order (callers stop once they have enough);
+    ``seed=None``: in the source's own order (the eval reads a held-out file as written)."""
     if spec == CHITCHAT:
         yield from _chitchat(seed)
         return
     path = Path(spec)
     if path.is_file() and path.suffix.lower() == ".jsonl":
-        yield from _shuffled(list(_jsonl_rows(path)), seed)
+        rows = _jsonl_rows(path)  # in file order a caller that stops early never reads the rest
+        yield from rows if seed is None else _shuffled(list(rows), seed)
     elif path.is_file() and path.suffix.lower() == ".json":
         rows = []
         for item in read_json_array(path, None):
@@ -89,9 +91,16 @@ def iter_candidates(spec: str, split: str, seed: int) -> Iterator[BenignCandidat
         yield from _datasets_rows(spec, split, seed)
 
 
-def _shuffled(rows: list[BenignCandidate], seed: int) -> Iterator[BenignCandidate]:
-    random.Random(seed).shuffle(rows)
-    yield from rows
+def _order(count: int, seed: int | None) -> list[int]:
+    order = list(range(count))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    return order
+
+
+def _shuffled(rows: list[BenignCandidate], seed: int | None) -> Iterator[BenignCandidate]:
+    for index in _order(len(rows), seed):
+        yield rows[index]
 
 
 def _row_id(raw: Any) -> str | None:
@@ -99,15 +108,13 @@ def _row_id(raw: Any) -> str | None:
     return str(value) if value not in (None, "") else None
 
 
-def _chitchat(seed: int) -> Iterator[BenignCandidate]:
+def _chitchat(seed: int | None) -> Iterator[BenignCandidate]:
     import chitchat_dataset
 
     path = Path(chitchat_dataset.__file__).parent / "dataset.json"
     conversations = json.loads(path.read_text(encoding="utf-8"))
     keys = list(conversations)
-    order = list(range(len(keys)))
-    random.Random(seed).shuffle(order)
-    for index in order:
+    for index in _order(len(keys), seed):
         key = keys[index]
         yield BenignCandidate(str(path), index, f"chitchat_{key}", {"chitchat": conversations[key]}, None)
 
@@ -136,7 +143,7 @@ def _jsonl_rows(path: Path) -> Iterator[BenignCandidate]:
             yield BenignCandidate(str(path), index, _row_id(row), row, path.parent)
 
 
-def _datasets_rows(spec: str, split: str, seed: int) -> Iterator[BenignCandidate]:
+def _datasets_rows(spec: str, split: str, seed: int | None) -> Iterator[BenignCandidate]:
     import datasets
 
     path = Path(spec)
@@ -156,9 +163,7 @@ def _datasets_rows(spec: str, split: str, seed: int) -> Iterator[BenignCandidate
             data = data.cast_column(column, datasets.Image(decode=False))
         elif isinstance(feature, datasets.List | datasets.Sequence) and isinstance(feature.feature, datasets.Image):
             data = data.cast_column(column, datasets.List(datasets.Image(decode=False)))
-    order = list(range(len(data)))
-    random.Random(seed).shuffle(order)
-    for index in order:
+    for index in _order(len(data), seed):
         row = data[index]
         yield BenignCandidate(label, index, _row_id(row), row, base_dir)
 
@@ -266,6 +271,25 @@ def normalize(candidate: BenignCandidate) -> BenignDialogue:
         dropped_empty=dropped,
         dropped_images=max(0, len(images) - 1),
     )
+
+
+def read_candidate(candidate: BenignCandidate, source: str, seen_ids: set[str]) -> BenignDialogue:
+    """A candidate as a dialogue with its id (``<source>_<index>`` when the row has none), or a
+    ``RecordError`` naming the field for what data prep quarantines: a line or file that could not be
+    parsed, a malformed row, an id already in ``seen_ids`` (the caller adds the ids it keeps)."""
+    if candidate.problem_field:
+        raise RecordError(candidate.problem_field, str(candidate.raw))
+    try:
+        dialogue = normalize(candidate)
+    except RecordError:
+        raise
+    except Exception as exc:  # anything else about one row's content: that row is bad, not the run
+        detail = "nested too deeply to read" if isinstance(exc, RecursionError) else f"{type(exc).__name__}: {exc}"
+        raise RecordError("<record>", f"cannot be read ({detail[:200]})") from None
+    dialogue.id = dialogue.id or f"{source}_{candidate.index}"
+    if dialogue.id in seen_ids:
+        raise RecordError("id", f"duplicate id {dialogue.id!r}")
+    return dialogue
 
 
 def cut_dialogue(dialogue: BenignDialogue, user_turns: int) -> BenignDialogue:

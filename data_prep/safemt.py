@@ -194,11 +194,18 @@ def _hub_records(spec: str, revision: str | None) -> Iterator[RawRecord | FilePr
     import datasets
 
     path = Path(spec)
-    if path.is_file():
-        splits = datasets.load_dataset(_LOCAL_SUFFIXES[path.suffix.lower()], data_files=str(path))
-        label = str(path)
-    elif path.is_dir():
-        splits = datasets.load_dataset(str(path))
+    if path.is_file() or path.is_dir():
+        try:
+            if path.is_file():
+                splits = datasets.load_dataset(_LOCAL_SUFFIXES[path.suffix.lower()], data_files=str(path))
+            else:
+                splits = datasets.load_dataset(str(path))
+        except Exception as exc:  # e.g. a folder with neither <k>_turn.json files nor data files
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(
+                f"{path}: no SafeMT data: neither <k>_turn.json files (GitHub layout) nor a dataset datasets can "
+                f"load (hub layout): {detail}"
+            ) from None
         label = str(path)
     else:
         try:

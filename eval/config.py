@@ -111,11 +111,18 @@ class JudgeConfig:
 
 @dataclass
 class EvalConfig:
+    # SafeMT, read by data_prep's reader: a GitHub-layout folder (<k>_turn.json + images/), a local
+    # hub-layout file or folder (parquet/json/jsonl) or a hub dataset name.
     safemt_dir: str
     targets: list[TargetConfig]
     defences: list[DefenceConfig]
     judge: JudgeConfig = field(default_factory=JudgeConfig)
-    benign: str | None = None  # JSONL of {"id", "messages", "image"?}; images resolve next to it
+    # Folder SafeMT image paths are relative to (and must stay inside); None: the GitHub folder, the
+    # local file's folder, or a snapshot of the hub repository (as in data prep).
+    safemt_images_root: str | None = None
+    # Benign dialogues, read by data_prep's benign reader in file order: a JSONL of {"id", "messages",
+    # "image"?} (data prep's benign_eval.jsonl; images resolve inside its folder) or another source it reads.
+    benign: str | None = None
     benign_limit: int | None = None  # None: same as limit
     # A data_prep.build output: its test split scores the moderator, its validation split sets the
     # decision threshold (target_fpr) recorded in the report for export.
@@ -128,7 +135,10 @@ class EvalConfig:
     # (error, content_filter, unparsed) before eval.run fails with exit code 3; the report is still written.
     max_judge_failure_share: float = 0.05
     turns: list[int] = field(default_factory=lambda: list(TURN_COUNTS))
-    limit: int | None = None  # first N records of each <k>_turn.json
+    limit: int | None = None  # first N valid records of each length
+    # Bad input records are quarantined (<out_dir>/quarantine.jsonl, counts in <out_dir>/inputs.json) and
+    # the run goes on; strict: any quarantined record stops the run, naming file, record and field.
+    strict: bool = False
     max_new_tokens: int = 256
     batch_size: int = 8  # defences and HF targets (a target's own batch_size wins)
     # Requests per call to a target that schedules its own batches (vLLM): its replies are cached per

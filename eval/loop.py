@@ -46,7 +46,7 @@ import gc
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain
@@ -55,7 +55,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from data_prep.images import ImagePathError, resolve_inside
+from data_prep.benign import BenignDialogue, iter_candidates, materialize_image, read_candidate, source_name
+
+# data prep's SafeMT reader (both layouts, quarantine); private there until it moves to data_prep.safemt
+from data_prep.build import _read_safemt as read_safemt
+from data_prep.config import ConfigError, DataPrepConfig
+from data_prep.images import check_image, check_images
+from data_prep.quarantine import Ledger
 from eval.cache import JsonlCache, compute_missing, lock_out_dir, settings_digest
 from eval.config import DefenceConfig, EvalConfig, JudgeConfig, TargetConfig
 from eval.defences import (
@@ -83,7 +89,7 @@ from eval.judge import (
 )
 from eval.targets import ChatModel, ChatRequest, load_target
 from moderator.contract import SAFE, UNSAFE
-from moderator.schema import RecordError, parse_row_id, parse_safemt_record, safemt_turn_file
+from moderator.schema import RecordError, parse_row_id
 from moderator.taxonomy import Taxonomy, load_taxonomy
 
 logger = logging.getLogger(__name__)
@@ -91,6 +97,13 @@ logger = logging.getLogger(__name__)
 
 class EvalDataError(ValueError):
     """An eval input is malformed; the message names the file, record and field."""
+
+
+# Ledger input names, as data prep's quarantine.jsonl names them.
+SAFEMT_INPUT, BENIGN_INPUT = "safemt", "benign"
+BENIGN_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+QUARANTINE_FILE = "quarantine.jsonl"  # one line per bad input record: input, file, index, id, field, reason
+INPUTS_FILE = "inputs.json"  # per input: read, used, quarantined, not_selected
 
 
 @dataclass(frozen=True)
@@ -109,120 +122,132 @@ class EvalSample:
         return (self.id, self.k, self.benign)
 
 
+def _quarantine_failure(ledger: Ledger, input_name: str, what: str) -> EvalDataError | None:
+    """``strict``: the error naming the first record ``input_name`` quarantined (None when nothing was)."""
+    entries = [e for e in ledger.entries if e.input == input_name]
+    if not entries:
+        return None
+    return EvalDataError(f"strict: {len(entries)} {what} record(s) quarantined; first: {entries[0].message}")
+
+
 def load_safemt_samples(
-    safemt_dir: str | Path, turns: Sequence[int], limit: int | None, taxonomy: Taxonomy
+    safemt_dir: str | Path,
+    turns: Sequence[int],
+    limit: int | None,
+    taxonomy: Taxonomy,
+    *,
+    ledger: Ledger | None = None,
+    strict: bool = False,
+    images_root: str | None = None,
+    keep_ids: Collection[str] | None = None,
 ) -> list[EvalSample]:
-    """Records of the ``<k>_turn.json`` files present for ``turns`` (GitHub layout), first ``limit`` of each."""
-    safemt_dir = Path(safemt_dir)
-    present = [k for k in turns if safemt_turn_file(safemt_dir, k).is_file()]
-    if not present:
-        raise EvalDataError(f"{safemt_dir}: none of {[safemt_turn_file('', k).name for k in turns]} exists")
-    samples = []
-    for k in present:
-        path = safemt_turn_file(safemt_dir, k)
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise EvalDataError(f"{path}: not valid JSON: {exc}") from None
-        if not isinstance(records, list):
-            raise EvalDataError(f"{path}: expected a JSON array of records")
-        seen: set[str] = set()
-        for index, raw in enumerate(records[:limit]):
-            record_id = raw.get("id") if isinstance(raw, dict) else None
-            try:
-                record = parse_safemt_record(raw, taxonomy, expected_turns=k)
-            except RecordError as exc:
-                raise EvalDataError(f"{path}: record {index} (id={record_id!r}): {exc}") from None
-            if record.id in seen:
-                raise EvalDataError(f"{path}: record {index}: field 'id': duplicate id {record.id!r}")
-            seen.add(record.id)
-            try:  # links and ``..`` followed: the image must stay inside the SafeMT folder
-                image = resolve_inside(safemt_dir, record.image_path, what="SafeMT folder")
-            except ImagePathError as exc:
-                raise EvalDataError(f"{path}: record {index} (id={record.id!r}): field 'image_path': {exc}") from None
-            if not image.is_file():
-                raise EvalDataError(f"{path}: record {index} (id={record.id!r}): field 'image_path': {image} not found")
-            samples.append(
-                EvalSample(
-                    id=record.id,
-                    k=k,
-                    benign=False,
-                    dialogue=record.dialogue,
-                    image_path=image,
-                    question=record.question,
-                    scenario=record.scenario,
-                    category=taxonomy.by_label[record.scenario].id,
-                )
-            )
-    return samples
+    """SafeMT dialogues of the lengths ``turns``, read by data prep's reader (GitHub or hub layout).
 
-
-def load_benign_samples(path: str | Path, limit: int | None) -> list[EvalSample]:
-    """A JSONL of ``{"id", "messages": [{"role", "content"}], "image": optional path}``.
-
-    Roles alternate user/assistant from a user turn; trailing assistant messages are dropped so the
-    target answers the last user turn. ``image`` is relative to the file's folder and goes with the
-    first user turn.
+    A bad record (schema, duplicate id, an image path leaving ``images_root``, an image that is missing
+    or does not decode) is quarantined in ``ledger`` as data prep does, unless ``strict``: then the first
+    one raises :class:`EvalDataError` naming file, record and field. ``keep_ids``: only these ids (the
+    held-out test split); ``limit``: the first N kept records of each length. A record read but not
+    kept is counted in ``ledger.read`` only (read = used + quarantined + not selected).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise EvalDataError(f"{path}: benign file not found")
-    samples: list[EvalSample] = []
-    seen: set[str] = set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if limit is not None and len(samples) >= limit:
-            break
-        if not line.strip():
+    ledger = ledger if ledger is not None else Ledger()
+    spec = DataPrepConfig(safemt=str(safemt_dir), safemt_turns=list(turns), safemt_images_root=images_root)
+    try:
+        candidates, _ = read_safemt(spec, taxonomy, ledger)
+    except ConfigError as exc:
+        raise EvalDataError(f"safemt_dir: {exc}") from None
+    chosen: dict[int, list[tuple[Any, Any, str]]] = {k: [] for k in turns}
+    for item, record, image in candidates:
+        kept = chosen[record.turns]
+        if (keep_ids is None or record.id in keep_ids) and (limit is None or len(kept) < limit):
+            kept.append((item, record, image))
+    selected = [c for k in turns for c in chosen[k]]
+    checks = check_images(image for _, _, image in selected)  # decoded now, not halfway through the run
+    samples = []
+    for item, record, image in selected:
+        if checks[image].error:
+            ledger.quarantine(SAFEMT_INPUT, item.file, item.index, record.id, "image_path", checks[image].error)
             continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EvalDataError(f"{where}: not valid JSON: {exc}") from None
-        if not isinstance(row, dict):
-            raise EvalDataError(f"{where}: expected a JSON object")
-        sample_id = row.get("id")
-        if not isinstance(sample_id, str) or not sample_id.strip():
-            raise EvalDataError(f"{where}: field 'id': expected a non-empty string, got {sample_id!r}")
-        where = f"{where} (id={sample_id!r})"
-        if sample_id in seen:
-            raise EvalDataError(f"{where}: field 'id': duplicate id")
-        seen.add(sample_id)
-        dialogue = _benign_dialogue(row.get("messages"), where)
-        image = row.get("image")
-        image_path = None
-        if image is not None:
-            if not isinstance(image, str) or not image.strip():
-                raise EvalDataError(f"{where}: field 'image': expected a path string, got {image!r}")
-            try:  # relative to the file's folder, and must stay inside it
-                image_path = resolve_inside(path.parent, image, what="benign file's folder")
-            except ImagePathError as exc:
-                raise EvalDataError(f"{where}: field 'image': {exc}") from None
-            if not image_path.is_file():
-                raise EvalDataError(f"{where}: field 'image': {image_path} not found")
-        k = sum(1 for m in dialogue if m["role"] == "user")
-        samples.append(EvalSample(id=sample_id, k=k, benign=True, dialogue=dialogue, image_path=image_path))
+        ledger.converted[SAFEMT_INPUT] += 1
+        samples.append(
+            EvalSample(
+                id=record.id,
+                k=record.turns,
+                benign=False,
+                dialogue=record.dialogue,
+                image_path=Path(image),
+                question=record.question,
+                scenario=record.scenario,
+                category=taxonomy.by_label[record.scenario].id,
+            )
+        )
+    if strict and (error := _quarantine_failure(ledger, SAFEMT_INPUT, "SafeMT")):
+        raise error
     return samples
 
 
-def _benign_dialogue(messages: Any, where: str) -> tuple[dict[str, str], ...]:
-    if not isinstance(messages, list) or not messages:
-        raise EvalDataError(f"{where}: field 'messages': expected a non-empty list")
-    dialogue = []
-    for index, message in enumerate(messages):
-        field_name = f"messages[{index}]"
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise EvalDataError(f"{where}: field {field_name!r}: expected {{'role', 'content': str}}")
-        expected = "user" if index % 2 == 0 else "assistant"
-        if message.get("role") != expected:
-            raise EvalDataError(
-                f"{where}: field '{field_name}.role': got {message.get('role')!r}, expected {expected!r} "
-                "(roles alternate from user)"
+def load_benign_samples(
+    path: str | Path,
+    limit: int | None,
+    *,
+    ledger: Ledger | None = None,
+    strict: bool = False,
+    image_dir: Path | None = None,
+) -> list[EvalSample]:
+    """Benign dialogues in the source's order, read by data prep's benign reader; the first ``limit`` good ones.
+
+    Usually data prep's ``benign_eval.jsonl`` (``{"id", "messages", "image"?}``, the image relative to
+    the file's folder and required to stay inside it); any source data prep reads works. Data prep's
+    normalisation applies (system messages dropped, trailing assistant turns dropped so the target
+    answers the last user turn). A bad row is quarantined in ``ledger`` (or raises, ``strict``).
+    ``image_dir``: where image bytes held in a row are written (without it such a row is quarantined).
+    """
+    ledger = ledger if ledger is not None else Ledger()
+    spec = str(path)
+    local = Path(spec)
+    if (local.suffix.lower() in BENIGN_FILE_SUFFIXES or spec.startswith((".", "/"))) and not local.exists():
+        raise EvalDataError(f"{path}: benign file not found")
+    source = source_name(spec, None)
+    seen: set[str] = set()
+    samples: list[EvalSample] = []
+    try:
+        for candidate in iter_candidates(spec, "train", seed=None):
+            if limit is not None and len(samples) >= limit:
+                break
+            ledger.read[BENIGN_INPUT] += 1
+            index = candidate.index if candidate.index >= 0 else None
+            try:
+                dialogue = read_candidate(candidate, source, seen)
+                image_path = _benign_image(dialogue, candidate.base_dir, image_dir)
+            except RecordError as exc:
+                ledger.quarantine(BENIGN_INPUT, candidate.file, index, candidate.id, exc.field, exc.reason)
+                continue
+            seen.add(dialogue.id)
+            ledger.converted[BENIGN_INPUT] += 1
+            k = (len(dialogue.dialogue) + 1) // 2
+            samples.append(
+                EvalSample(id=dialogue.id, k=k, benign=True, dialogue=tuple(dialogue.dialogue), image_path=image_path)
             )
-        dialogue.append({"role": message["role"], "content": message["content"]})
-    while dialogue and dialogue[-1]["role"] == "assistant":
-        dialogue.pop()
-    return tuple(dialogue)
+    except ConfigError as exc:
+        raise EvalDataError(f"benign: {exc}") from None
+    if strict and (error := _quarantine_failure(ledger, BENIGN_INPUT, "benign")):
+        raise error
+    return samples
+
+
+def _benign_image(dialogue: BenignDialogue, base_dir: Path | None, image_dir: Path | None) -> Path | None:
+    """The dialogue's own image, resolved inside its source's folder and decoded once; None: it has none."""
+    image = dialogue.source_image
+    if image is None:
+        return None
+    written = (isinstance(image, dict) and image.get("bytes")) or hasattr(image, "save")  # not a path
+    if written and image_dir is None:
+        raise RecordError("images", "image bytes in the row, and no folder was given to write them to")
+    stem = (image_dir or Path(".")) / hashlib.sha256(dialogue.id.encode()).hexdigest()[:16]
+    path = materialize_image(image, base_dir, stem)
+    check = check_image(path)
+    if check.error:
+        raise RecordError("images", check.error)
+    return Path(path)
 
 
 def open_images(samples: Sequence[EvalSample]) -> list[list[Any]]:
@@ -377,6 +402,7 @@ class EvalRun:
         self._defence_sigs: dict[tuple[str, float | None], str] = {}
         self._score_sigs: dict[str, str] = {}
         self.computed: dict[str, int] = {}  # items computed (not found cached) per stage, for the summary
+        self.ledger = Ledger()  # the inputs' accounting, filled by load_samples
         self.out_dir = Path(self.config.out_dir)
         self.decisions = self._open_cache("decisions.jsonl", ("defence", "sig", "id", "k", "benign"))
         self.generations = self._open_cache("generations.jsonl", ("target", "sig", "id", "k", "benign", "system_sig"))
@@ -408,19 +434,28 @@ class EvalRun:
                     f"{cfg.detection_split}: the {THRESHOLD_SPLIT} split has no benign (safe) row, so no decision "
                     f"threshold can be chosen for target_fpr={cfg.target_fpr}"
                 )
-        restricted = cfg.restricted_to_split
-        samples = load_safemt_samples(cfg.safemt_dir, cfg.turns, None if restricted else cfg.limit, self.taxonomy)
-        if restricted:
+        self.ledger = Ledger()  # what each input read, used and quarantined (see write_input_report)
+        held_out = None
+        if cfg.restricted_to_split:
             # Only dialogues the moderator never trained on (every prefix row of an id counts).
             held_out = {row.dialogue_id for row in self.all_split_rows if not row.benign}
-            samples = [s for s in samples if s.id in held_out]
-            if cfg.limit is not None:
-                samples = [s for k in cfg.turns for s in [x for x in samples if x.k == k][: cfg.limit]]
-            if not samples:
-                raise EvalDataError(f"{cfg.safemt_dir}: no SafeMT id is in the test split of {cfg.detection_split}")
+        samples = load_safemt_samples(
+            cfg.safemt_dir,
+            cfg.turns,
+            cfg.limit,
+            self.taxonomy,
+            ledger=self.ledger,
+            strict=cfg.strict,
+            images_root=cfg.safemt_images_root,
+            keep_ids=held_out,
+        )
+        if held_out is not None and not samples:
+            raise EvalDataError(f"{cfg.safemt_dir}: no SafeMT id is in the test split of {cfg.detection_split}")
         if cfg.benign:
             limit = cfg.benign_limit if cfg.benign_limit is not None else cfg.limit
-            samples += load_benign_samples(cfg.benign, limit)
+            samples += load_benign_samples(
+                cfg.benign, limit, ledger=self.ledger, strict=cfg.strict, image_dir=self.out_dir / "benign_images"
+            )
         self.split_rows = self.all_split_rows
         if self.shard is not None:
             # After the limits: the shards of a run split exactly the items the whole run evaluates.
@@ -428,6 +463,28 @@ class EvalRun:
             samples = [s for s in samples if self.shard.holds(s.id)]
             self.split_rows = [r for r in self.all_split_rows if self.shard.holds(r.dialogue_id)]
         return samples
+
+    def write_input_report(self, folder: Path) -> dict[str, dict[str, int]]:
+        """``quarantine.jsonl`` (every bad input record: file, index, id, field, reason) and ``inputs.json``
+        (per input: read = used + quarantined + not_selected, the last being good records left out by
+        ``limit`` or the test-split restriction) in ``folder``; warns when anything was quarantined."""
+        counts = {}
+        for name in (SAFEMT_INPUT, BENIGN_INPUT):
+            totals = self.ledger.totals(name)
+            used, quarantined = totals["converted"], totals["quarantined"]
+            not_selected = totals["read"] - used - quarantined
+            counts[name] = {"read": totals["read"], "used": used, "quarantined": quarantined}
+            counts[name]["not_selected"] = not_selected
+        folder.mkdir(parents=True, exist_ok=True)
+        self.ledger.write(folder / QUARANTINE_FILE)
+        (folder / INPUTS_FILE).write_text(json.dumps(counts, indent=2) + "\n")
+        if self.ledger.entries:
+            logger.warning(
+                "%d input record(s) quarantined, see %s",
+                len(self.ledger.entries),
+                folder / QUARANTINE_FILE,
+            )
+        return counts
 
     # -- keys ---------------------------------------------------------------------------------------
     def _defence_sig(self, defence: DefenceConfig) -> str:
@@ -816,6 +873,7 @@ class EvalRun:
         with lock_out_dir(self.out_dir):
             samples = self.load_samples()
             self.cache_dir.mkdir(parents=True, exist_ok=True)
+            self.write_input_report(self.out_dir)
             self.decide(samples, thresholds_only=True)
         return {label: choice.to_record() for label, choice in self.thresholds.items()}
 
@@ -833,6 +891,8 @@ class EvalRun:
 
         samples = self.load_samples()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        # A shard writes only under its own cache folder (each shard reads, and so reports, all inputs).
+        self.write_input_report(self.out_dir if self.shard is None else self.cache_dir)
         config_json = json.dumps(self.config.to_dict(), indent=2) + "\n"
         if self.shard is not None:
             # A shard writes only under its own cache folder; the report is the unsharded run's job.

@@ -632,3 +632,13 @@ def test_an_out_folder_holding_other_files_is_refused_untouched(safemt_dir, tmp_
     assert main(["--safemt", str(safemt_dir), "--out", str(out), "--benign", "none"]) == 2
     assert "checkpoint-100" in capsys.readouterr().err
     assert snapshot(out) == before
+
+
+def test_a_folder_with_no_safemt_data_is_a_config_error_naming_it(tmp_path):
+    from data_prep.config import ConfigError
+    from data_prep.safemt import open_safemt
+
+    (tmp_path / "empty").mkdir()
+    source = open_safemt(str(tmp_path / "empty"), [1, 2])  # no <k>_turn.json: taken for a hub-layout folder
+    with pytest.raises(ConfigError, match=r"empty: no SafeMT data: neither <k>_turn\.json files"):
+        list(source.records())

@@ -2,10 +2,12 @@ import hashlib
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from data_prep.quarantine import Ledger
 from eval.cache import JsonlCache
 from eval.config import ConfigError, DefenceConfig, EvalConfig, JudgeConfig, TargetConfig, load_config
 from eval.defences import BLOCK, GENERIC_POLICY, INJECT, PASS, ModeratorDefence, load_defence, policy_system_prompt
@@ -338,11 +340,24 @@ def test_batched_target_replies_equal_one_at_a_time(tiny_model_dir):
 # -- inputs and config -------------------------------------------------------------------------------------
 
 
-def test_missing_image_is_an_error_naming_file_record_and_field(safemt_dir):
-    record = json.loads((safemt_dir / "2_turn.json").read_text())[1]
-    (safemt_dir / record["image_path"]).unlink()
-    with pytest.raises(EvalDataError, match=rf"2_turn\.json: record 1 \(id='{record['id']}'\): field 'image_path'"):
-        load_safemt_samples(safemt_dir, [2], None, load_taxonomy())
+def test_a_missing_image_is_quarantined_or_with_strict_an_error_naming_file_record_and_field(safemt_dir):
+    records = json.loads((safemt_dir / "2_turn.json").read_text())
+    (safemt_dir / records[1]["image_path"]).unlink()
+    ledger = Ledger()
+    samples = load_safemt_samples(safemt_dir, [2], 3, load_taxonomy(), ledger=ledger)
+    # The run goes on without it (the limit counts the records tried, as "first N" did before).
+    assert [s.id for s in samples] == [records[0]["id"], records[2]["id"]]
+    [entry] = ledger.entries
+    assert (Path(entry.file).name, entry.index, entry.id, entry.field) == (
+        "2_turn.json",
+        1,
+        records[1]["id"],
+        "image_path",
+    )
+    assert "not found" in entry.reason
+    pattern = rf"2_turn\.json: record #1 \(id '{records[1]['id']}'\): field 'image_path'"
+    with pytest.raises(EvalDataError, match=pattern):
+        load_safemt_samples(safemt_dir, [2], None, load_taxonomy(), strict=True)
 
 
 def test_safemt_images_must_stay_inside_the_safemt_folder_links_included(safemt_dir, tmp_path):
@@ -353,17 +368,19 @@ def test_safemt_images_must_stay_inside_the_safemt_folder_links_included(safemt_
     image = safemt_dir / record["image_path"]
     image.unlink()
     image.symlink_to(outside / "secret.jpg")  # a file link leading out of the folder
-    pattern = (
-        rf"1_turn\.json: record 0 \(id='{record['id']}'\): field 'image_path': .* points outside the SafeMT folder"
-    )
+    pattern = rf"1_turn\.json: record #0 \(id '{record['id']}'\): field 'image_path': .* points outside"
     with pytest.raises(EvalDataError, match=pattern):
-        load_safemt_samples(safemt_dir, [1], 1, load_taxonomy())
+        load_safemt_samples(safemt_dir, [1], 1, load_taxonomy(), strict=True)
     image.unlink()  # a folder link: the scenario folder itself points outside
     Image.new("RGB", (8, 8)).save(outside / image.name)
     shutil.rmtree(image.parent)
     image.parent.symlink_to(outside, target_is_directory=True)
     with pytest.raises(EvalDataError, match=pattern):
-        load_safemt_samples(safemt_dir, [1], 1, load_taxonomy())
+        load_safemt_samples(safemt_dir, [1], 1, load_taxonomy(), strict=True)
+    ledger = Ledger()  # not strict: every record of that scenario folder is quarantined, the rest read
+    samples = load_safemt_samples(safemt_dir, [1], None, load_taxonomy(), ledger=ledger)
+    assert record["id"] in {e.id for e in ledger.entries} and {e.field for e in ledger.entries} == {"image_path"}
+    assert len(samples) + len(ledger.entries) == 52 and record["id"] not in {s.id for s in samples}
 
 
 @pytest.mark.parametrize("image", ["../outside.jpg", "/etc/hostname", "sub/../../outside.jpg"])
@@ -373,16 +390,29 @@ def test_benign_images_must_stay_inside_the_benign_files_folder(tmp_path, image)
     Image.new("RGB", (8, 8)).save(tmp_path / "outside.jpg")
     path = folder / "benign.jsonl"
     path.write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "hi"}], "image": image}) + "\n")
-    with pytest.raises(EvalDataError, match=r"benign\.jsonl:1 \(id='a'\): field 'image': .* points outside"):
-        load_benign_samples(path, None)
+    with pytest.raises(EvalDataError, match=r"benign\.jsonl: record #0 \(id 'a'\): field 'images': .* points outside"):
+        load_benign_samples(path, None, strict=True)
+    ledger = Ledger()
+    assert load_benign_samples(path, None, ledger=ledger) == []
+    assert [(e.index, e.id, e.field) for e in ledger.entries] == [(0, "a", "images")]
 
 
-def test_bad_safemt_record_names_the_field(safemt_dir):
+def test_a_bad_safemt_record_is_quarantined_and_the_rest_is_read(safemt_dir):
     records = json.loads((safemt_dir / "1_turn.json").read_text())
     records[0]["scenario"] = "Nonsense"
     (safemt_dir / "1_turn.json").write_text(json.dumps(records))
-    with pytest.raises(EvalDataError, match=r"1_turn\.json: record 0 .*field 'scenario'"):
-        load_safemt_samples(safemt_dir, [1, 2], 2, load_taxonomy())
+    ledger = Ledger()
+    samples = load_safemt_samples(safemt_dir, [1, 2], 2, load_taxonomy(), ledger=ledger)
+    assert [(s.id, s.k) for s in samples if s.k == 1] == [(records[1]["id"], 1), (records[2]["id"], 1)]
+    [entry] = ledger.entries
+    assert (Path(entry.file).name, entry.index, entry.id, entry.field) == (
+        "1_turn.json",
+        0,
+        records[0]["id"],
+        "scenario",
+    )
+    with pytest.raises(EvalDataError, match=r"1_turn\.json: record #0 .*field 'scenario'"):
+        load_safemt_samples(safemt_dir, [1, 2], 2, load_taxonomy(), strict=True)
 
 
 def test_safemt_lengths_that_are_absent_are_skipped_and_limit_applies_per_file(safemt_dir):
@@ -391,16 +421,73 @@ def test_safemt_lengths_that_are_absent_are_skipped_and_limit_applies_per_file(s
     assert samples[0].category == load_taxonomy().by_label[samples[0].scenario].id
 
 
-def test_benign_file_errors_name_line_id_and_field(tmp_path):
+def test_the_hub_layout_training_used_is_read_like_the_github_layout(safemt_dir, tmp_path):
+    from tests.test_data_prep import _write_hub_layout
+
+    hub_file = _write_hub_layout(safemt_dir, tmp_path / "hub", True, "parquet")
+
+    def by_key(samples):
+        return {s.key: (s.dialogue, s.question, s.category, s.image_path.relative_to(root)) for s in samples}
+
+    root = safemt_dir
+    github = by_key(load_safemt_samples(safemt_dir, [1, 2, 4], None, load_taxonomy(), strict=True))
+    root = tmp_path / "hub"  # the parquet file's folder holds the images
+    hub = by_key(load_safemt_samples(hub_file, [1, 2, 4], None, load_taxonomy(), strict=True))
+    assert len(github) == 156 and hub == github
+
+
+def test_benign_file_errors_are_quarantined_naming_line_id_and_field(tmp_path):
     path = tmp_path / "benign.jsonl"
     path.write_text(
         json.dumps({"id": "ok", "messages": [{"role": "user", "content": "hi"}]})
         + "\n"
         + json.dumps({"id": "bad", "messages": [{"role": "assistant", "content": "hi"}]})
         + "\n"
+        + "{not json\n"
     )
-    with pytest.raises(EvalDataError, match=r"benign\.jsonl:2 \(id='bad'\): field 'messages\[0\]\.role'"):
-        load_benign_samples(path, None)
+    ledger = Ledger()
+    assert [s.id for s in load_benign_samples(path, None, ledger=ledger)] == ["ok"]
+    assert [(e.index, e.id, e.field) for e in ledger.entries] == [(1, "bad", "messages"), (2, None, "<line>")]
+    assert ledger.totals("benign") == {"read": 3, "converted": 1, "quarantined": 2}
+    with pytest.raises(EvalDataError, match=r"benign\.jsonl: record #1 \(id 'bad'\): field 'messages': no user turn"):
+        load_benign_samples(path, None, strict=True)
+
+
+def test_the_run_writes_quarantine_and_input_counts_and_strict_stops_it(eval_inputs, tmp_path):
+    safemt_dir, benign = eval_inputs
+    records = json.loads((safemt_dir / "2_turn.json").read_text())
+    records[1]["dialogue"][1]["role"] = "user"
+    (safemt_dir / "2_turn.json").write_text(json.dumps(records))
+    with benign.open("a") as handle:
+        handle.write(json.dumps({"id": "benign_pasta", "messages": [{"role": "user", "content": "again"}]}) + "\n")
+    config = EvalConfig(
+        safemt_dir=str(safemt_dir),
+        benign=str(benign),
+        targets=[TargetConfig(model="unused")],
+        defences=[DefenceConfig(kind="none")],
+        turns=[1, 2, 4],
+        limit=2,
+        benign_limit=5,
+        out_dir=str(tmp_path / "out"),
+    ).validate()
+    run = EvalRun(config)
+    samples = run.load_samples()
+    counts = run.write_input_report(run.out_dir)
+    # 3 ids x 3 lengths read; one 2-turn record bad; the limit of 2 per length leaves out one 1- and 4-turn id.
+    assert counts["safemt"] == {"read": 9, "used": 6, "quarantined": 1, "not_selected": 2}
+    assert counts["benign"] == {"read": 3, "used": 2, "quarantined": 1, "not_selected": 0}
+    assert len(samples) == 6 + 2
+    assert json.loads((run.out_dir / "inputs.json").read_text()) == counts
+    lines = [json.loads(line) for line in (run.out_dir / "quarantine.jsonl").read_text().splitlines()]
+    assert [(e["input"], Path(e["file"]).name, e["index"], e["id"], e["field"]) for e in lines] == [
+        ("benign", "benign.jsonl", 2, "benign_pasta", "id"),
+        ("safemt", "2_turn.json", 1, records[1]["id"], "dialogue[1].role"),
+    ]
+    config.strict = True
+    with pytest.raises(
+        EvalDataError, match=r"strict: 1 SafeMT record\(s\) quarantined; first: .*2_turn\.json: record #1"
+    ):
+        EvalRun(config).load_samples()
 
 
 def test_benign_trailing_assistant_turn_is_dropped_and_the_projects_sample_loads(tmp_path):
