@@ -980,3 +980,13 @@ def _n_test_and_validation_rows(prepared):
 
     splits = load_prepared(prepared)
     return len(splits["test"]) + len(splits["validation"])
+
+
+def test_split_rows_are_grouped_by_the_datasets_split_group_not_by_cutting_ids_at_at():
+    from eval.loop import SplitRow
+
+    # A benign id may hold '@': its rows keep their own group (cutting at '@' merged 'a@x' with 'a@y').
+    assert SplitRow(0, "me@mail.org", 1, True, None, group="me@mail.org").dialogue_id == "me@mail.org"
+    assert SplitRow(1, "mllm_fraud_1@2of4", 2, False, None).dialogue_id == "mllm_fraud_1"  # older dataset
+    with pytest.raises(ValueError, match=r"row id 'mllm_fraud_1@2of'"):
+        _ = SplitRow(2, "mllm_fraud_1@2of", 2, False, None).dialogue_id
