@@ -34,8 +34,8 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -267,29 +267,52 @@ class Judge(ABC):
         An answer is the judge's raw text, or a :class:`JudgeFailure` when there is none.
         """
 
+    def iter_complete(self, conversations: Iterable[list[dict[str, str]]]) -> Iterator[tuple[int, Answer]]:
+        """``(index, answer)`` per conversation, in the order they finish (here: all at once, in order).
+
+        A judge that answers concurrently (:class:`OpenAIJudge`) yields each answer as it arrives, so
+        the caller can cache it at once and one slow request holds up nothing but itself.
+        """
+        yield from enumerate(self.complete(list(conversations)))
+
+    def iter_judge_safety(self, items: Iterable[JudgeItem]) -> Iterator[tuple[int, Judgement]]:
+        """``(index into items, judgement)`` as each safety judgement finishes (see :meth:`iter_complete`)."""
+        for index, answer in self.iter_complete(safety_messages(item, self.taxonomy) for item in items):
+            if isinstance(answer, JudgeFailure):
+                yield index, Judgement(answer.label, answer.raw)
+            else:
+                yield index, Judgement(normalise_label(answer), answer)
+
+    def iter_judge_refusal(self, items: Iterable[JudgeItem]) -> Iterator[tuple[int, RefusalJudgement]]:
+        """``(index into items, refusal judgement)`` as each finishes (see :meth:`iter_complete`)."""
+        for index, answer in self.iter_complete(refusal_messages(item) for item in items):
+            if isinstance(answer, JudgeFailure):
+                yield index, RefusalJudgement(None, answer.raw)
+            else:
+                yield index, RefusalJudgement(normalise_refusal(answer), answer)
+
     def judge_safety(self, items: Sequence[JudgeItem]) -> list[Judgement]:
-        answers = self.complete([safety_messages(item, self.taxonomy) for item in items])
-        return [
-            Judgement(answer.label, answer.raw)
-            if isinstance(answer, JudgeFailure)
-            else Judgement(normalise_label(answer), answer)
-            for answer in answers
-        ]
+        return _in_input_order(self.iter_judge_safety(items), len(items))
 
     def judge_refusal(self, items: Sequence[JudgeItem]) -> list[RefusalJudgement]:
-        answers = self.complete([refusal_messages(item) for item in items])
-        return [
-            RefusalJudgement(None, answer.raw)
-            if isinstance(answer, JudgeFailure)
-            else RefusalJudgement(normalise_refusal(answer), answer)
-            for answer in answers
-        ]
+        return _in_input_order(self.iter_judge_refusal(items), len(items))
 
     def close(self) -> None:
         """Free what the judge holds (a model, a connection pool)."""
         from eval.targets import release_memory
 
         release_memory(self)
+
+
+def _in_input_order(finished: Iterable[tuple[int, Any]], count: int) -> list[Any]:
+    """Results that arrive as ``(index, result)`` in any order, put back in input order."""
+    ordered: list[Any] = [None] * count
+    seen = [False] * count
+    for index, result in finished:
+        ordered[index], seen[index] = result, True
+    if not all(seen):
+        raise RuntimeError(f"judge: {seen.count(False)} of {count} requests got no result")
+    return ordered
 
 
 def _content_filter_code(error: BaseException) -> str | None:
@@ -326,6 +349,9 @@ class OpenAIJudge(Judge):
     failed for good, the endpoint is taken as down: calls fail at once (cached as errors, asked again
     next run) instead of each waiting out its retries, except one probe call every
     ``probe_interval_s``; the first probe that gets an answer ends that.
+
+    Requests run ``concurrency`` at a time with no barrier between batches: :meth:`iter_complete`
+    (and :meth:`iter_judge_safety` / :meth:`iter_judge_refusal`) yield each answer as it arrives.
     """
 
     def __init__(
@@ -347,6 +373,8 @@ class OpenAIJudge(Judge):
 
         if max_attempts < 1:
             raise ValueError(f"judge: max_attempts must be >= 1, got {max_attempts}")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"judge: concurrency must be an int >= 1, got {concurrency!r}")
         settings = {"kind": "openai", "model": model, "base_url": base_url, "temperature": temperature}
         super().__init__(name or f"openai:{model}", {**settings, "max_tokens": max_tokens}, taxonomy)
         api_key = os.environ.get(api_key_env)
@@ -421,10 +449,36 @@ class OpenAIJudge(Judge):
         self.client.close()
 
     def complete(self, conversations: Sequence[list[dict[str, str]]]) -> list[Answer]:
-        if not conversations:
-            return []
-        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(conversations)))) as pool:
-            return list(pool.map(self._complete_one, conversations))
+        return _in_input_order(self.iter_complete(conversations), len(conversations))
+
+    def iter_complete(self, conversations: Iterable[list[dict[str, str]]]) -> Iterator[tuple[int, Answer]]:
+        """Answers as they arrive, with at most ``concurrency`` requests in flight and no batch barrier.
+
+        A finished request frees its worker for the next one at once, so a slow request (a long
+        ``Retry-After``, a timeout) holds up only itself. Conversations are read lazily, and at most
+        ``2 * concurrency`` are submitted ahead, so memory stays bounded for a SafeMT-size workload.
+        If the caller stops early, requests not yet started are cancelled.
+        """
+        queued = iter(enumerate(conversations))
+        in_flight: dict[Future[Answer], int] = {}
+        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge")
+
+        def submit_next() -> None:
+            step = next(queued, None)
+            if step is not None:
+                in_flight[pool.submit(self._complete_one, step[1])] = step[0]
+
+        try:
+            for _ in range(2 * self.concurrency):  # a few queued ahead: no worker idles between answers
+                submit_next()
+            while in_flight:
+                finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    index = in_flight.pop(future)
+                    submit_next()
+                    yield index, future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class LocalJudge(Judge):
@@ -485,6 +539,12 @@ class RefusalMatchJudge(Judge):
 
     def complete(self, conversations: Sequence[list[dict[str, str]]]) -> list[str]:
         raise TypeError("the refusal_match judge reads replies directly; it does not complete prompts")
+
+    def iter_judge_safety(self, items: Iterable[JudgeItem]) -> Iterator[tuple[int, Judgement]]:
+        yield from enumerate(self.judge_safety(list(items)))
+
+    def iter_judge_refusal(self, items: Iterable[JudgeItem]) -> Iterator[tuple[int, RefusalJudgement]]:
+        yield from enumerate(self.judge_refusal(list(items)))
 
     def judge_safety(self, items: Sequence[JudgeItem]) -> list[Judgement]:
         judgements = []

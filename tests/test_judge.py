@@ -228,18 +228,48 @@ class _FakeEndpoint(BaseHTTPRequestHandler):
     An entry is an HTTP status (a JSON error body), or one of: ``html`` (HTTP 200, an HTML page),
     ``garbage`` (200, text/plain), ``bad_json`` (200, application/json that is not JSON),
     ``no_choices``, ``null_content``, ``filtered`` (200 with ``finish_reason: content_filter``),
-    ``filtered_400`` (Azure's 400 with code ``content_filter``), or ``text:<answer>``.
+    ``filtered_400`` (Azure's 400 with code ``content_filter``), or ``text:<answer>``. With ``answer``
+    ``"verdict"`` the answer is ``unsafe`` when the last message holds ``UNSAFE-REPLY``, else ``safe``.
+
+    A request whose last message holds ``[hold]`` is answered only once ``release`` is set (by the
+    test, or by the endpoint itself after ``release_after`` other answers); ``max_in_flight`` records
+    the most requests it was serving at once.
     """
 
     plan: list = []
     answer = "Unsafe."
     requests: list[dict] = []
+    release = threading.Event()
+    release_after: int | None = None
+    answered = 0
+    in_flight = max_in_flight = 0
+    lock = threading.Lock()
 
     def do_POST(self):  # noqa: N802 (http.server's name)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         cls = type(self)
-        cls.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-        step = cls.plan.pop(0) if cls.plan else f"text:{cls.answer}"
+        last = body["messages"][-1]["content"]
+        with cls.lock:
+            cls.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+            cls.in_flight += 1
+            cls.max_in_flight = max(cls.max_in_flight, cls.in_flight)
+        try:
+            if "[hold]" in last:
+                cls.release.wait(timeout=20)  # a safety net only: the tests release it long before
+            self._answer(body, last)
+        finally:
+            with cls.lock:
+                cls.in_flight -= 1
+                if "[hold]" not in last:
+                    cls.answered += 1
+                    if cls.release_after is not None and cls.answered >= cls.release_after:
+                        cls.release.set()
+
+    def _answer(self, body: dict, last: str) -> None:
+        cls = type(self)
+        answer = ("unsafe" if "UNSAFE-REPLY" in last else "safe") if cls.answer == "verdict" else cls.answer
+        with cls.lock:
+            step = cls.plan.pop(0) if cls.plan else f"text:{answer}"
         status, headers = 200, {}
         if isinstance(step, int):
             status = step
@@ -277,6 +307,8 @@ class _FakeEndpoint(BaseHTTPRequestHandler):
 @pytest.fixture
 def fake_endpoint():
     _FakeEndpoint.plan, _FakeEndpoint.requests, _FakeEndpoint.answer = [], [], "Unsafe."
+    _FakeEndpoint.release, _FakeEndpoint.release_after = threading.Event(), None
+    _FakeEndpoint.answered = _FakeEndpoint.in_flight = _FakeEndpoint.max_in_flight = 0
     server = ThreadingHTTPServer((LOOPBACK, 0), _FakeEndpoint)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -288,9 +320,14 @@ def fake_endpoint():
         thread.join(timeout=5)
 
 
-def _fake_judge(base_url: str, max_attempts: int = 1, **kwargs) -> OpenAIJudge:
+def _fake_judge(base_url: str, max_attempts: int = 1, concurrency: int = 1, **kwargs) -> OpenAIJudge:
     return OpenAIJudge(
-        model="judge-model", base_url=base_url, max_attempts=max_attempts, timeout_s=5, concurrency=1, **kwargs
+        model="judge-model",
+        base_url=base_url,
+        max_attempts=max_attempts,
+        timeout_s=5,
+        concurrency=concurrency,
+        **kwargs,
     )
 
 
@@ -396,6 +433,50 @@ def test_a_dead_endpoint_gives_error_entries_and_fails_fast_after_consecutive_fa
 
 
 # -- rows: which judge calls to ask again, and the failure-share gate -------------------------------
+
+
+def test_a_slow_request_holds_up_nothing_else_and_every_answer_is_cached_as_it_arrives(fake_endpoint, tmp_path):
+    # One request hangs until the test releases it; the others must finish, and reach the cache on
+    # disk, while it is still pending. A per-batch barrier (or answers yielded in input order) would
+    # keep all of them behind it, and the release below would never come before the slow answer.
+    judge = _fake_judge(fake_endpoint, concurrency=2)
+    conversations = [[{"role": "user", "content": "slow [hold]"}]]
+    conversations += [[{"role": "user", "content": f"fast {i}"}] for i in range(6)]
+    cache_path = tmp_path / "judged.jsonl"
+    cache = JsonlCache(cache_path, ("index",))
+    arrived = []
+    for index, answer in judge.iter_complete(conversations):
+        cache.append([{"index": index, "answer": answer}])
+        arrived.append(index)
+        if len(arrived) == 6:
+            # Six answers arrived while the slow request is still held: all fast ones, already on disk.
+            assert not _FakeEndpoint.release.is_set()
+            assert sorted(record["index"] for record in JsonlCache(cache_path, ("index",)).records()) == [
+                1,
+                2,
+                3,
+                4,
+                5,
+                6,
+            ]
+            _FakeEndpoint.release.set()
+    assert arrived[-1] == 0 and sorted(arrived) == list(range(7))
+    assert {
+        record["index"]: record["answer"] for record in JsonlCache(cache_path, ("index",)).records()
+    } == dict.fromkeys(range(7), "Unsafe.")
+    assert _FakeEndpoint.max_in_flight == 2  # bounded: never more than `concurrency` requests at once
+
+
+def test_concurrent_judgements_come_back_in_input_order(fake_endpoint):
+    # The first item finishes last (held until the endpoint has answered the other five).
+    _FakeEndpoint.answer, _FakeEndpoint.release_after = "verdict", 5
+    record = _record("jbv_fraud_42")
+    replies = ["UNSAFE-REPLY [hold]", "ok", "UNSAFE-REPLY", "ok", "ok", "UNSAFE-REPLY"]
+    judgements = _fake_judge(fake_endpoint, concurrency=3).judge_safety([_item(record, reply) for reply in replies])
+    assert [j.label for j in judgements] == ["unsafe", "safe", "unsafe", "safe", "safe", "unsafe"]
+    assert _FakeEndpoint.max_in_flight <= 3
+    with pytest.raises(ValueError, match="judge: concurrency must be an int >= 1, got 0"):
+        _fake_judge(fake_endpoint, concurrency=0)
 
 
 def _row(sample_id: str, k: int, label, judge_raw, benign: bool = False, refused=None) -> dict:
