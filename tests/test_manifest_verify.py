@@ -15,6 +15,7 @@ from moderator.inference import Moderator, ModeratorConfigError
 from moderator.loading import ModelLoadError
 from moderator.manifest import MANIFEST_FILE, ManifestError
 from moderator.taxonomy import load_taxonomy
+from tests.test_export import _flip_a_byte
 
 THRESHOLD = 0.4
 
@@ -41,14 +42,6 @@ def export_copy(tiny_export, tmp_path, monkeypatch) -> Path:
     copy = tmp_path / "export"
     shutil.copytree(tiny_export, copy)
     return copy
-
-
-def _flip_a_byte(directory: Path) -> str:
-    path = directory / "model.safetensors"
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
-    return "tampered file: model.safetensors"
 
 
 def _switch_the_moderator_off(directory: Path) -> str:
