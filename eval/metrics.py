@@ -540,8 +540,8 @@ def _percentile_interval(draws: Any, confidence: float) -> Interval | None:
 
 def _bootstrap(
     groups: Sequence[list[Mapping[str, Any]]], turns: tuple[int, ...], settings: BootstrapSettings
-) -> list[tuple[Any, Any]]:
-    """Per group: (ASR draws x K, SI draws), every group resampled with the same drawn ids (paired)."""
+) -> list[tuple[Any, Any, list[bool]]]:
+    """Per group: (ASR draws x K, SI draws, per length whether any reply is labelled), paired draws."""
     import numpy as np
 
     ids = _id_order(result["id"] for group in groups for result in group)
@@ -554,7 +554,14 @@ def _bootstrap(
         counts = _draw_counts(rng, len(ids), min(_DRAWS_PER_BATCH, settings.n_resamples - start))
         for part, group_arrays in zip(parts, arrays, strict=True):
             part.append(_resampled_statistics(group_arrays, counts, weights))
-    return [(np.concatenate([asr for asr, _ in part]), np.concatenate([si for _, si in part])) for part in parts]
+    return [
+        (
+            np.concatenate([asr for asr, _ in part]),
+            np.concatenate([si for _, si in part]),
+            [bool(total) for total in group_arrays["labelled"].sum(axis=0)],
+        )
+        for part, group_arrays in zip(parts, arrays, strict=True)
+    ]
 
 
 def _in_turns(results: Iterable[Mapping[str, Any]], turns: tuple[int, ...]) -> list[Mapping[str, Any]]:
@@ -579,9 +586,11 @@ def si_interval(
     settings = settings or BootstrapSettings()
     turns = _check_turns(turns)
     results = _in_turns(results, turns)
-    if safety_index_result(results, turns).si is None:
+    if not results:
         return None
-    [(_asr, si)] = _bootstrap([results], turns, settings)
+    [(_asr, si, labelled)] = _bootstrap([results], turns, settings)
+    if not all(labelled):  # the SI itself is undefined (safety_index_result gives the reason)
+        return None
     return _round_interval(_percentile_interval(si, settings.confidence), 4)
 
 
@@ -615,14 +624,16 @@ def paired_delta_intervals(
     none_asr = {k: None for k in turns}
     if not baseline or not defended:
         return PairedDeltaIntervals(none_asr, None)
-    (asr_base, si_base), (asr_def, si_def) = _bootstrap([baseline, defended], turns, settings)
-    point_base, point_def = asr_by_length(baseline, turns), asr_by_length(defended, turns)
+    (asr_base, si_base, labelled_base), (asr_def, si_def, labelled_def) = _bootstrap(
+        [baseline, defended], turns, settings
+    )
+    # A point ASR_k is None exactly where its group has no labelled reply at k; the SI where any k has none.
     delta_asr = {
-        k: None
-        if point_base[k] is None or point_def[k] is None
-        else _percentile_interval(asr_base[:, column] - asr_def[:, column], settings.confidence)
+        k: _percentile_interval(asr_base[:, column] - asr_def[:, column], settings.confidence)
+        if labelled_base[column] and labelled_def[column]
+        else None
         for column, k in enumerate(turns)
     }
-    defined_si = safety_index(baseline, turns) is not None and safety_index(defended, turns) is not None
+    defined_si = all(labelled_base) and all(labelled_def)
     delta_si = _round_interval(_percentile_interval(si_def - si_base, settings.confidence), 4) if defined_si else None
     return PairedDeltaIntervals(delta_asr, delta_si)
