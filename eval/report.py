@@ -522,7 +522,7 @@ def log_to_wandb(report: Mapping[str, Any], image_path: Path) -> bool:
         return False
     turns = report["turns"]
     columns = ["target", "defence", "n_attack", *[f"asr_{k}" for k in turns], "si", "delta_si"]
-    columns += ["benign_flag_rate", "benign_refusal_rate", "parse_errors"]
+    columns += ["benign_flag_rate", "benign_refusal_rate", "parse_errors", "si_ci_low", "si_ci_high"]
     table = wandb.Table(columns=columns)
     for target, defences in report["results"].items():
         for defence, s in defences.items():
@@ -536,6 +536,7 @@ def log_to_wandb(report: Mapping[str, Any], image_path: Path) -> bool:
                 s["over_refusal"]["flag_rate"],
                 s["over_refusal"]["refusal_rate"],
                 s["parse_errors"],
+                *(s.get("si_ci") or (None, None)),
             )
     wandb.run.log({"eval/report": table, "eval/asr_vs_turns": wandb.Image(str(image_path))})
     return True

@@ -191,6 +191,11 @@ def test_wandb_offline_run_gets_the_table_and_plot(tmp_path, monkeypatch):
     assert table["columns"][:6] == ["target", "defence", "n_attack", "asr_1", "asr_2", "si"]
     by_group = {(d[0], d[1]): d for d in table["data"]}
     assert by_group[("tgt", "moderator")][5] == 0.9104
+    si_low, si_high = (table["columns"].index(name) for name in ("si_ci_low", "si_ci_high"))
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [by_group[("tgt", "moderator")][i] for i in (si_low, si_high)] == report["results"]["tgt"]["moderator"][
+        "si_ci"
+    ]
 
 
 def test_a_length_without_data_has_no_asr_and_no_si_and_is_shown_as_missing(tmp_path, monkeypatch):
