@@ -321,6 +321,10 @@ def _build_into(config: DataPrepConfig, out: Path, final: Path, failed: Path) ->
     taxonomy = load_taxonomy(config.taxonomy)
     counter = None
     if config.processor:  # loaded first: a wrong name fails in seconds, not after the whole build
+        from moderator.loading import looks_like_a_path
+
+        if looks_like_a_path(config.processor) and not Path(config.processor).expanduser().is_dir():
+            raise ConfigError(f"processor {config.processor!r}: no such model directory")
         try:
             counter = TokenCounter(config.processor, config.trust_remote_code, config.min_pixels, config.max_pixels)
         except (OSError, ValueError) as exc:

@@ -121,6 +121,20 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], Path, str]]:
             REPO_ROOT,
             f"error: {broken_cache}:1: unreadable cache line (Expecting value: line 1 column 1 (char 0))",
         ),
+        "data_prep_missing_processor": (
+            [
+                "-m",
+                "data_prep.build",
+                "--config",
+                str(REPO_ROOT / "configs/data/demo.yaml"),
+                "--processor",
+                str(tmp / "no-such-processor"),
+                "--out",
+                str(tmp / "data"),
+            ],
+            REPO_ROOT,
+            f"error: processor {str(tmp / 'no-such-processor')!r}: no such model directory",
+        ),
         "inference_missing_model": (
             [
                 "-m",
@@ -193,6 +207,7 @@ SUBPROCESS_CASES = [
     "eval_broken_cache_line",
     "images_copy_from_missing",
     "inference_missing_model",
+    "data_prep_missing_processor",
 ]
 IN_PROCESS_CASES = ["sft_missing_dataset", "sft_taxonomy_mismatch", "sft_misspelt_config_field"]
 
