@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,14 +38,14 @@ from data_prep.benign import (
 )
 from data_prep.config import POOL_PLACEHOLDER, POOL_SAFEMT, ConfigError, DataPrepConfig, parse_config
 from data_prep.convert import benign_row, safemt_rows
-from data_prep.images import ImagePathError, check_images, folder_images, resolve_inside, write_placeholder
+from data_prep.images import check_images, folder_images, write_placeholder
 from data_prep.io import DATASET_DIR, LENGTH_COLUMN, build_dataset_dict, load_prepared
 from data_prep.quarantine import Ledger
-from data_prep.safemt import FileProblem, open_safemt
+from data_prep.safemt import read_safemt, unreadable_reason
 from data_prep.splits import SPLITS, assign_splits
 from data_prep.stats import TokenCounter, count_table, print_report, summarize
 from moderator.contract import PROMPT_FORMAT_VERSION
-from moderator.schema import SAFEMT_FIELDS, RecordError, parse_safemt_record
+from moderator.schema import RecordError
 from moderator.taxonomy import TaxonomyError, load_taxonomy
 
 EXIT_OK, EXIT_QUARANTINED, EXIT_ERROR = 0, 1, 2
@@ -117,106 +117,6 @@ class BenignImagePool:
         return self._draw(dialogue_id, split_images)
 
 
-def _raw_id(raw: Any) -> str | None:
-    value = raw.get("id") if isinstance(raw, Mapping) else None
-    return value if isinstance(value, str) and value else None
-
-
-def _unreadable(exc: BaseException) -> str:
-    if isinstance(exc, RecursionError):
-        return "nested too deeply to read (arrays/objects inside each other)"
-    return f"cannot be read ({type(exc).__name__}: {str(exc)[:200]})"
-
-
-def _unknown_fields(raw: Mapping[str, Any]) -> tuple[str, str] | None:
-    """The GitHub release has exactly these keys; anything else means the format changed under us."""
-    extra = sorted(set(raw) - set(SAFEMT_FIELDS))
-    if extra:
-        return extra[0], f"unexpected field(s) {extra}; a record has exactly {list(SAFEMT_FIELDS)}"
-    if isinstance(raw["dialogue"], str):
-        return "dialogue", (
-            "a JSON string; the GitHub layout stores the dialogue as a list of {role, content} objects "
-            "(JSON text is the hub layout's encoding)"
-        )
-    for index, message in enumerate(raw["dialogue"]):
-        extra = sorted(set(message) - {"role", "content"})
-        if extra:
-            return f"dialogue[{index}].{extra[0]}", f"unexpected field(s) {extra}; a message has exactly role, content"
-    return None
-
-
-def _read_safemt(config: DataPrepConfig, taxonomy, ledger: Ledger) -> tuple[list, dict[str, Any]]:
-    """Validated SafeMT records with their image path; quarantines what fails (images are checked later)."""
-    source = open_safemt(config.safemt, config.safemt_turns, config.safemt_images_root, config.safemt_revision)
-    wanted = set(config.safemt_turns)
-    seen: dict[tuple[str, int], dict[str, int]] = {}
-    first_scenario: dict[str, tuple[str, str, int]] = {}  # id -> (scenario, file, index) first seen
-    candidates = []
-    skipped = 0
-    for item in source.records():
-        if isinstance(item, FileProblem):
-            ledger.read["safemt"] += 1
-            ledger.quarantine("safemt", item.file, None, item.id, "<file>", item.reason)
-            continue
-        raw_id = _raw_id(item.raw)
-        expected = item.expected_turns
-        if expected is not None:
-            try:
-                expected = int(expected)
-            except (TypeError, ValueError, OverflowError):
-                ledger.read["safemt"] += 1
-                ledger.quarantine("safemt", item.file, item.index, raw_id, "turns", f"not an integer: {expected!r}")
-                continue
-            if expected not in wanted:
-                skipped += 1
-                continue
-        try:
-            record = parse_safemt_record(item.raw, taxonomy, expected_turns=expected)
-        except RecordError as exc:
-            ledger.read["safemt"] += 1
-            ledger.quarantine("safemt", item.file, item.index, raw_id, exc.field, exc.reason)
-            continue
-        except Exception as exc:  # anything else about one record's content: quarantine it, go on with the rest
-            ledger.read["safemt"] += 1
-            ledger.quarantine("safemt", item.file, item.index, raw_id, "<record>", _unreadable(exc))
-            continue
-        if record.turns not in wanted:  # hub rows without a length column
-            skipped += 1
-            continue
-        ledger.read["safemt"] += 1
-        unknown = _unknown_fields(item.raw) if source.layout == "github" else None
-        if unknown:
-            field, reason = unknown
-            ledger.quarantine("safemt", item.file, item.index, record.id, field, reason)
-            continue
-        first = seen.setdefault((item.file, record.turns), {}).get(record.id)
-        if first is not None:
-            reason = f"duplicate id among the {record.turns}-turn records (first at record #{first}); kept the first"
-            ledger.quarantine("safemt", item.file, item.index, record.id, "id", reason)
-            continue
-        seen[(item.file, record.turns)][record.id] = item.index
-        scenario, first_file, first_index = first_scenario.setdefault(
-            record.id, (record.scenario, item.file, item.index)
-        )
-        if scenario != record.scenario:  # one query, one scenario: which label is right cannot be told here
-            reason = (
-                f"scenario {record.scenario!r} differs from {scenario!r} of the same id in {first_file} "
-                f"(record #{first_index}); kept that one"
-            )
-            ledger.quarantine("safemt", item.file, item.index, record.id, "scenario", reason)
-            continue
-        try:  # every link followed: a link inside images/ must not bring in a file from elsewhere
-            resolve_inside(source.images_root, record.image_path, also_allowed=source.link_roots)
-        except ImagePathError as exc:
-            ledger.quarantine("safemt", item.file, item.index, record.id, "image_path", str(exc))
-            continue
-        # The path as named (normalised), not the link target: a hub snapshot's target is a hash-named blob.
-        image = Path(os.path.normpath(source.images_root / record.image_path))
-        candidates.append((item, record, str(image)))
-    info = {"description": source.description, "images_root": str(source.images_root), "skipped_lengths": skipped}
-    return candidates, info
-
-
 @dataclass
 class BenignPick:
     candidate: BenignCandidate
@@ -264,7 +164,9 @@ def _read_benign(
             continue
         except Exception as exc:  # anything else about one row's content: quarantine it, go on with the rest
             ledger.read[input_name] += 1
-            ledger.quarantine(input_name, candidate.file, candidate.index, candidate.id, "<record>", _unreadable(exc))
+            ledger.quarantine(
+                input_name, candidate.file, candidate.index, candidate.id, "<record>", unreadable_reason(exc)
+            )
             continue
         taken = quota.take(user_turns(dialogue), every_length)
         if not taken:
@@ -281,7 +183,9 @@ def _read_benign(
         except (RecordError, OSError) as exc:
             for k in taken:
                 quota.open[k] += 1
-            field, reason = (exc.field, exc.reason) if isinstance(exc, RecordError) else ("images", _unreadable(exc))
+            field, reason = (
+                (exc.field, exc.reason) if isinstance(exc, RecordError) else ("images", unreadable_reason(exc))
+            )
             ledger.quarantine(input_name, candidate.file, candidate.index, dialogue_id, field, reason)
             continue
         seen_ids.add(dialogue_id)
@@ -332,7 +236,7 @@ def _build_into(config: DataPrepConfig, out: Path, final: Path, failed: Path) ->
             raise ConfigError(f"processor {config.processor!r} cannot be loaded: {detail}") from None
     ledger = Ledger()
 
-    candidates, safemt_info = _read_safemt(config, taxonomy, ledger)
+    candidates, safemt_info = read_safemt(config, taxonomy, ledger)
     lap("read_safemt")
     checks = check_images((image for _, _, image in candidates), config.image_check_workers)
     lap("check_images")

@@ -19,14 +19,17 @@ interrupted download, is re-fetched, not half-used.
 from __future__ import annotations
 
 import json
+import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from data_prep.config import ConfigError
-from moderator.schema import TURN_COUNTS, safemt_turn_file
+from data_prep.images import ImagePathError, resolve_inside
+from data_prep.quarantine import Ledger
+from moderator.schema import SAFEMT_FIELDS, TURN_COUNTS, RecordError, parse_safemt_record, safemt_turn_file
 
 HUB_TURN_COLUMNS = ("turns", "turn", "num_turns", "n_turns")
 _SPLIT_TURNS = re.compile(r"^(\d+)[_-]?turns?$")
@@ -223,3 +226,108 @@ def _hub_records(spec: str, revision: str | None) -> Iterator[RawRecord | FilePr
             if turn_column is not None and row.get(turn_column) is not None:
                 expected = row[turn_column]
             yield RawRecord(file, index, row, expected)
+
+
+def _raw_id(raw: Any) -> str | None:
+    value = raw.get("id") if isinstance(raw, Mapping) else None
+    return value if isinstance(value, str) and value else None
+
+
+def unreadable_reason(exc: BaseException) -> str:
+    """The quarantine reason for a record whose content raised while it was read."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to read (arrays/objects inside each other)"
+    return f"cannot be read ({type(exc).__name__}: {str(exc)[:200]})"
+
+
+def _unknown_fields(raw: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The GitHub release has exactly these keys; anything else means the format changed under us."""
+    extra = sorted(set(raw) - set(SAFEMT_FIELDS))
+    if extra:
+        return extra[0], f"unexpected field(s) {extra}; a record has exactly {list(SAFEMT_FIELDS)}"
+    if isinstance(raw["dialogue"], str):
+        return "dialogue", (
+            "a JSON string; the GitHub layout stores the dialogue as a list of {role, content} objects "
+            "(JSON text is the hub layout's encoding)"
+        )
+    for index, message in enumerate(raw["dialogue"]):
+        extra = sorted(set(message) - {"role", "content"})
+        if extra:
+            return f"dialogue[{index}].{extra[0]}", f"unexpected field(s) {extra}; a message has exactly role, content"
+    return None
+
+
+def read_safemt(config: Any, taxonomy: Any, ledger: Ledger) -> tuple[list, dict[str, Any]]:
+    """Validated SafeMT records with their image path; quarantines what fails (images are checked later).
+
+    ``config`` needs ``safemt``, ``safemt_turns``, ``safemt_images_root`` and ``safemt_revision`` (a
+    ``DataPrepConfig``, or the eval's equivalent): data prep and eval read SafeMT through this one function.
+    """
+    source = open_safemt(config.safemt, config.safemt_turns, config.safemt_images_root, config.safemt_revision)
+    wanted = set(config.safemt_turns)
+    seen: dict[tuple[str, int], dict[str, int]] = {}
+    first_scenario: dict[str, tuple[str, str, int]] = {}  # id -> (scenario, file, index) first seen
+    candidates = []
+    skipped = 0
+    for item in source.records():
+        if isinstance(item, FileProblem):
+            ledger.read["safemt"] += 1
+            ledger.quarantine("safemt", item.file, None, item.id, "<file>", item.reason)
+            continue
+        raw_id = _raw_id(item.raw)
+        expected = item.expected_turns
+        if expected is not None:
+            try:
+                expected = int(expected)
+            except (TypeError, ValueError, OverflowError):
+                ledger.read["safemt"] += 1
+                ledger.quarantine("safemt", item.file, item.index, raw_id, "turns", f"not an integer: {expected!r}")
+                continue
+            if expected not in wanted:
+                skipped += 1
+                continue
+        try:
+            record = parse_safemt_record(item.raw, taxonomy, expected_turns=expected)
+        except RecordError as exc:
+            ledger.read["safemt"] += 1
+            ledger.quarantine("safemt", item.file, item.index, raw_id, exc.field, exc.reason)
+            continue
+        except Exception as exc:  # anything else about one record's content: quarantine it, go on with the rest
+            ledger.read["safemt"] += 1
+            ledger.quarantine("safemt", item.file, item.index, raw_id, "<record>", unreadable_reason(exc))
+            continue
+        if record.turns not in wanted:  # hub rows without a length column
+            skipped += 1
+            continue
+        ledger.read["safemt"] += 1
+        unknown = _unknown_fields(item.raw) if source.layout == "github" else None
+        if unknown:
+            field, reason = unknown
+            ledger.quarantine("safemt", item.file, item.index, record.id, field, reason)
+            continue
+        first = seen.setdefault((item.file, record.turns), {}).get(record.id)
+        if first is not None:
+            reason = f"duplicate id among the {record.turns}-turn records (first at record #{first}); kept the first"
+            ledger.quarantine("safemt", item.file, item.index, record.id, "id", reason)
+            continue
+        seen[(item.file, record.turns)][record.id] = item.index
+        scenario, first_file, first_index = first_scenario.setdefault(
+            record.id, (record.scenario, item.file, item.index)
+        )
+        if scenario != record.scenario:  # one query, one scenario: which label is right cannot be told here
+            reason = (
+                f"scenario {record.scenario!r} differs from {scenario!r} of the same id in {first_file} "
+                f"(record #{first_index}); kept that one"
+            )
+            ledger.quarantine("safemt", item.file, item.index, record.id, "scenario", reason)
+            continue
+        try:  # every link followed: a link inside images/ must not bring in a file from elsewhere
+            resolve_inside(source.images_root, record.image_path, also_allowed=source.link_roots)
+        except ImagePathError as exc:
+            ledger.quarantine("safemt", item.file, item.index, record.id, "image_path", str(exc))
+            continue
+        # The path as named (normalised), not the link target: a hub snapshot's target is a hash-named blob.
+        image = Path(os.path.normpath(source.images_root / record.image_path))
+        candidates.append((item, record, str(image)))
+    info = {"description": source.description, "images_root": str(source.images_root), "skipped_lengths": skipped}
+    return candidates, info

@@ -56,12 +56,12 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from data_prep.benign import BenignDialogue, iter_candidates, materialize_image, read_candidate, source_name
-
-# data prep's SafeMT reader (both layouts, quarantine); private there until it moves to data_prep.safemt
-from data_prep.build import _read_safemt as read_safemt
 from data_prep.config import ConfigError, DataPrepConfig
 from data_prep.images import check_image, check_images
 from data_prep.quarantine import Ledger
+
+# data prep's SafeMT reader (both layouts, quarantine); private there until it moves to data_prep.safemt
+from data_prep.safemt import read_safemt
 from eval.cache import JsonlCache, compute_missing, lock_out_dir, settings_digest
 from eval.config import DefenceConfig, EvalConfig, JudgeConfig, TargetConfig
 from eval.defences import (
