@@ -832,7 +832,11 @@ class EvalRun:
 
     def judge_all(self, samples: Sequence[EvalSample]) -> None:
         pending = self._pending(samples)
-        batch_size = max(self.config.judge.batch_size, self.config.judge.concurrency)
+        judge = self.config.judge
+        # An API judge keeps `concurrency` requests in flight within a chunk (a finished one frees its
+        # worker at once); chunks of 8x that keep the wait for the slowest request at a chunk's end rare,
+        # while a kill loses at most one chunk of judge calls.
+        batch_size = max(judge.batch_size, judge.concurrency * (8 if judge.kind == "openai" else 1))
         self.computed["judgements"] = compute_missing(
             self.judgements,
             pending,
