@@ -61,7 +61,18 @@ def long_dialogue(user_turns: int) -> list[dict[str, str]]:
             dialogue.append(dict(message))
             if sum(m["role"] == "user" for m in dialogue) == user_turns:
                 break
-    return dialogue
+    # The sample ends on a user turn: its first assistant reply goes between the repeats.
+    return alternating(dialogue, next(m["content"] for m in base if m["role"] == "assistant"))
+
+
+def alternating(messages: Sequence[dict[str, str]], filler: str) -> list[dict[str, str]]:
+    """``messages`` with an assistant turn (``filler``) between two user turns (SafeMT roles alternate)."""
+    out: list[dict[str, str]] = []
+    for message in messages:
+        if out and out[-1]["role"] == message["role"] == "user":
+            out.append({"role": "assistant", "content": filler})
+        out.append(dict(message))
+    return out
 
 
 def sample_batch(size: int) -> tuple[list[list[dict[str, str]]], list[list[Image.Image]]]:
@@ -73,6 +84,35 @@ def sample_batch(size: int) -> tuple[list[list[dict[str, str]]], list[list[Image
         raise SystemExit(f"--batch {size}: only {len(records)} sample dialogues in {SAMPLE_DIR}")
     images = [[Image.new("RGB", (224 + 28 * (i % 4), 168), (30 * i % 256, 90, 200))] for i in range(size)]
     return [r["dialogue"] for r in records[:size]], images
+
+
+def build_wider_random(tiny_dir: Path, out_dir: Path, width: int, layers: int) -> Path:
+    """The tiny checkpoint with a wider, deeper random text model (head size 128, as Qwen2.5-VL's).
+
+    At the tiny model's width (64) a call costs its fixed overhead (processor, generate's loop), not
+    its prefill; this model makes prefill cost what it costs in a real one. Same tokenizer and processor.
+    """
+    import torch
+    from transformers import AutoConfig, GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    if width % 128:
+        raise SystemExit(f"--width {width}: must be a multiple of 128 (the head size)")
+    config = AutoConfig.from_pretrained(tiny_dir)
+    text, heads = config.text_config, width // 128
+    text.hidden_size, text.intermediate_size, text.num_hidden_layers = width, width * 11 // 4, layers
+    text.num_attention_heads, text.num_key_value_heads, text.head_dim = heads, max(heads // 2, 1), 128
+    text.max_window_layers, text.layer_types = layers, ["full_attention"] * layers
+    text.rope_parameters = {**text.rope_parameters, "mrope_section": [16, 24, 24]}  # sums to head_dim / 2
+    config.vision_config.out_hidden_size = width
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig.from_pretrained(tiny_dir)
+    out_dir.mkdir(parents=True)
+    for path in tiny_dir.iterdir():  # processor, tokenizer, chat template
+        if path.is_file() and not path.name.startswith(("model", "config.json", "generation_config.json")):
+            shutil.copy(path, out_dir / path.name)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
 
 
 # -- measuring -------------------------------------------------------------------------------------------
@@ -323,6 +363,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.streaming", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="moderator checkpoint (default: the tiny model, built offline)")
     parser.add_argument("--export", help="serve this export in (c) instead of exporting --model to a temporary dir")
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=0,
+        help="with the default tiny model: widen its random text model to this hidden size (multiple of 128)",
+    )
+    parser.add_argument("--layers", type=int, default=4, help="text layers of the --width model")
     parser.add_argument("--user-turns", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=16, help="verdict text length in every measurement")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (best is kept)")
@@ -351,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tiny_models.moderator import build_tiny_qwen2_5_vl
 
             model_dir = build_tiny_qwen2_5_vl(Path(tmp) / "tiny")
+            if args.width:
+                model_dir = build_wider_random(model_dir, Path(tmp) / "wider", args.width, args.layers)
         else:
             model_dir = Path(args.model)
         moderator = Moderator.from_pretrained(model_dir, verify=False)  # the checkpoint, not an export
@@ -367,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cost_ratio = per_turn.reuse_s / per_turn.recompute_s
     speed_up = one_pass.two_s / one_pass.one_s
     name = str(model_dir) if args.model else "tiny Qwen2.5-VL (random weights)"
+    if args.width and not args.model:
+        name = f"random Qwen2.5-VL, tiny vision tower and vocabulary, text width {args.width} x {args.layers} layers"
     print(f"\nmodel: {name}; {n} new tokens; best of {args.repeats}\n")
     rows = [
         (
