@@ -35,3 +35,16 @@ def test_quick_streaming_benchmark_prints_both_ratios_and_loses_no_request(tiny_
         if k.startswith(("(a) reuse", "(a) recompute"))
     )
     assert 0 < reuse < recompute / 2  # 8 turns: the transcript prefix is not prefilled again
+
+
+def test_the_benchmark_dialogue_is_a_valid_safemt_dialogue_at_every_service_prefix():
+    # Bug caught: repeating the 4-turn sample put two user turns together; the service refused those
+    # prefixes with 422 and the full load lost half its requests (the quick load never reached them).
+    from bench.streaming import long_dialogue
+    from moderator.schema import _validate_dialogue
+
+    dialogue = long_dialogue(8)
+    assert sum(m["role"] == "user" for m in dialogue) == 8
+    for end, message in enumerate(dialogue):
+        if message["role"] == "user":
+            _validate_dialogue(dialogue[: end + 1], None)
