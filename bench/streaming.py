@@ -17,7 +17,8 @@ directory; float32 on CPU unless the device says otherwise):
     clients each send a fixed number of requests; every answer must be a 200 with a verdict.
 
 Prints one table, then ``one-pass speed-up = Y×`` and, last, ``per-turn cost ratio at 8 turns = X``
-(issue 14 targets: X <= 0.35, Y >= 1.8). Timings are the best of ``--repeats`` runs after a warm-up.
+(issue 14 targets: X <= 0.35, Y >= 1.8). Timings are the best of ``--repeats`` runs after a warm-up,
+the two sides of a comparison taking turns.
 Not a test (tests/test_bench_streaming.py runs ``--quick``).
 """
 
@@ -139,19 +140,27 @@ def prompt_tokens_run(moderator: Moderator):
     return prefill_counter(moderator)
 
 
-def best_time(call: Callable[[], Any], repeats: int, moderator: Moderator) -> tuple[float, dict[str, int]]:
-    """Best wall time of ``repeats`` calls after one warm-up, and the prefills of one call."""
-    call()  # warm-up (first-call allocations, lazy imports)
-    times = []
-    counted: dict[str, int] = {}
+def best_times(
+    calls: Sequence[Callable[[], Any]], repeats: int, moderator: Moderator
+) -> list[tuple[float, dict[str, int]]]:
+    """Per call: best wall time of ``repeats`` runs after one warm-up, and the prefills of one run.
+
+    The calls take turns (A, B, A, B, ...) so that a change in the machine's load (it is shared)
+    falls on both rather than on whichever ran during it.
+    """
+    for call in calls:
+        call()  # warm-up (first-call allocations, lazy imports)
+    times: list[list[float]] = [[] for _ in calls]
+    counted: list[dict[str, int]] = [{} for _ in calls]
     for repeat in range(repeats):
-        with prefill_counter(moderator) as counts:
-            start = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - start)
-        if repeat == 0:
-            counted = dict(counts)
-    return min(times), counted
+        for index, call in enumerate(calls):
+            with prefill_counter(moderator) as counts:
+                start = time.perf_counter()
+                call()
+                times[index].append(time.perf_counter() - start)
+            if repeat == 0:
+                counted[index] = dict(counts)
+    return [(min(t), c) for t, c in zip(times, counted, strict=True)]
 
 
 @contextmanager
@@ -199,8 +208,7 @@ def bench_per_turn(moderator: Moderator, user_turns: int, max_new_tokens: int, r
         for end in ends:
             moderator.moderate_batch([dialogue[: end + 1]], [images], max_new_tokens=max_new_tokens)
 
-    reuse_s, reuse_counts = best_time(reuse, repeats, moderator)
-    recompute_s, recompute_counts = best_time(recompute, repeats, moderator)
+    (reuse_s, reuse_counts), (recompute_s, recompute_counts) = best_times([reuse, recompute], repeats, moderator)
     return PerTurn(len(ends), reuse_s, recompute_s, reuse_counts["tokens"], recompute_counts["tokens"])
 
 
@@ -235,8 +243,7 @@ def bench_one_pass(moderator: Moderator, batch: int, max_new_tokens: int, repeat
         return [moderator._verdict(raw, score) for raw, score in zip(raws, scores, strict=True)]
 
     with verdict_prefix_forced(moderator, ends.pop()):
-        one_s, one_counts = best_time(one_pass, repeats, moderator)
-        two_s, two_counts = best_time(two_pass, repeats, moderator)
+        (one_s, one_counts), (two_s, two_counts) = best_times([one_pass, two_pass], repeats, moderator)
         one, two = one_pass(), two_pass()
     prefixed = all(v.raw.startswith("verdict:") for v in one)
     diff = max(abs(a.p_unsafe - b.p_unsafe) for a, b in zip(one, two, strict=True))
@@ -372,7 +379,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=4, help="text layers of the --width model")
     parser.add_argument("--user-turns", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=16, help="verdict text length in every measurement")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (best is kept)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (best is kept)")
     parser.add_argument("--batch", type=int, default=4, help="dialogues per decision batch in (b)")
     parser.add_argument("--clients", type=int, default=4, help="concurrent service clients in (c)")
     parser.add_argument("--requests", type=int, default=8, help="requests per client in (c)")
