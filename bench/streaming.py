@@ -4,7 +4,7 @@ Three measurements on one moderator (default: the offline tiny Qwen2.5-VL, built
 directory; float32 on CPU unless the device says otherwise):
 
 (a) per-turn moderation of one 8-user-turn dialogue (a SafeMT sample dialogue extended with its own
-    turns, image on the first turn): ``Moderator.moderate_turns`` (each turn continues the previous
+    turns, image on the first turn; the verdict prefix forced as in (b)): ``Moderator.moderate_turns`` (each turn continues the previous
     prompt's KV cache) against ``moderate()`` on every prefix (recomputed from scratch): wall time
     and prompt tokens prefilled;
 (b) one pass against two passes per decision on the same batch: ``moderate_batch`` (P(unsafe) read
@@ -163,6 +163,15 @@ def best_times(
     return [(min(t), c) for t, c in zip(times, counted, strict=True)]
 
 
+def prompt_end_token(moderator: Moderator, dialogues: Sequence[Any], images: Sequence[Sequence[Any]]) -> int:
+    """The last token of the prompts (the generation prompt's), after which the verdict prefix starts."""
+    texts = moderator.prompt_texts(dialogues, [[0] * len(i) for i in images])
+    ends = {int(ids[-1]) for ids in moderator._inputs(texts, images)["input_ids"]}
+    if len(ends) != 1:
+        raise RuntimeError(f"prompts end in different tokens {sorted(ends)}: cannot force the verdict prefix")
+    return ends.pop()
+
+
 @contextmanager
 def verdict_prefix_forced(moderator: Moderator, prompt_end_token: int) -> Iterator[None]:
     """Make a random model generate the ``verdict: `` prefix (as tests/test_inference.py does).
@@ -208,7 +217,10 @@ def bench_per_turn(moderator: Moderator, user_turns: int, max_new_tokens: int, r
         for end in ends:
             moderator.moderate_batch([dialogue[: end + 1]], [images], max_new_tokens=max_new_tokens)
 
-    (reuse_s, reuse_counts), (recompute_s, recompute_counts) = best_times([reuse, recompute], repeats, moderator)
+    # As a trained moderator does: without the verdict prefix every turn would add a scoring pass.
+    with verdict_prefix_forced(moderator, prompt_end_token(moderator, [dialogue], [images])):
+        timed = best_times([reuse, recompute], repeats, moderator)
+    (reuse_s, reuse_counts), (recompute_s, recompute_counts) = timed
     return PerTurn(len(ends), reuse_s, recompute_s, reuse_counts["tokens"], recompute_counts["tokens"])
 
 
@@ -227,11 +239,6 @@ class OnePass:
 def bench_one_pass(moderator: Moderator, batch: int, max_new_tokens: int, repeats: int) -> OnePass:
     dialogues, images = sample_batch(batch)
     image_turns = [[0]] * len(dialogues)
-    ends = {
-        int(ids[-1]) for ids in moderator._inputs(moderator.prompt_texts(dialogues, image_turns), images)["input_ids"]
-    }
-    if len(ends) != 1:
-        raise RuntimeError(f"prompts end in different tokens {sorted(ends)}: cannot force the verdict prefix")
 
     def one_pass() -> list[Any]:
         return moderator.moderate_batch(dialogues, images, image_turns, max_new_tokens=max_new_tokens)
@@ -242,7 +249,7 @@ def bench_one_pass(moderator: Moderator, batch: int, max_new_tokens: int, repeat
         raws = moderator.generate(texts, images, max_new_tokens=max_new_tokens)
         return [moderator._verdict(raw, score) for raw, score in zip(raws, scores, strict=True)]
 
-    with verdict_prefix_forced(moderator, ends.pop()):
+    with verdict_prefix_forced(moderator, prompt_end_token(moderator, dialogues, images)):
         (one_s, one_counts), (two_s, two_counts) = best_times([one_pass, two_pass], repeats, moderator)
         one, two = one_pass(), two_pass()
     prefixed = all(v.raw.startswith("verdict:") for v in one)
