@@ -264,14 +264,6 @@ def open_images(samples: Sequence[EvalSample]) -> list[list[Any]]:
     return images
 
 
-# Requests per call to a target that batches its own work (see EvalRun.workload_chunk); read from
-# ``config.workload_chunk`` when the config has that field.
-DEFAULT_WORKLOAD_CHUNK = 1024
-
-# Share of judge calls that may give no verdict (error, content filter, unparsed) before a run fails;
-# read from ``config.max_judge_failure_share`` when the config has that field.
-DEFAULT_MAX_JUDGE_FAILURE_SHARE = 0.05
-
 SPLIT_ID_PREFIX = "test-split:"  # keeps test-split decisions apart from eval samples in the cache
 THRESHOLD_SPLIT = "validation"  # the decision threshold is chosen here, never on test
 
@@ -706,7 +698,7 @@ class EvalRun:
         """How many pending requests one ``target.generate`` call gets.
 
         A target that schedules its own batches (vLLM; any target with ``batches_internally``) gets
-        ``workload_chunk`` requests per call (config, default :data:`DEFAULT_WORKLOAD_CHUNK`): the
+        ``config.workload_chunk`` requests per call (default 1024): the
         engine sees a large workload, yet each chunk's replies are cached as soon as it returns, so an
         interrupted run loses at most one chunk and only one chunk's decoded images are in memory.
         Feeding the whole workload in one call would lose resume granularity and hold every image of a
@@ -714,7 +706,7 @@ class EvalRun:
         padded batch (today's HF backend) gets ``batch_size`` requests.
         """
         if cfg.backend == "vllm" or getattr(target, "batches_internally", False):
-            return int(getattr(self.config, "workload_chunk", None) or DEFAULT_WORKLOAD_CHUNK)
+            return self.config.workload_chunk
         return self.config.batch_size
 
     def _generate_batch(self, cfg: TargetConfig, target: ChatModel, batch: list[_Generation]) -> list[dict]:
@@ -939,9 +931,8 @@ class EvalRun:
 
     @property
     def max_judge_failure_share(self) -> float:
-        """The share of judge calls that may give no verdict before the run fails (config, default 0.05)."""
-        # getattr: the config field is new, so configs built before it was added still work.
-        return float(getattr(self.config, "max_judge_failure_share", DEFAULT_MAX_JUDGE_FAILURE_SHARE))
+        """The share of judge calls that may give no verdict before the run fails (``EvalConfig``, default 0.05)."""
+        return float(self.config.max_judge_failure_share)
 
 
 def close_model(model: Any) -> None:
