@@ -33,12 +33,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2_5_vl"))
 
 
-@pytest.fixture
-def safemt_dir(tmp_path) -> Path:
-    """The repo's real SafeMT sample records, in the GitHub layout, with placeholder images."""
+def copy_sample_with_images(target: Path) -> Path:
+    """``target``: the repo's real SafeMT sample records, in the GitHub layout, with placeholder images."""
     from moderator.images import write_placeholder_images
 
-    target = tmp_path / "safemt"
     target.mkdir()
     for path in SAMPLE_DIR.glob("*_turn.json"):
         shutil.copy(path, target / path.name)
@@ -46,18 +44,19 @@ def safemt_dir(tmp_path) -> Path:
     return target
 
 
+@pytest.fixture
+def safemt_dir(tmp_path) -> Path:
+    """The repo's real SafeMT sample records, in the GitHub layout, with placeholder images."""
+    return copy_sample_with_images(tmp_path / "safemt")
+
+
 @pytest.fixture(scope="session")
 def prepared_data_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """The demo data recipe run on the real sample records: the dataset the trainer reads."""
     from data_prep.build import main as build_data
-    from moderator.images import write_placeholder_images
 
     root = tmp_path_factory.mktemp("prepared")
-    safemt = root / "safemt"
-    safemt.mkdir()
-    for path in SAMPLE_DIR.glob("*_turn.json"):
-        shutil.copy(path, safemt / path.name)
-    write_placeholder_images(safemt)
+    safemt = copy_sample_with_images(root / "safemt")
     out = root / "data"
     argv = ["--config", str(REPO_ROOT / "configs/data/demo.yaml"), "--safemt", str(safemt), "--out", str(out)]
     argv += ["--benign", str(REPO_ROOT / "tests/data/benign_sample.jsonl"), "--processor", str(tiny_model_dir)]

@@ -19,7 +19,7 @@ import pytest
 from moderator.cli import USER_ERROR_EXIT_CODE, InputError, MissingInputError, UsageError, run_cli
 from moderator.contract import PROMPT_FORMAT_VERSION
 from moderator.taxonomy import load_taxonomy
-from tests.conftest import REPO_ROOT, SAMPLE_DIR
+from tests.conftest import REPO_ROOT, SAMPLE_DIR, copy_sample_with_images
 
 SFT = str(REPO_ROOT / "train" / "sft.py")
 TINY_RECIPE = str(REPO_ROOT / "configs" / "sft" / "tiny_cpu.yaml")
@@ -159,15 +159,7 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], Path, str]]:
 
 def _eval_inputs(tmp: Path) -> tuple[Path, Path]:
     """An eval config over the SafeMT sample whose target model does not exist, and a damaged cache file."""
-    import shutil
-
-    from moderator.images import write_placeholder_images
-
-    safemt = tmp / "safemt"
-    safemt.mkdir()
-    for path in SAMPLE_DIR.glob("*_turn.json"):
-        shutil.copy(path, safemt / path.name)
-    write_placeholder_images(safemt)
+    safemt = copy_sample_with_images(tmp / "safemt")
     config = tmp / "eval.yaml"
     config.write_text(
         f"safemt_dir: {safemt}\nturns: [1]\nlimit: 1\nout_dir: {tmp / 'eval'}\n"
