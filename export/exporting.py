@@ -159,14 +159,19 @@ def provenance_path(checkpoint: Path) -> Path:
     )
 
 
-def read_provenance(checkpoint: Path) -> tuple[dict[str, Any], Path]:
-    path = provenance_path(checkpoint)
+def _read_json_object(path: Path, expected: str) -> dict[str, Any]:
     try:
-        provenance = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ExportError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(provenance, dict):
-        raise ExportError(f"{path}: expected a JSON object")
+    if not isinstance(value, dict):
+        raise ExportError(f"{path}: expected {expected}")
+    return value
+
+
+def read_provenance(checkpoint: Path) -> tuple[dict[str, Any], Path]:
+    path = provenance_path(checkpoint)
+    provenance = _read_json_object(path, "a JSON object")
     for key in ("taxonomy_version", "taxonomy_sha256", "prompt_format_version"):
         if not provenance.get(key):
             raise ExportError(f"{path}: field {key!r} is missing")
@@ -201,12 +206,7 @@ def load_eval_report(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"{path}: eval report not found")
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ExportError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(report, dict):
-        raise ExportError(f"{path}: expected the JSON object written by eval.report.write_report")
+    report = _read_json_object(path, "the JSON object written by eval.report.write_report")
     missing = [key for key in REPORT_KEYS if key not in report]
     if missing:
         raise ExportError(f"{path}: not an eval report, missing field(s) {missing}")
