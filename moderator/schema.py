@@ -119,12 +119,14 @@ def parse_safemt_record(raw: Any, taxonomy: Taxonomy, expected_turns: int | None
         id=raw["id"],
         scenario=raw["scenario"],
         image_path=raw["image_path"],
-        dialogue=tuple(_validate_dialogue(dialogue, expected_turns)),
+        dialogue=tuple(validate_dialogue(dialogue, expected_turns)),
         question=raw["question"],
     )
 
 
-def _validate_dialogue(dialogue: Any, expected_turns: int | None) -> list[dict[str, str]]:
+def validate_dialogue(dialogue: Any, expected_turns: int | None) -> list[dict[str, str]]:
+    """A SafeMT dialogue's messages, checked (roles alternate from a user turn, ends on a user turn);
+    ``RecordError`` names the bad field. Used for records and for dialogues sent to the service."""
     if not isinstance(dialogue, list) or not dialogue:
         raise RecordError("dialogue", "expected a non-empty list of messages")
     messages = []

@@ -56,7 +56,7 @@ from moderator.contract import PROMPT_FORMAT_VERSION
 from moderator.loading import DTYPE_NAMES, ModelLoadError
 from moderator.manifest import ManifestError, looks_like_export
 from moderator.schema import SAFEMT_IMAGE_TURNS, RecordError
-from moderator.schema import _validate_dialogue as validate_safemt_dialogue
+from moderator.schema import validate_dialogue as validate_safemt_dialogue
 
 logger = logging.getLogger("moderator.serve")
 

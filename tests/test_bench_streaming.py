@@ -41,10 +41,10 @@ def test_the_benchmark_dialogue_is_a_valid_safemt_dialogue_at_every_service_pref
     # Bug caught: repeating the 4-turn sample put two user turns together; the service refused those
     # prefixes with 422 and the full load lost half its requests (the quick load never reached them).
     from bench.streaming import long_dialogue
-    from moderator.schema import _validate_dialogue
+    from moderator.schema import validate_dialogue
 
     dialogue = long_dialogue(8)
     assert sum(m["role"] == "user" for m in dialogue) == 8
     for end, message in enumerate(dialogue):
         if message["role"] == "user":
-            _validate_dialogue(dialogue[: end + 1], None)
+            validate_dialogue(dialogue[: end + 1], None)
