@@ -150,6 +150,8 @@ class EvalConfig:
     wandb_project: str = "safemt-moderator"
     wandb_run_name: str | None = None
     title: str = "SafeMT evaluation"
+    # For each SafeMT dialogue, moderate every prefix and report the first user turn each defence flags.
+    turns_to_detection: bool = True
 
     def validate(self, source: str = "<config>") -> EvalConfig:
         def fail(key: str, reason: str) -> None:
