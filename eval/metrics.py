@@ -47,7 +47,7 @@ import math
 import statistics
 import warnings
 from collections import defaultdict
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -477,7 +477,7 @@ class BootstrapSettings:
         return {"n_resamples": self.n_resamples, "seed": self.seed, "confidence": self.confidence}
 
 
-def _id_order(ids: Iterable[Hashable]) -> list[Hashable]:
+def id_order(ids: Iterable[Hashable]) -> list[Hashable]:
     """Ids in a fixed order (not the rows' order), so a sharded run draws the same resamples."""
     return sorted(set(ids), key=lambda value: (type(value).__name__, repr(value)))
 
@@ -526,7 +526,22 @@ def _draw_counts(rng: Any, n_ids: int, n_draws: int) -> Any:
     return rng.multinomial(n_ids, np.full(n_ids, 1.0 / n_ids), size=n_draws)
 
 
-def _percentile_interval(draws: Any, confidence: float) -> Interval | None:
+def resample_counts(n_ids: int, settings: BootstrapSettings) -> Iterator[Any]:
+    """The bootstrap's resamples of ``n_ids`` ids, as count arrays (draws x ids) in batches.
+
+    Row d, column i: how often id i (in :func:`id_order`) is in resample d. Seeded by ``settings``:
+    the same ``n_ids`` and settings give the same draws, ``settings.n_resamples`` rows in all.
+    """
+    import numpy as np
+
+    if n_ids < 1:
+        raise ValueError(f"the bootstrap needs at least one id, got {n_ids}")
+    rng = np.random.default_rng(settings.seed)
+    for start in range(0, settings.n_resamples, _DRAWS_PER_BATCH):
+        yield _draw_counts(rng, n_ids, min(_DRAWS_PER_BATCH, settings.n_resamples - start))
+
+
+def percentile_interval(draws: Any, confidence: float) -> Interval | None:
     """The percentile interval of the defined (non-NaN) draws; None when no draw is defined."""
     import numpy as np
 
@@ -544,14 +559,12 @@ def _bootstrap(
     """Per group: (ASR draws x K, SI draws, per length whether any reply is labelled), paired draws."""
     import numpy as np
 
-    ids = _id_order(result["id"] for group in groups for result in group)
+    ids = id_order(result["id"] for group in groups for result in group)
     weights_by_k = length_weights(turns)
     weights = np.array([weights_by_k[k] for k in turns])
     arrays = [_per_id_arrays(group, turns, ids) for group in groups]
-    rng = np.random.default_rng(settings.seed)
     parts: list[list[tuple[Any, Any]]] = [[] for _ in groups]
-    for start in range(0, settings.n_resamples, _DRAWS_PER_BATCH):
-        counts = _draw_counts(rng, len(ids), min(_DRAWS_PER_BATCH, settings.n_resamples - start))
+    for counts in resample_counts(len(ids), settings):
         for part, group_arrays in zip(parts, arrays, strict=True):
             part.append(_resampled_statistics(group_arrays, counts, weights))
     return [
@@ -591,7 +604,7 @@ def si_interval(
     [(_asr, si, labelled)] = _bootstrap([results], turns, settings)
     if not all(labelled):  # the SI itself is undefined (safety_index_result gives the reason)
         return None
-    return _round_interval(_percentile_interval(si, settings.confidence), 4)
+    return _round_interval(percentile_interval(si, settings.confidence), 4)
 
 
 @dataclass(frozen=True)
@@ -629,11 +642,11 @@ def paired_delta_intervals(
     )
     # A point ASR_k is None exactly where its group has no labelled reply at k; the SI where any k has none.
     delta_asr = {
-        k: _percentile_interval(asr_base[:, column] - asr_def[:, column], settings.confidence)
+        k: percentile_interval(asr_base[:, column] - asr_def[:, column], settings.confidence)
         if labelled_base[column] and labelled_def[column]
         else None
         for column, k in enumerate(turns)
     }
     defined_si = all(labelled_base) and all(labelled_def)
-    delta_si = _round_interval(_percentile_interval(si_def - si_base, settings.confidence), 4) if defined_si else None
+    delta_si = _round_interval(percentile_interval(si_def - si_base, settings.confidence), 4) if defined_si else None
     return PairedDeltaIntervals(delta_asr, delta_si)
