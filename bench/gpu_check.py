@@ -351,12 +351,12 @@ def build_training_model(config: Any, script_args: Any, training_args: Any, mode
         model = AutoModelForImageTextToText.from_config(
             config, dtype=dtype, attn_implementation=model_args.attn_implementation
         )
-    if training_args.gradient_checkpointing:
+    if training_args.activation_checkpointing:
         model.config.use_cache = False  # as train.modeling.build_model does
     peft_config = build_peft_config(model_args, script_args)
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
-    if training_args.gradient_checkpointing:
+    if training_args.activation_checkpointing:
         enable_checkpointing(model, training_args)
         if peft_config is not None:
             model.enable_input_require_grads()  # TRL does this for PEFT + checkpointing
@@ -449,12 +449,12 @@ def train_check(
         section,
         "recipe settings",
         f"dtype={model_args.dtype} bf16={training_args.bf16} attn={model.config._attn_implementation} "
-        f"grad_ckpt={training_args.gradient_checkpointing} lora_r={model_args.lora_r} "
+        f"grad_ckpt={training_args.activation_checkpointing} lora_r={model_args.lora_r} "
         f"lora_alpha={model_args.lora_alpha} batch={batch_size}x{accumulation}",
     )
     report.figures.update(
         attn_implementation=model.config._attn_implementation,
-        gradient_checkpointing=training_args.gradient_checkpointing,
+        gradient_checkpointing=training_args.activation_checkpointing,
         bf16=training_args.bf16,
         lora_r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,

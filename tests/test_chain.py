@@ -120,7 +120,7 @@ def test_shipped_recipes_run_end_to_end(tmp_path, tiny_model_dir, tiny_guards):
     run_stage(
         tmp_path,
         [python, str(REPO_ROOT / "train/sft.py"), "--config", SFT_RECIPE, "--model_name_or_path", str(tiny_model_dir)]
-        + ["--dtype", "float32", "--bf16", "false", "--gradient_checkpointing", "false"]
+        + ["--dtype", "float32", "--bf16", "false", "--activation_checkpointing", "false"]
         + ["--max_steps", "1", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2"]
         + ["--gradient_accumulation_steps", "1", "--dataloader_num_workers", "0", "--report_to", "none"]
         + ["--max_eval_samples", "2", "--moderation_eval_samples", "2", "--moderation_eval_max_new_tokens", "4"],

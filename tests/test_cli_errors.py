@@ -23,8 +23,8 @@ from tests.conftest import REPO_ROOT, SAMPLE_DIR, copy_sample_with_images
 
 SFT = str(REPO_ROOT / "train" / "sft.py")
 TINY_RECIPE = str(REPO_ROOT / "configs" / "sft" / "tiny_cpu.yaml")
-# The recipes still set transformers' deprecated `gradient_checkpointing` name, which warns on stderr
-# at parse time; that warning is not what these tests are about.
+# Libraries still emit FutureWarnings on stderr (PEFT asks for transformers' deprecated
+# `is_gradient_checkpointing`); those warnings are not what these tests are about.
 # Progress bars (eval's per-defence bars) also go to stderr before a late error; they are not it either.
 QUIET = {"PYTHONWARNINGS": "ignore::FutureWarning", "TQDM_DISABLE": "1"}
 

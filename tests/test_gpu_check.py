@@ -39,7 +39,7 @@ def test_dry_run_reports_training_figures_from_the_recipe(dry_run):
     # LoRA, checkpointing, attention and batch shape come from the 7B recipe, not from defaults.
     recipe = yaml.safe_load(RECIPE.read_text())
     assert figures["lora_r"] == recipe["lora_r"] and figures["lora_alpha"] == recipe["lora_alpha"]
-    assert figures["gradient_checkpointing"] is recipe["gradient_checkpointing"]
+    assert figures["gradient_checkpointing"] is recipe["activation_checkpointing"]
     assert figures["attn_implementation"] == recipe["attn_implementation"]
     assert figures["per_device_train_batch_size"] == recipe["per_device_train_batch_size"]
     assert figures["gradient_accumulation_steps"] == recipe["gradient_accumulation_steps"]

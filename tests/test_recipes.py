@@ -50,7 +50,7 @@ def test_real_recipes_train_in_bf16_with_wandb_and_bounded_images():
         recipe = REPO_ROOT / "configs" / "sft" / f"{name}.yaml"
         assert yaml.safe_load(recipe.read_text())["bf16"] is True
         script_args, training_args, model_args = parse(recipe)
-        assert training_args.gradient_checkpointing
+        assert training_args.activation_checkpointing
         assert training_args.lr_scheduler_type == "cosine"
         assert "wandb" in training_args.report_to
         assert script_args.max_pixels and model_args.dtype == "bfloat16"
