@@ -10,7 +10,9 @@ environment variable that holds one (``api_key_env``), so a dumped config is saf
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from moderator.cli import UsageError, one_line
 from moderator.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from moderator.schema import TURN_COUNTS
 
@@ -30,8 +33,8 @@ TARGET_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 
 
-class ConfigError(ValueError):
-    """The eval config is invalid; the message names the file and key."""
+class ConfigError(UsageError):
+    """The eval config is invalid; the message names the file and key (a ValueError, one line in CLIs)."""
 
 
 @dataclass
@@ -111,47 +114,94 @@ class JudgeConfig:
 
 @dataclass
 class EvalConfig:
-    # SafeMT, read by data_prep's reader: a GitHub-layout folder (<k>_turn.json + images/), a local
-    # hub-layout file or folder (parquet/json/jsonl) or a hub dataset name.
-    safemt_dir: str
-    targets: list[TargetConfig]
-    defences: list[DefenceConfig]
-    judge: JudgeConfig = field(default_factory=JudgeConfig)
-    # Folder SafeMT image paths are relative to (and must stay inside); None: the GitHub folder, the
-    # local file's folder, or a snapshot of the hub repository (as in data prep).
-    safemt_images_root: str | None = None
-    # Benign dialogues, read by data_prep's benign reader in file order: a JSONL of {"id", "messages",
-    # "image"?} (data prep's benign_eval.jsonl; images resolve inside its folder) or another source it reads.
-    benign: str | None = None
-    benign_limit: int | None = None  # None: same as limit
-    # A data_prep.build output: its test split scores the moderator, its validation split sets the
-    # decision threshold (target_fpr) recorded in the report for export.
-    detection_split: str | None = None
-    # Evaluate only SafeMT ids in detection_split's test split (held out). None: true when
-    # detection_split is set, so the moderator is never attacked with dialogues it trained on.
-    restrict_to_split: bool | None = None
-    target_fpr: float = 0.05  # FPR on benign validation rows that the recorded threshold allows
-    # Share of judge calls (attack safety labels and benign refusal checks) that may give no verdict
-    # (error, content_filter, unparsed) before eval.run fails with exit code 3; the report is still written.
-    max_judge_failure_share: float = 0.05
-    turns: list[int] = field(default_factory=lambda: list(TURN_COUNTS))
-    limit: int | None = None  # first N valid records of each length
-    # Bad input records are quarantined (<out_dir>/quarantine.jsonl, counts in <out_dir>/inputs.json) and
-    # the run goes on; strict: any quarantined record stops the run, naming file, record and field.
-    strict: bool = False
-    max_new_tokens: int = 256
-    batch_size: int = 8  # defences and HF targets (a target's own batch_size wins)
-    # Requests per call to a target that schedules its own batches (vLLM): its replies are cached per
-    # call, so a larger chunk feeds the engine more at once and a smaller one loses less on a kill.
-    workload_chunk: int = 1024
-    out_dir: str = "runs/eval"
-    refusal_text: str = DEFAULT_REFUSAL
-    wandb: bool = False
-    wandb_project: str = "safemt-moderator"
-    wandb_run_name: str | None = None
-    title: str = "SafeMT evaluation"
-    # For each SafeMT dialogue, moderate every prefix and report the first user turn each defence flags.
-    turns_to_detection: bool = True
+    """The whole eval run. Top-level fields are ``--field value`` flags (``python -m eval.run --help``);
+    the nested parts (``targets``, ``defences``, ``judge``) take dotted overrides (``--judge.kind local``)."""
+
+    safemt_dir: str = field(
+        metadata={
+            "help": "SafeMT, read by data_prep's reader: a GitHub-layout folder (<k>_turn.json + images/), a local "
+            "hub-layout file or folder (parquet/json/jsonl) or a hub dataset name"
+        }
+    )
+    targets: list[TargetConfig] = field(metadata={"help": "chat models under attack (--targets.I.FIELD)"})
+    defences: list[DefenceConfig] = field(metadata={"help": "defences in front of each target (--defences.I.FIELD)"})
+    judge: JudgeConfig = field(default_factory=JudgeConfig, metadata={"help": "labels replies (--judge.FIELD)"})
+    safemt_images_root: str | None = field(
+        default=None,
+        metadata={
+            "help": "folder SafeMT image paths are relative to (and must stay inside); null: the GitHub folder, "
+            "the local file's folder, or a snapshot of the hub repository (as in data prep)"
+        },
+    )
+    benign: str | None = field(
+        default=None,
+        metadata={
+            "help": "benign dialogues, read by data_prep's benign reader in file order: a JSONL of {id, messages, "
+            "image?} (data prep's benign_eval.jsonl; images resolve inside its folder) or another source it reads"
+        },
+    )
+    benign_limit: int | None = field(default=None, metadata={"help": "first N benign dialogues; null: same as limit"})
+    detection_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "a data_prep.build output: its test split scores the moderator, its validation split sets the "
+            "decision threshold (target_fpr) recorded in the report for export"
+        },
+    )
+    restrict_to_split: bool | None = field(
+        default=None,
+        metadata={
+            "help": "evaluate only SafeMT ids in detection_split's test split (held out); null: true when "
+            "detection_split is set, so the moderator is never attacked with dialogues it trained on"
+        },
+    )
+    target_fpr: float = field(
+        default=0.05, metadata={"help": "FPR on benign validation rows that the recorded threshold allows"}
+    )
+    max_judge_failure_share: float = field(
+        default=0.05,
+        metadata={
+            "help": "share of judge calls (attack labels and benign refusal checks) that may give no verdict "
+            "(error, content_filter, unparsed) before eval.run exits 3; the report is still written"
+        },
+    )
+    turns: list[int] = field(
+        default_factory=lambda: list(TURN_COUNTS),
+        metadata={
+            "help": f"dialogue lengths to evaluate, a subset of {list(TURN_COUNTS)} (--turns 1 2 4 or '[1, 2, 4]')"
+        },
+    )
+    limit: int | None = field(default=None, metadata={"help": "first N valid records of each length; null: all"})
+    strict: bool = field(
+        default=False,
+        metadata={
+            "help": "stop at the first quarantined input record, naming file, record and field (default: quarantine "
+            "it to <out_dir>/quarantine.jsonl, count it in <out_dir>/inputs.json and go on)"
+        },
+    )
+    max_new_tokens: int = field(default=256, metadata={"help": "target reply length in tokens"})
+    batch_size: int = field(
+        default=8, metadata={"help": "batch of defences and HF targets (a target's own batch_size wins)"}
+    )
+    workload_chunk: int = field(
+        default=1024,
+        metadata={
+            "help": "requests per call to a target that schedules its own batches (vLLM): replies are cached per "
+            "call, so a larger chunk feeds the engine more at once and a smaller one loses less on a kill"
+        },
+    )
+    out_dir: str = field(default="runs/eval", metadata={"help": "cache, report.{json,md} and plots go here"})
+    refusal_text: str = field(default=DEFAULT_REFUSAL, metadata={"help": "the reply of a blocking defence"})
+    wandb: bool = field(default=False, metadata={"help": "log the config and report to Weights & Biases"})
+    wandb_project: str = field(default="safemt-moderator", metadata={"help": "W&B project"})
+    wandb_run_name: str | None = field(default=None, metadata={"help": "W&B run name; null: W&B picks one"})
+    title: str = field(default="SafeMT evaluation", metadata={"help": "title of report.md and the plots"})
+    turns_to_detection: bool = field(
+        default=True,
+        metadata={
+            "help": "for each SafeMT dialogue, moderate every prefix and report the first user turn each defence flags"
+        },
+    )
 
     def validate(self, source: str = "<config>") -> EvalConfig:
         def fail(key: str, reason: str) -> None:
@@ -325,14 +375,153 @@ def parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> EvalConfig:
-    """Read a YAML config, apply CLI overrides, and validate it."""
-    path = Path(path)
+NESTED_FIELDS: dict[str, type] = {"targets": TargetConfig, "defences": DefenceConfig, "judge": JudgeConfig}
+NULL_WORDS = ("null", "~", "None")  # a flag value meaning "unset" for a field that may be null, as in YAML
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in each flag's help (HfArgumentParser's choice) and the nested-field table as written."""
+
+
+def _top_level_arguments() -> type:
+    """EvalConfig's top-level fields without the nested parts, as a dataclass ``HfArgumentParser`` can read.
+
+    Derived, not a second declaration: a field added to EvalConfig becomes a flag with its help text.
+    """
+    hints = typing.get_type_hints(EvalConfig)
+    specs = []
+    for f in dataclasses.fields(EvalConfig):
+        if f.name in NESTED_FIELDS:
+            continue
+        kwargs: dict[str, Any] = {"metadata": f.metadata}
+        if f.default is not dataclasses.MISSING:
+            kwargs["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            kwargs["default_factory"] = f.default_factory
+        specs.append((f.name, hints[f.name], field(**kwargs)))
+    return dataclasses.make_dataclass("EvalArguments", specs)
+
+
+def _yaml_compatible(convert: Callable[[str], Any], nullable: bool, is_list: bool) -> Callable[[str], Any]:
+    """Wrap a flag's type so the values the YAML-parsed overrides took still parse: ``null`` for a field
+    that may be null, and a flow list (``--turns "[1, 2]"``) as well as ``--turns 1 2``."""
+
+    def parse(text: str) -> Any:
+        if nullable and text.strip() in NULL_WORDS:
+            return None
+        if is_list and text.lstrip().startswith("["):
+            items = yaml.safe_load(text)
+            if not isinstance(items, list):
+                raise ValueError(text)
+            return [convert(item) for item in items]
+        return convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names it in "invalid int value: ..."
+    return parse
+
+
+def _nested_fields_help() -> str:
+    lines = ["nested fields (dotted overrides; the value is read as YAML, e.g. --defences.0.options '{a: 1}'):"]
+    for key, cls in (("--targets.I.", TargetConfig), ("--defences.I.", DefenceConfig), ("--judge.", JudgeConfig)):
+        names = ", ".join(f.name for f in dataclasses.fields(cls))
+        lines.append(f"  {key}FIELD: {names}")
+    lines.append("  (I: the list position from 0; --targets / --defences / --judge replace the whole part)")
+    lines.append("a field unknown to the config (in the YAML or on the command line) is an error naming it")
+    return "\n".join(lines)
+
+
+def eval_arg_parser(prog: str = "python -m eval.run", description: str | None = None) -> argparse.ArgumentParser:
+    """The eval's command line: ``--config FILE.yaml`` sets the defaults, every ``--field value`` overrides one.
+
+    A ``trl.TrlParser`` (an ``HfArgumentParser``, as ``train/sft.py`` and ``data_prep.build`` use) over
+    EvalConfig's top-level fields; callers may add their own flags before :func:`parse_eval_args`.
+    Abbreviated flags are refused, so a misspelt field cannot silently match another.
+    """
+    from trl import TrlParser
+
+    parser = TrlParser(
+        _top_level_arguments(),
+        prog=prog,
+        description=description,
+        epilog=_nested_fields_help(),
+        formatter_class=_HelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", required=True, help="YAML config (configs/eval/*.yaml); flags override its values")
+    hints = typing.get_type_hints(EvalConfig)
+    for action in parser._actions:
+        hint = hints.get(action.dest)
+        if hint is None or action.type is None or action.dest in NESTED_FIELDS:
+            continue
+        nullable = type(None) in typing.get_args(hint)
+        is_list = typing.get_origin(hint) is list
+        if nullable or is_list:
+            action.type = _yaml_compatible(action.type, nullable, is_list)
+
+    def error(message: str) -> None:
+        raise ConfigError(f"{message} (see {prog} --help)")
+
+    parser.error = error  # type: ignore[method-assign]  # one line, as moderator.cli does for every entry point
+    return parser
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {one_line(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    for key, value in parse_overrides(list(overrides)):
-        apply_override(data, key, value, source=str(path))
-    return _build(EvalConfig, data, "", str(path)).validate(str(path))
+    return data
+
+
+def parse_eval_args(
+    argv: Sequence[str], parser: argparse.ArgumentParser | None = None
+) -> tuple[EvalConfig, argparse.Namespace]:
+    """``--config FILE.yaml [--field value ...] [--nested.dotted.key value ...]`` -> validated config.
+
+    Precedence: a flag beats the YAML, the YAML beats the dataclass default. Top-level fields are parsed by
+    ``parser`` (default :func:`eval_arg_parser`) with their types; the nested parts by dotted overrides.
+    Returns the config and the namespace of the parser's other flags (``config`` and any the caller added).
+    """
+    parser = parser or eval_arg_parser()
+    argv = list(argv)
+    locate = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    locate.add_argument("--config")
+    locate.add_argument("-h", "--help", action="store_true")
+    located, _ = locate.parse_known_args(argv)
+    if located.help:
+        parser.parse_args(["--help"])  # prints the help and exits
+    if located.config is None:
+        raise ConfigError(f"--config FILE.yaml is required (see {parser.prog} --help)")
+    source = located.config
+    data = _read_yaml(Path(source))
+    known = {f.name for f in dataclasses.fields(EvalConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; known: {sorted(known)}")
+    scalars = {key: value for key, value in data.items() if key not in NESTED_FIELDS}
+    nested = {key: value for key, value in data.items() if key in NESTED_FIELDS}
+    parser.set_defaults_with_config(**scalars)  # TrlParser: the YAML's values become the flags' defaults
+    *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    arguments, options = parsed[0], (parsed[1] if len(parsed) > 1 else argparse.Namespace())
+    values = {f.name: getattr(arguments, f.name) for f in dataclasses.fields(arguments)}
+    for name, value in values.items():
+        if isinstance(value, list):  # "--turns [1, 2]" parsed into one list item
+            values[name] = [x for item in value for x in (item if isinstance(item, list) else [item])]
+    data = {**values, **nested}
+    for key, value in parse_overrides(remaining):
+        if key.split(".", 1)[0] not in NESTED_FIELDS:
+            raise ConfigError(
+                f"{source}: unknown field --{key} on the command line (see {parser.prog} --help for the fields)"
+            )
+        apply_override(data, key, value, source=source)
+    return _build(EvalConfig, data, "", source).validate(source), options
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> EvalConfig:
+    """Read a YAML config, apply command-line style overrides (``["--limit", "2", "--judge.kind", "local"]``)
+    and validate it: :func:`parse_eval_args` with ``--config path``."""
+    return parse_eval_args(["--config", str(path), *overrides])[0]

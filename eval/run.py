@@ -1,7 +1,8 @@
 """Run the SafeMT evaluation: ``python -m eval.run --config configs/eval/demo.yaml [--key value ...]``.
 
-Every config key can be overridden (``--limit 3``, ``--judge.kind local``, ``--targets.0.model DIR``);
-see ``eval/config.py``. The loop itself lives in ``eval/loop.py``; results resume from
+Every config field can be overridden: top-level ones as flags (``--limit 3``, ``--turns 1 2``; listed
+by ``--help``), the nested targets, defences and judge with dotted keys (``--judge.kind local``,
+``--targets.0.model DIR``); a misspelt field is an error naming it (see ``eval/config.py``). The loop itself lives in ``eval/loop.py``; results resume from
 ``<out_dir>/cache/`` and the report lands in ``<out_dir>/report.{json,md}`` and ``asr_vs_turns.png``.
 
 Sharded (e.g. one GPU each, see ``launch/eval_sharded.sh``): ``--shard I/N`` computes only shard I of
@@ -18,12 +19,11 @@ calls gave no verdict (the report is still written; failed calls are asked again
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
 from eval.cache import CacheError, OutDirLockedError
-from eval.config import ConfigError, load_config
+from eval.config import ConfigError, eval_arg_parser, parse_eval_args
 from eval.judge import JudgeFailureError
 from eval.loop import EvalDataError, EvalRun, Shard, run_eval
 from moderator.cli import run_cli
@@ -35,8 +35,7 @@ USER_ERRORS = (EvalDataError, CacheError, ModelLoadError, ManifestError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config (configs/eval/*.yaml)")
+    parser = eval_arg_parser(prog="python -m eval.run", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--shard",
         metavar="I/N",
@@ -49,10 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="only score the validation split and fix each moderator's decision threshold (run once before "
         "the shards, so each need not score all of it) and write no report",
     )
-    args, overrides = parser.parse_known_args(argv)
     try:
+        config, args = parse_eval_args(sys.argv[1:] if argv is None else argv, parser)
         shard = Shard.parse(args.shard) if args.shard is not None else None
-        config = load_config(args.config, overrides)
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
