@@ -25,6 +25,14 @@ differences against ``none`` (the same drawn ids for both defences). Each is ``[
 where its point value is None. The bootstrap is seeded, so the same rows give a byte-identical
 report.json in any row order (a sharded run and a single-process one agree).
 
+``detection`` (optional): per detector, :func:`eval.metrics.detection_metrics` with each metric's
+``<metric>_ci`` (Wilson for proportions, bootstrap over SafeMT ids for F1, AUPRC and AUROC), shown in
+report.md as ``value [low, high]``.
+
+``turns_to_detection`` (optional, absent when not given): :func:`eval.detection.turns_to_detection`'s
+summary of the first user turn at which each defence flagged each dialogue, per dialogue length;
+report.md shows a table per length and ``detection_vs_turn.png`` plots it.
+
 ``thresholds`` (written by ``eval.loop``) maps each moderator defence to the decision threshold every
 one of its rows was measured at (:class:`eval.defences.ThresholdChoice` as a dict: ``threshold``,
 ``source``, ``detail``, ...); ``python -m export --eval-report`` refuses to ship another one.
@@ -149,6 +157,19 @@ def _check_thresholds(thresholds: Mapping[str, Any]) -> None:
             raise ValueError(f"thresholds.{name}.threshold: expected a number, got {value!r}")
 
 
+def _check_turns_to_detection(summary: Mapping[str, Any]) -> None:
+    """The shape the report renders, checked up front so a wrong summary is named, not a KeyError later."""
+    by_length = summary.get("by_length") if isinstance(summary, Mapping) else None
+    if not isinstance(by_length, Mapping):
+        raise ValueError("turns_to_detection: expected eval.detection.turns_to_detection's summary with 'by_length'")
+    for length, defences in by_length.items():
+        for defence, entry in defences.items():
+            where = f"turns_to_detection.by_length.{length}.{defence}"
+            for field in ("n", "flagged_by_turn", "mean_first_turn", "never_flagged"):
+                if not isinstance(entry, Mapping) or field not in entry:
+                    raise ValueError(f"{where}: missing field {field!r}")
+
+
 def build_report(
     rows: Sequence[Mapping[str, Any]],
     turns: Sequence[int] = SAFEMT_TURNS,
@@ -156,15 +177,20 @@ def build_report(
     title: str = "SafeMT evaluation",
     thresholds: Mapping[str, Mapping[str, Any]] | None = None,
     bootstrap: BootstrapSettings | None = None,
+    turns_to_detection: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report as a JSON-ready dict: ``results[target][defence]`` holds each group's numbers.
 
     ``thresholds``: per moderator defence, the threshold its rows were measured at (see the module
     docstring); ``{}`` when no moderator was evaluated, None to leave the field out. ``bootstrap``:
     resamples, seed and confidence of the intervals (default 1000 resamples, seed 0, 95%).
+    ``turns_to_detection``: a :func:`eval.detection.turns_to_detection` summary, stored as given under
+    that key (left out when None, so a report without it is unchanged).
     """
     bootstrap = bootstrap or BootstrapSettings()
     _check_rows(rows)
+    if turns_to_detection is not None:
+        _check_turns_to_detection(turns_to_detection)
     if thresholds is not None:
         _check_thresholds(thresholds)
     turns = tuple(turns)
@@ -211,6 +237,8 @@ def build_report(
         report["detection"] = detection
     if thresholds is not None:
         report["thresholds"] = thresholds
+    if turns_to_detection is not None:
+        report["turns_to_detection"] = turns_to_detection
     # Round-trip so the returned dict is exactly what report.json holds (numpy scalars become floats).
     return json.loads(json.dumps(report, default=_json_default))
 
@@ -329,6 +357,61 @@ def _detection_rows(detection: Mapping[str, Any]) -> list[tuple[str, Mapping[str
     return [("moderator", detection)]
 
 
+def _fmt_metric(metrics: Mapping[str, Any], key: str) -> str:
+    """``0.750 [0.301, 0.954]``: a detection metric with its interval (none in an older report.json)."""
+    text = _fmt(metrics.get(key))
+    interval = metrics.get(f"{key}_ci")
+    if metrics.get(key) is not None and interval is not None:
+        text += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+    return text
+
+
+def _turns_to_detection_section(summary: Mapping[str, Any]) -> list[str]:
+    settings = summary.get("intervals") or {}
+    level = f"{settings['confidence']:.0%}" if "confidence" in settings else "95%"
+    how = f"{settings['n_resamples']} resamples, seed {settings['seed']}" if "seed" in settings else "seeded"
+    lines = ["## Turns to detection", ""]
+    lines += [
+        "Every prefix of each SafeMT dialogue (up to and including user turn j) is moderated; a dialogue "
+        "counts as flagged by turn j when a defence flagged one of its first j prefixes. Shares in percent "
+        f"with {level} Wilson score intervals; the mean first turn (over flagged dialogues) with a percentile "
+        f"bootstrap interval over SafeMT ids ({how}).",
+        "",
+    ]
+    by_length = summary["by_length"]
+    if not by_length:
+        return lines + ["No dialogue was moderated turn by turn.", ""]
+    for length, defences in by_length.items():
+        lines += [f"### Dialogues of {length} user turns", ""]
+        lines += _table(
+            [
+                "defence",
+                "n",
+                *[f"flagged by turn {j}" for j in range(1, int(length) + 1)],
+                "mean first turn",
+                "never flagged",
+            ],
+            [
+                [
+                    _fmt(defence),
+                    _fmt(entry["n"]),
+                    *[_fmt_ci(turn["share"], turn.get("ci"), True) for turn in entry["flagged_by_turn"]],
+                    _fmt_mean_turn(entry["mean_first_turn"], entry.get("mean_first_turn_ci")),
+                    _fmt_ci(entry["never_flagged"], entry.get("never_flagged_ci"), True),
+                ]
+                for defence, entry in defences.items()
+            ],
+        )
+    return lines
+
+
+def _fmt_mean_turn(value: float | None, interval: Sequence[float] | None) -> str:
+    if value is None:
+        return "n/a (never flagged)"
+    text = f"{value:.2f}"
+    return text + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval is not None else "")
+
+
 def _threshold_section(thresholds: Mapping[str, Mapping[str, Any]]) -> list[str]:
     lines = ["## Moderator decision threshold", ""]
     if not thresholds:
@@ -432,13 +515,22 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
     if report.get("detection") is not None:
         lines += ["## Detection metrics (unsafe = positive)", ""]
+        lines += [
+            "Each metric with its 95% interval where the report has one: Wilson score interval for precision, "
+            "recall, accuracy, FPR and category accuracy; percentile bootstrap over SafeMT ids (rows where no "
+            "ids were given) for F1, AUPRC and AUROC.",
+            "",
+        ]
         lines += _table(
             ["detector", *[label for _, label in DETECTION_COLUMNS]],
             [
-                [_fmt(name), *[_fmt(metrics.get(key)) for key, _ in DETECTION_COLUMNS]]
+                [_fmt(name), *[_fmt_metric(metrics, key) for key, _ in DETECTION_COLUMNS]]
                 for name, metrics in _detection_rows(report["detection"])
             ],
         )
+
+    if report.get("turns_to_detection") is not None:
+        lines += _turns_to_detection_section(report["turns_to_detection"])
 
     lines += ["## Attack replies left out of the ASR, by judge outcome", ""]
     lines += [
@@ -514,6 +606,43 @@ def plot_asr_vs_turns(report: Mapping[str, Any], path: Path) -> None:
     figure.savefig(path, bbox_inches="tight")
 
 
+def plot_detection_vs_turn(report: Mapping[str, Any], path: Path) -> None:
+    """Share of dialogues flagged by each user turn: a panel per dialogue length, a line per defence.
+
+    Error bars are the Wilson intervals of ``report["turns_to_detection"]``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    by_length = report["turns_to_detection"]["by_length"]
+    lengths = list(by_length) or ["0"]
+    figure = Figure(figsize=(4.2 * len(lengths) + 1.8, 4.2), dpi=120)
+    FigureCanvasAgg(figure)
+    panels = figure.subplots(1, len(lengths), sharey=True, squeeze=False)[0]
+    for axes, length in zip(panels, lengths, strict=True):
+        for defence, entry in by_length.get(length, {}).items():
+            turns = [turn["turn"] for turn in entry["flagged_by_turn"]]
+            shares = [turn["share"] for turn in entry["flagged_by_turn"]]
+            (line,) = axes.plot(turns, shares, marker="o", label=defence)
+            intervals = [turn.get("ci") for turn in entry["flagged_by_turn"]]
+            if turns and all(interval is not None for interval in intervals):
+                below = [share - low for share, (low, _) in zip(shares, intervals, strict=True)]
+                above = [high - share for share, (_, high) in zip(shares, intervals, strict=True)]
+                axes.errorbar(
+                    turns, shares, yerr=[below, above], fmt="none", ecolor=line.get_color(), capsize=3, alpha=0.7
+                )
+        axes.set_title(f"{length} user turns")
+        axes.set_xlabel("user turn (j)")
+        axes.set_xticks(range(1, max(int(length), 1) + 1))
+        axes.set_ylim(-0.02, 1.02)
+        axes.grid(True, alpha=0.3)
+    panels[0].set_ylabel("share flagged by turn j (bars: Wilson interval)")
+    figure.suptitle(f"{report['title']}: detection rate vs. user turn")
+    if panels[-1].lines:
+        panels[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    figure.savefig(path, bbox_inches="tight")
+
+
 def log_to_wandb(report: Mapping[str, Any], image_path: Path) -> bool:
     """Log the summary table and the plot to the active W&B run, if there is one. Returns whether it logged."""
     # If wandb was never imported, no run can be active: do not pay for importing it.
@@ -550,19 +679,28 @@ def write_report(
     title: str = "SafeMT evaluation",
     thresholds: Mapping[str, Mapping[str, Any]] | None = None,
     bootstrap: BootstrapSettings | None = None,
+    turns_to_detection: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write report.json, report.md and asr_vs_turns.png under ``out_dir``; return the report dict.
+
+    With ``turns_to_detection`` (an :func:`eval.detection.turns_to_detection` summary) also
+    ``detection_vs_turn.png``.
 
     ``detection`` (optional) is a :func:`eval.metrics.detection_metrics` dict, or a mapping from a
     detector name to one; it is stored as given and rendered as a table. ``thresholds``: see
     :func:`build_report`, as is ``bootstrap``.
     """
     out_dir = Path(out_dir)
-    report = build_report(rows, turns, detection, title, thresholds, bootstrap)
+    report = build_report(rows, turns, detection, title, thresholds, bootstrap, turns_to_detection)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")
     image_path = out_dir / "asr_vs_turns.png"
     plot_asr_vs_turns(report, image_path)
+    detection_image = out_dir / "detection_vs_turn.png"
+    if report.get("turns_to_detection") is not None:
+        plot_detection_vs_turn(report, detection_image)
+    else:  # a plot left by an earlier run in this out_dir would not belong to this report
+        detection_image.unlink(missing_ok=True)
     log_to_wandb(report, image_path)
     return report

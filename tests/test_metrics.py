@@ -476,3 +476,74 @@ def test_paired_deltas_are_none_where_a_length_has_no_labelled_reply():
 def test_bootstrap_settings_are_validated(kwargs, message):
     with pytest.raises(ValueError, match=message):
         BootstrapSettings(**kwargs)
+
+
+# -- intervals on the detection metrics -------------------------------------------------------------------
+
+
+def test_detection_metrics_carry_wilson_intervals_for_the_proportions():
+    m = detection_metrics(Y_TRUE, Y_SCORE, Y_PRED, CAT_TRUE, CAT_PRED)
+    # recall 3/4: centre (3 + 1.9208) / 7.8415 = 0.6275, half-width 1.96 * sqrt(0.75 + 0.9604) / 7.8415 = 0.3269
+    assert m["recall_ci"] == pytest.approx([0.300642, 0.954413], abs=1e-6)
+    assert m["recall_ci"] == pytest.approx(list(_wilson_by_hand(3, 4)), abs=1e-9)
+    assert m["precision_ci"] == pytest.approx(list(_wilson_by_hand(3, 5)), abs=1e-9)  # tp / flagged
+    assert m["fpr_benign_ci"] == pytest.approx(list(_wilson_by_hand(2, 4)), abs=1e-9)  # fp / benign
+    assert m["accuracy_ci"] == pytest.approx(list(_wilson_by_hand(5, 8)), abs=1e-9)
+    assert m["category_accuracy_flagged_ci"] == pytest.approx(list(_wilson_by_hand(2, 3)), abs=1e-9)
+    assert m["category_accuracy_all_unsafe_ci"] == pytest.approx(list(_wilson_by_hand(2, 4)), abs=1e-9)
+    assert m["intervals"]["f1_auprc_auroc"] == "percentile bootstrap over rows"
+    # Undefined metric, no interval; a defined one keeps its interval.
+    only_benign = detection_metrics([0, 0, 0], [0.1, 0.2, 0.9], [0, 0, 1])
+    assert only_benign["recall_ci"] is None and only_benign["auroc_ci"] is None
+    assert only_benign["f1"] == 0.0 and only_benign["f1_ci"] == [0.0, 0.0]  # a wrong flag and nothing unsafe
+    assert only_benign["auprc_ci"] is None and only_benign["category_accuracy_flagged_ci"] is None
+    assert only_benign["fpr_benign_ci"] == pytest.approx(list(_wilson_by_hand(1, 3)), abs=1e-9)
+
+
+def test_a_resampled_detection_metric_equals_sklearns_with_the_draw_counts_as_weights():
+    from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+
+    from eval.metrics import id_order, resample_counts
+
+    ids = ["q1", "q1", "q2", "q3", "q3", "q4", "q5", "q5"]
+    one_draw = BootstrapSettings(n_resamples=1, seed=3)
+    m = detection_metrics(Y_TRUE, Y_SCORE, Y_PRED, ids=ids, bootstrap=one_draw)
+    (counts,) = resample_counts(5, one_draw)
+    weights = [counts[0][id_order(ids).index(value)] for value in ids]  # each row counts as often as its id
+    assert m["auroc_ci"] == pytest.approx([roc_auc_score(Y_TRUE, Y_SCORE, sample_weight=weights)] * 2, abs=1e-12)
+    assert m["auprc_ci"] == pytest.approx(
+        [average_precision_score(Y_TRUE, Y_SCORE, sample_weight=weights)] * 2, abs=1e-12
+    )
+    assert m["f1_ci"] == pytest.approx([f1_score(Y_TRUE, Y_PRED, sample_weight=weights)] * 2, abs=1e-12)
+    assert m["intervals"]["f1_auprc_auroc"] == "percentile bootstrap over ids (all rows of a drawn id)"
+
+
+def test_bootstrap_intervals_hold_the_point_value_and_are_degenerate_when_every_resample_agrees():
+    m = detection_metrics(Y_TRUE, Y_SCORE, Y_PRED)
+    for name in ("f1", "auprc", "auroc"):
+        low, high = m[f"{name}_ci"]
+        assert low <= m[name] <= high and low < high
+    # Every unsafe row scored above every benign one and flagged exactly: 1 in every resample.
+    perfect = detection_metrics([1, 1, 0, 0, 0], [0.9, 0.8, 0.3, 0.2, 0.1], [1, 1, 0, 0, 0])
+    assert perfect["auroc_ci"] == [1.0, 1.0] and perfect["auprc_ci"] == [1.0, 1.0] and perfect["f1_ci"] == [1.0, 1.0]
+
+
+def test_ids_keep_the_rows_of_one_safemt_id_together_in_the_bootstrap():
+    # Each id: one unsafe dialogue flagged, one missed, nothing benign -> recall 1/2, precision 1,
+    # F1 2/3 in every resample of ids; resampling rows instead makes the recall vary.
+    y_true, y_score, y_pred = [1] * 8, [0.9, 0.1] * 4, [1, 0] * 4
+    ids = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    by_id = detection_metrics(y_true, y_score, y_pred, ids=ids)
+    assert by_id["f1_ci"] == pytest.approx([2 / 3, 2 / 3])
+    by_row = detection_metrics(y_true, y_score, y_pred)
+    assert by_row["f1_ci"][0] < 2 / 3 < by_row["f1_ci"][1]
+    # The ids, not the rows' order, fix the draws: shuffled rows give the same intervals.
+    order = [5, 2, 7, 0, 3, 6, 1, 4]
+    shuffled = detection_metrics(
+        [Y_TRUE[i] for i in order], [Y_SCORE[i] for i in order], [Y_PRED[i] for i in order], ids=[ids[i] for i in order]
+    )
+    unshuffled = detection_metrics(Y_TRUE, Y_SCORE, Y_PRED, ids=ids)
+    for name in ("f1_ci", "auprc_ci", "auroc_ci"):
+        assert shuffled[name] == pytest.approx(unshuffled[name], abs=1e-12)
+    with pytest.raises(ValueError, match="same length"):
+        detection_metrics([1, 0], [0.5, 0.2], [1, 0], ids=["a"])

@@ -131,8 +131,19 @@ def test_report_markdown_has_the_tables(report_dir):
     assert "| tgt | moderator | 0.500 | 0.333 | 0.4552 |" in md  # ΔASR_1, ΔASR_2, ΔSI
     assert "| other | moderator | n/a | n/a | n/a |" in md  # no baseline
     assert "| tgt | moderator | 4 | 0.250 | 0.333 | 0.833 |" in md  # over-refusal
-    # detection: precision 1/1, recall 1/2, F1 2/3, accuracy 3/4, AUPRC 1, AUROC 1, FPR 0, cat 1/1 and 1/2
-    assert "| moderator | 4 | 1.000 | 0.500 | 0.667 | 0.750 | 1.000 | 1.000 | 0.000 | 1.000 | 0.500 |" in md
+    # detection: precision 1/1, recall 1/2, F1 2/3, accuracy 3/4, AUPRC 1, AUROC 1, FPR 0, cat 1/1 and 1/2,
+    # with Wilson intervals of 1/1, 1/2, 3/4, 0/2 and bootstrap ones (unsafe always ranked first: AUROC [1, 1]).
+    assert (
+        "| moderator | 4 | 1.000 [0.207, 1.000] | 0.500 [0.095, 0.905] | 0.667 [0.000, 1.000] | 0.750 [0.301, 0.954] "
+        "| 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | 0.000 [0.000, 0.658] | 1.000 [0.207, 1.000] "
+        "| 0.500 [0.095, 0.905] |" in md
+    )
+    older = json.loads((out / "report.json").read_text())  # detection metrics written before their intervals
+    older["detection"] = {key: value for key, value in older["detection"].items() if not key.endswith("_ci")}
+    assert (
+        "| moderator | 4 | 1.000 | 0.500 | 0.667 | 0.750 | 1.000 | 1.000 | 0.000 | 1.000 | 0.500 |"
+        in render_markdown(older)
+    )
     assert "| target | defence | outcome | k=1 | k=2 |" in md  # attack replies left out of the ASR
     assert "| tgt | none | error | 1 | 0 |" in md and "| tgt | none | unparsed | 0 | 0 |" in md
     assert "| tgt | moderator | content_filter | 0 | 0 |" in md
@@ -357,3 +368,92 @@ def test_the_plot_draws_the_wilson_intervals_as_error_bars(tmp_path, monkeypatch
     x, y, (below, above) = next(bar for bar in bars if bar[1][0] == 0.5)  # tgt / none
     assert x == [1, 2] and below[0] == pytest.approx(0.5 - low) and above[0] == pytest.approx(high - 0.5)
     assert len(bars) == 3  # one per (target, defence)
+
+
+# -- turns to detection ------------------------------------------------------------------------------
+
+
+def _first_detections():
+    from eval.detection import FirstDetection
+
+    # 4-turn dialogues: the moderator first flags a at turn 1, b and c at turn 2, never d; the guard
+    # flags only d, at turn 4. One 2-turn dialogue, flagged by the moderator at turn 2.
+    return [
+        FirstDetection("a", 4, "moderator", 1),
+        FirstDetection("b", 4, "moderator", 2),
+        FirstDetection("c", 4, "moderator", 2),
+        FirstDetection("d", 4, "moderator", None),
+        *[FirstDetection(i, 4, "guard", 4 if i == "d" else None) for i in "abcd"],
+        FirstDetection("a", 2, "moderator", 2),
+    ]
+
+
+def test_turns_to_detection_is_stored_rendered_and_plotted(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from eval.detection import turns_to_detection
+    from eval.report import plot_detection_vs_turn
+
+    summary = turns_to_detection(_first_detections())
+    report = write_report(ROWS, tmp_path, turns=TURNS, turns_to_detection=summary)
+    stored = json.loads((tmp_path / "report.json").read_text())
+    assert stored["turns_to_detection"] == report["turns_to_detection"] == json.loads(json.dumps(summary))
+
+    md = (tmp_path / "report.md").read_text()
+    assert "## Turns to detection" in md and "### Dialogues of 4 user turns" in md
+    header = "| defence | n | flagged by turn 1 | flagged by turn 2 | flagged by turn 3 | flagged by turn 4 |"
+    assert header + " mean first turn | never flagged |" in md
+    # 1 of 4 by turn 1 (Wilson [4.6, 69.9]), 3 of 4 from turn 2 on, mean (1 + 2 + 2) / 3, 1 of 4 never.
+    assert (
+        "| moderator | 4 | 25.0% [4.6, 69.9] | 75.0% [30.1, 95.4] | 75.0% [30.1, 95.4] | 75.0% [30.1, 95.4] "
+        "| 1.67 [1.00, 2.00] | 25.0% [4.6, 69.9] |" in md
+    )
+    assert (
+        "| guard | 4 | 0.0% [0.0, 49.0] | 0.0% [0.0, 49.0] | 0.0% [0.0, 49.0] | 25.0% [4.6, 69.9] | 4.00 [4.00, 4.00]"
+        in md
+    )
+    assert "### Dialogues of 2 user turns" in md and "| moderator | 1 | 0.0% [0.0, 79.3] | 100.0% [20.7, 100.0] |" in md
+
+    path = tmp_path / "detection_vs_turn.png"
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > 400
+    # One error-bar series per (length, defence), at the Wilson bounds of each turn's share.
+    bars, original = [], matplotlib.axes.Axes.errorbar
+
+    def spy(self, x, y, *args, yerr=None, **kwargs):
+        bars.append((list(x), list(y), [list(side) for side in yerr]))
+        return original(self, x, y, *args, yerr=yerr, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", spy)
+    plot_detection_vs_turn(report, tmp_path / "again.png")
+    assert len(bars) == 3
+    x, y, (below, above) = next(bar for bar in bars if bar[1] == [0.25, 0.75, 0.75, 0.75])
+    assert x == [1, 2, 3, 4]
+    low, high = _wilson(1, 4)
+    assert below[0] == pytest.approx(0.25 - low) and above[0] == pytest.approx(high - 0.25)
+
+
+def test_a_report_without_turns_to_detection_is_unchanged_and_leaves_no_stale_plot(tmp_path):
+    from eval.detection import turns_to_detection
+
+    write_report(ROWS, tmp_path, turns=TURNS, turns_to_detection=turns_to_detection(_first_detections()))
+    assert (tmp_path / "detection_vs_turn.png").exists()
+    report = write_report(ROWS, tmp_path, turns=TURNS)  # the same out_dir, a run without the stage
+    assert "turns_to_detection" not in report and "Turns to detection" not in (tmp_path / "report.md").read_text()
+    assert not (tmp_path / "detection_vs_turn.png").exists()
+    assert list(json.loads((tmp_path / "report.json").read_text())) == [
+        "title",
+        "turns",
+        "si_weights",
+        "intervals",
+        "results",
+    ]
+    with pytest.raises(ValueError, match=r"turns_to_detection\.by_length\.4\.moderator: missing field 'never_flagged'"):
+        write_report(
+            ROWS,
+            tmp_path,
+            turns=TURNS,
+            turns_to_detection={
+                "by_length": {"4": {"moderator": {"n": 1, "flagged_by_turn": [], "mean_first_turn": None}}}
+            },
+        )
