@@ -1,0 +1,166 @@
+"""Phases 0 and 1, defence decisions (a part of :class:`eval.loop.EvalRun`).
+
+Phase 0: each moderator defence scores the prepared validation split and its threshold for the whole
+run is fixed there (:func:`eval.defences.choose_threshold`), before it decides on anything it is
+evaluated on. Phase 1: every defence decides on every sample and test-split row, each model loaded at
+most once and only when something is missing; the moderator's ``policy`` and ``block`` defences share
+one load and one verdict per dialogue.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from itertools import chain
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from eval.cache import JsonlCache, settings_digest
+from eval.config import DefenceConfig, EvalConfig
+from eval.defences import (
+    Defence,
+    DefenceDecision,
+    ModeratorDefence,
+    ThresholdChoice,
+    choose_threshold,
+    model_pass_settings,
+)
+from eval.inputs import THRESHOLD_SPLIT, EvalSample, SplitRow, open_images, prompt_without_target
+from moderator.taxonomy import Taxonomy
+
+logger = logging.getLogger(__name__)
+
+
+class DecisionStage:
+    """Decides every sample and split row per defence; needs :class:`eval.keys.CacheKeys` beside it."""
+
+    config: EvalConfig
+    taxonomy: Taxonomy
+    decisions: JsonlCache
+    defence_loader: Callable[[DefenceConfig, Taxonomy], Defence]
+    thresholds: dict[str, ThresholdChoice]
+    split: Any
+    split_rows: list[SplitRow]
+    threshold_split: Any
+    threshold_rows: list[SplitRow]
+    computed: dict[str, int]
+    _decision_key: Callable[..., tuple]
+
+    def _split_rows_for(self, defence: DefenceConfig) -> list[SplitRow]:
+        # The prepared rows hold the moderator's rendered prompt, not the raw dialogue: only our
+        # moderator can read them, so the baselines' detection metrics come from the eval samples.
+        return self.split_rows if defence.kind == "moderator" else []
+
+    def _threshold_rows_for(self, defence: DefenceConfig) -> list[SplitRow]:
+        return self.threshold_rows if defence.kind == "moderator" else []
+
+    def _defence_groups(self) -> list[list[DefenceConfig]]:
+        """The defences that share one model pass (a moderator's policy and block modes), in config order."""
+        groups: dict[str, list[DefenceConfig]] = {}
+        for cfg in self.config.defences:
+            groups.setdefault(settings_digest(model_pass_settings(cfg)), []).append(cfg)
+        return list(groups.values())
+
+    def _missing(self, group: Sequence[DefenceConfig], items: Sequence[EvalSample | SplitRow]) -> list:
+        return [item for item in items if any(self._decision_key(cfg, item) not in self.decisions for cfg in group)]
+
+    def decide(self, samples: Sequence[EvalSample], thresholds_only: bool = False) -> None:
+        """Phase 0 and 1 (``thresholds_only``: phase 0): each model is loaded at most once, only if needed.
+
+        Defences that share a model pass (the moderator in ``policy`` and ``block`` mode) are decided
+        together: the moderator reads each dialogue once and both modes' decisions come from that verdict.
+        """
+        for group in self._defence_groups():
+            first = group[0]
+            defence: Defence | None = None
+            try:
+                validation = self._missing(group, self._threshold_rows_for(first))
+                if validation:
+                    defence = self.defence_loader(first, self.taxonomy)
+                    self._compute_decisions(group, defence, validation, f"{first.label} on {THRESHOLD_SPLIT} split")
+                if first.kind == "moderator":
+                    # Before any decision the report shows: every one of them is made at this threshold.
+                    for cfg in group:
+                        self.thresholds[cfg.label] = self.choose_threshold(cfg)
+                if thresholds_only:
+                    continue
+                missing = self._missing(group, samples)
+                missing_test = self._missing(group, self._split_rows_for(first))
+                if not missing and not missing_test:
+                    continue
+                if defence is None:
+                    defence = self.defence_loader(first, self.taxonomy)
+                if first.kind == "moderator":
+                    defence.set_threshold(self.thresholds[first.label].threshold)
+                self._compute_decisions(group, defence, missing, f"defence {first.label}")
+                self._compute_decisions(group, defence, missing_test, f"{first.label} on test split")
+            finally:
+                if defence is not None:
+                    defence.close()
+
+    def _compute_decisions(
+        self, group: Sequence[DefenceConfig], defence: Defence, items: Sequence[EvalSample | SplitRow], desc: str
+    ) -> None:
+        """Decide ``items`` (all missing for some defence of ``group``) a batch at a time, appending each batch.
+
+        One kind of item per call: a batch of split rows reads one prepared dataset.
+        """
+        if not items:
+            return
+        decide = self._decide_split_rows if isinstance(items[0], SplitRow) else self._decide_samples
+        batch_size = self.config.batch_size
+        with tqdm(total=len(items), desc=desc, unit="item") as progress:
+            for start in range(0, len(items), batch_size):
+                batch = list(items[start : start + batch_size])
+                self.decisions.append(decide(group, defence, batch))
+                progress.update(len(batch))
+        self.computed["decisions"] = self.computed.get("decisions", 0) + len(items)
+
+    def choose_threshold(self, cfg: DefenceConfig) -> ThresholdChoice:
+        """The moderator's threshold for this run, from its cached validation decisions (see ``choose_threshold``)."""
+        rows = self._threshold_rows_for(cfg)
+        choice = choose_threshold(
+            cfg, [self.decision(cfg, row) for row in rows], [row.benign for row in rows], self.config.target_fpr
+        )
+        if rows and choice.source == "manifest":
+            logger.warning("%s: %s", cfg.label, choice.detail)
+        logger.info("%s: decision threshold %s (%s: %s)", cfg.label, choice.threshold, choice.source, choice.detail)
+        return choice
+
+    def _decision_records(self, cfg: DefenceConfig, batch: Sequence[EvalSample | SplitRow], decisions) -> list[dict]:
+        return [
+            dict(zip(self.decisions.key_fields, self._decision_key(cfg, item), strict=True), **d.to_record())
+            for item, d in zip(batch, decisions, strict=True)
+        ]
+
+    def _group_records(self, group: Sequence[DefenceConfig], defence: Defence, batch, verdicts) -> list[dict]:
+        # One verdict per item; each defence of the group turns it into its own mode's decision.
+        return list(
+            chain.from_iterable(
+                self._decision_records(cfg, batch, [defence.decision(v, cfg.mode) for v in verdicts]) for cfg in group
+            )
+        )
+
+    def _decide_samples(self, group: Sequence[DefenceConfig], defence: Defence, batch: list[EvalSample]) -> list:
+        dialogues, images = [s.dialogue for s in batch], open_images(batch)
+        if isinstance(defence, ModeratorDefence):
+            return self._group_records(group, defence, batch, defence.verdicts(dialogues, images))
+        (cfg,) = group  # a guard or none shares its pass with no other defence
+        return self._decision_records(cfg, batch, defence.decide_batch(dialogues, images))
+
+    def _decide_split_rows(self, group: Sequence[DefenceConfig], defence: Defence, batch: list[SplitRow]) -> list:
+        data = {"test": self.split, THRESHOLD_SPLIT: self.threshold_split}[batch[0].split]  # one split per batch
+        rows = data.select([r.index for r in batch])
+        prompts = [prompt_without_target(row["messages"], row["id"]) for row in rows]
+        images = [[image.convert("RGB") for image in row["images"]] for row in rows]
+        if isinstance(defence, ModeratorDefence):
+            return self._group_records(group, defence, batch, defence.verdicts_rendered(prompts, images))
+        (cfg,) = group
+        return self._decision_records(cfg, batch, defence.decide_rendered(prompts, images))
+
+    def decision(self, defence: DefenceConfig, item: EvalSample | SplitRow) -> DefenceDecision:
+        record = self.decisions.get(self._decision_key(defence, item))
+        if record is None:
+            raise RuntimeError(f"no cached decision of {defence.label} for {item.key}")
+        return DefenceDecision.from_record(record)

@@ -1,0 +1,125 @@
+"""Phase 2, target replies (a part of :class:`eval.loop.EvalRun`).
+
+Every target answers the final user turn of every sample its defence did not block, with the system
+prompt the defence gave it; identical prompts (no defence, an unflagged guard) are generated once. One
+target is in memory at a time. A target that batches its own work (vLLM) gets the pending requests
+``workload_chunk`` at a time; others get ``batch_size`` at a time.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from eval.cache import JsonlCache, compute_missing, settings_digest
+from eval.config import EvalConfig, TargetConfig
+from eval.defences import BLOCK, INJECT, DefenceDecision, policy_system_prompt
+from eval.inputs import EvalSample, open_images
+from eval.targets import ChatModel, ChatRequest
+from moderator.taxonomy import Taxonomy
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One reply to generate: a sample and the system prompt its defence gave the target."""
+
+    sample: EvalSample
+    system: str | None
+
+
+class GenerationStage:
+    """Generates the missing replies; needs :class:`eval.keys.CacheKeys` and the decisions beside it."""
+
+    config: EvalConfig
+    taxonomy: Taxonomy
+    generations: JsonlCache
+    target_loader: Callable[[TargetConfig], ChatModel]
+    computed: dict[str, int]
+    decision: Callable[..., DefenceDecision]
+    _generation_key: Callable[..., tuple]
+    _target_sig: Callable[[TargetConfig], str]
+
+    def _system_for(self, target: TargetConfig, decision: DefenceDecision) -> str | None:
+        if decision.action == INJECT:
+            return policy_system_prompt(target.system_prompt, decision, self.taxonomy)
+        return target.system_prompt
+
+    def _generation_items(self, target: TargetConfig, samples: Sequence[EvalSample]) -> list[Generation]:
+        items = []
+        for defence in self.config.defences:
+            for sample in samples:
+                decision = self.decision(defence, sample)
+                if decision.action != BLOCK:
+                    items.append(Generation(sample, self._system_for(target, decision)))
+        return items
+
+    def generate(self, samples: Sequence[EvalSample]) -> None:
+        """Phase 2: one target in memory at a time, closed and dropped before the next one loads."""
+        for cfg in self.config.targets:
+            items = self._generation_items(cfg, samples)
+            if all(self._generation_key(cfg, item) in self.generations for item in items):
+                continue
+            target: ChatModel | None = self.target_loader(cfg)
+            try:
+                done = compute_missing(
+                    self.generations,
+                    # Grouped by length, so a batch holds prompts of similar size (less padding).
+                    sorted(items, key=lambda item: (item.sample.benign, item.sample.k)),
+                    partial(self._generation_key, cfg),
+                    partial(self._generate_batch, cfg, target),
+                    self.workload_chunk(cfg, target),
+                    desc=f"target {cfg.label}",
+                )
+                self.computed["generations"] = self.computed.get("generations", 0) + done
+            finally:
+                close_model(target)
+                # Drop the last reference too: the next loader runs before this name is rebound.
+                target = None
+                gc.collect()
+
+    def workload_chunk(self, cfg: TargetConfig, target: Any) -> int:
+        """How many pending requests one ``target.generate`` call gets.
+
+        A target that schedules its own batches (vLLM; any target with ``batches_internally``) gets
+        ``config.workload_chunk`` requests per call (default 1024): the
+        engine sees a large workload, yet each chunk's replies are cached as soon as it returns, so an
+        interrupted run loses at most one chunk and only one chunk's decoded images are in memory.
+        Feeding the whole workload in one call would lose resume granularity and hold every image of a
+        SafeMT-scale run (~10^5 requests) in RAM. A target that generates everything it is given as one
+        padded batch (today's HF backend) gets ``batch_size`` requests.
+        """
+        if cfg.backend == "vllm" or getattr(target, "batches_internally", False):
+            return self.config.workload_chunk
+        return self.config.batch_size
+
+    def _generate_batch(self, cfg: TargetConfig, target: ChatModel, batch: list[Generation]) -> list[dict]:
+        images = open_images([item.sample for item in batch])
+        requests = [
+            ChatRequest(dialogue=item.sample.dialogue, system=item.system, image=imgs[0] if imgs else None)
+            for item, imgs in zip(batch, images, strict=True)
+        ]
+        replies = target.generate(requests, self.config.max_new_tokens)
+        sig = self._target_sig(cfg)
+        return [
+            {
+                "target": cfg.label,
+                "sig": sig,
+                "id": item.sample.id,
+                "k": item.sample.k,
+                "benign": item.sample.benign,
+                "system_sig": settings_digest({"system": item.system}),
+                "system": item.system,
+                "reply": reply,
+            }
+            for item, reply in zip(batch, replies, strict=True)
+        ]
+
+
+def close_model(model: Any) -> None:
+    """Free a target, guard or judge before the next model loads (``close()`` when it has one)."""
+    closer = getattr(model, "close", None)
+    if callable(closer):
+        closer()
