@@ -201,7 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: a missing asset or a bad flag is one ``error:`` line and exit code 2."""
     from moderator.cli import run_cli
 
-    sys.exit(run_cli(main, user_errors=(MissingAssetError,)))
+    return run_cli(main, argv, user_errors=(MissingAssetError,))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
