@@ -19,6 +19,7 @@ calls gave no verdict (the report is still written; failed calls are asked again
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 
@@ -32,6 +33,16 @@ from moderator.manifest import ManifestError
 
 # Input problems the user fixes from the message alone: one line on stderr, exit 2 (traceback with SAFEMT_DEBUG=1).
 USER_ERRORS = (EvalDataError, CacheError, ModelLoadError, ManifestError)
+
+
+def _shard_flag(argv: Sequence[str]) -> str | None:
+    locate = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    locate.add_argument("--shard")
+    try:
+        located, _ = locate.parse_known_args(list(argv))
+    except argparse.ArgumentError:  # e.g. --shard without a value: the full parser names it
+        return None
+    return located.shard
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,9 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="only score the validation split and fix each moderator's decision threshold (run once before "
         "the shards, so each need not score all of it) and write no report",
     )
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        config, args = parse_eval_args(sys.argv[1:] if argv is None else argv, parser)
-        shard = Shard.parse(args.shard) if args.shard is not None else None
+        # --shard is checked before the config, so a bad one is named even when the config has problems too.
+        shard_flag = _shard_flag(argv)
+        shard = Shard.parse(shard_flag) if shard_flag is not None else None
+        config, args = parse_eval_args(argv, parser)
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
