@@ -493,6 +493,9 @@ def detection_bootstrap_intervals(
         row_group = np.arange(len(truth))
         n_groups = len(truth)
     else:
+        for index, value in enumerate(ids):
+            if not isinstance(value, Hashable) or value is None:
+                raise ValueError(f"ids[{index}] must be a string or number (the SafeMT id), got {value!r}")
         group_of = {value: index for index, value in enumerate(id_order(ids))}
         row_group = np.array([group_of[value] for value in ids], dtype=np.int64)
         n_groups = len(group_of)

@@ -547,3 +547,5 @@ def test_ids_keep_the_rows_of_one_safemt_id_together_in_the_bootstrap():
         assert shuffled[name] == pytest.approx(unshuffled[name], abs=1e-12)
     with pytest.raises(ValueError, match="same length"):
         detection_metrics([1, 0], [0.5, 0.2], [1, 0], ids=["a"])
+    with pytest.raises(ValueError, match=r"ids\[1\] must be a string or number \(the SafeMT id\), got None"):
+        detection_metrics([1, 0], [0.5, 0.2], [1, 0], ids=["a", None])
