@@ -643,8 +643,8 @@ def plot_detection_vs_turn(report: Mapping[str, Any], path: Path) -> None:
     figure.savefig(path, bbox_inches="tight")
 
 
-def log_to_wandb(report: Mapping[str, Any], image_path: Path) -> bool:
-    """Log the summary table and the plot to the active W&B run, if there is one. Returns whether it logged."""
+def log_to_wandb(report: Mapping[str, Any], image_path: Path, detection_image: Path | None = None) -> bool:
+    """Log the summary table and the plots to the active W&B run, if there is one. Returns whether it logged."""
     # If wandb was never imported, no run can be active: do not pay for importing it.
     wandb = sys.modules.get("wandb")
     if wandb is None or wandb.run is None:
@@ -667,7 +667,10 @@ def log_to_wandb(report: Mapping[str, Any], image_path: Path) -> bool:
                 s["parse_errors"],
                 *(s.get("si_ci") or (None, None)),
             )
-    wandb.run.log({"eval/report": table, "eval/asr_vs_turns": wandb.Image(str(image_path))})
+    logged = {"eval/report": table, "eval/asr_vs_turns": wandb.Image(str(image_path))}
+    if detection_image is not None:
+        logged["eval/detection_vs_turn"] = wandb.Image(str(detection_image))
+    wandb.run.log(logged)
     return True
 
 
@@ -697,10 +700,11 @@ def write_report(
     (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")
     image_path = out_dir / "asr_vs_turns.png"
     plot_asr_vs_turns(report, image_path)
-    detection_image = out_dir / "detection_vs_turn.png"
+    detection_image: Path | None = out_dir / "detection_vs_turn.png"
     if report.get("turns_to_detection") is not None:
         plot_detection_vs_turn(report, detection_image)
     else:  # a plot left by an earlier run in this out_dir would not belong to this report
         detection_image.unlink(missing_ok=True)
-    log_to_wandb(report, image_path)
+        detection_image = None
+    log_to_wandb(report, image_path, detection_image)
     return report

@@ -191,13 +191,16 @@ def test_wandb_offline_run_gets_the_table_and_plot(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = wandb.init(project="report-test", dir=str(tmp_path))
     try:
-        write_report(ROWS, tmp_path / "out", turns=TURNS)
+        from eval.detection import turns_to_detection
+
+        write_report(ROWS, tmp_path / "out", turns=TURNS, turns_to_detection=turns_to_detection(_first_detections()))
         media = Path(run.dir) / "media"
         tables = list((media / "table" / "eval").glob("report_*.table.json"))
         images = list((media / "images" / "eval").glob("asr_vs_turns_*.png"))
+        detection_images = list((media / "images" / "eval").glob("detection_vs_turn_*.png"))
     finally:
         run.finish()
-    assert len(tables) == 1 and len(images) == 1
+    assert len(tables) == 1 and len(images) == 1 and len(detection_images) == 1
     table = json.loads(tables[0].read_text())
     assert table["columns"][:6] == ["target", "defence", "n_attack", "asr_1", "asr_2", "si"]
     by_group = {(d[0], d[1]): d for d in table["data"]}
