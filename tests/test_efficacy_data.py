@@ -216,3 +216,17 @@ def test_recipes_chain_efficacy_data_to_data_prep_to_training():
     assert (sft["min_pixels"], sft["max_pixels"]) == (data["min_pixels"], data["max_pixels"])
     assert "lm_head" not in (sft.get("lora_modules_to_save") or [])  # real weights: the output layer stays
     assert sft["learning_rate"] < 5e-3
+
+
+def test_real_token_lengths_apply_the_recipes_pixel_bounds(tiny_model_dir, tmp_path):
+    from bench.data_prep import real_token_lengths
+
+    # The smollm2 recipe's bound (12,544 pixels: 16 image tokens) against the processor's own (far more for
+    # photos up to 640 pixels): forgetting to apply the bounds would count the unbounded image tokens.
+    bounded = real_token_lengths(str(tiny_model_dir), 3136, 12544, tmp_path / "a")
+    wide = real_token_lengths(str(tiny_model_dir), 3136, 401408, tmp_path / "b")
+    assert set(bounded) == set(ed.SAFEMT_TURNS) and all(row["n"] == 52 for row in bounded.values())
+    assert all(row["image"]["max"] <= 16 for row in bounded.values())
+    assert wide[1]["image"]["mean"] > 100
+    assert bounded[1]["text"] == wide[1]["text"]  # the bound changes image tokens only
+    assert bounded[1]["text"]["mean"] < bounded[2]["text"]["mean"] < bounded[4]["text"]["mean"]
