@@ -382,7 +382,7 @@ def _turns_to_detection_section(summary: Mapping[str, Any]) -> list[str]:
     if not by_length:
         return lines + ["No dialogue was moderated turn by turn.", ""]
     for length, defences in by_length.items():
-        lines += [f"### Dialogues of {length} user turns", ""]
+        lines += [f"### Dialogues of {length} user turn{'' if length == '1' else 's'}", ""]
         lines += _table(
             [
                 "defence",
@@ -613,34 +613,41 @@ def plot_detection_vs_turn(report: Mapping[str, Any], path: Path) -> None:
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     by_length = report["turns_to_detection"]["by_length"]
     lengths = list(by_length) or ["0"]
-    figure = Figure(figsize=(4.2 * len(lengths) + 1.8, 4.2), dpi=120)
+    # One colour per defence across panels, and a small sideways shift so overlapping bars stay readable.
+    defences = sorted({defence for entries in by_length.values() for defence in entries})
+    colour = {defence: f"C{index % 10}" for index, defence in enumerate(defences)}
+    shift = {defence: (index - (len(defences) - 1) / 2) * 0.05 for index, defence in enumerate(defences)}
+    figure = Figure(figsize=(4.2 * len(lengths) + 1.8, 4.4), dpi=120, layout="constrained")
     FigureCanvasAgg(figure)
     panels = figure.subplots(1, len(lengths), sharey=True, squeeze=False)[0]
     for axes, length in zip(panels, lengths, strict=True):
         for defence, entry in by_length.get(length, {}).items():
-            turns = [turn["turn"] for turn in entry["flagged_by_turn"]]
+            turns = [turn["turn"] + shift[defence] for turn in entry["flagged_by_turn"]]
             shares = [turn["share"] for turn in entry["flagged_by_turn"]]
-            (line,) = axes.plot(turns, shares, marker="o", label=defence)
+            axes.plot(turns, shares, marker="o", color=colour[defence], label=defence)
             intervals = [turn.get("ci") for turn in entry["flagged_by_turn"]]
             if turns and all(interval is not None for interval in intervals):
                 below = [share - low for share, (low, _) in zip(shares, intervals, strict=True)]
                 above = [high - share for share, (_, high) in zip(shares, intervals, strict=True)]
                 axes.errorbar(
-                    turns, shares, yerr=[below, above], fmt="none", ecolor=line.get_color(), capsize=3, alpha=0.7
+                    turns, shares, yerr=[below, above], fmt="none", ecolor=colour[defence], capsize=3, alpha=0.7
                 )
-        axes.set_title(f"{length} user turns")
+        axes.set_title(f"{length} user turn{'' if length == '1' else 's'}")
         axes.set_xlabel("user turn (j)")
         axes.set_xticks(range(1, max(int(length), 1) + 1))
+        axes.set_xlim(0.5, max(int(length), 1) + 0.5)
         axes.set_ylim(-0.02, 1.02)
         axes.grid(True, alpha=0.3)
     panels[0].set_ylabel("share flagged by turn j (bars: Wilson interval)")
     figure.suptitle(f"{report['title']}: detection rate vs. user turn")
-    if panels[-1].lines:
-        panels[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    figure.savefig(path, bbox_inches="tight")
+    if defences:
+        handles = [Line2D([], [], color=colour[defence], marker="o", label=defence) for defence in defences]
+        figure.legend(handles=handles, fontsize="small", loc="outside right upper")
+    figure.savefig(path)
 
 
 def log_to_wandb(report: Mapping[str, Any], image_path: Path, detection_image: Path | None = None) -> bool:

@@ -431,7 +431,7 @@ def test_turns_to_detection_is_stored_rendered_and_plotted(tmp_path, monkeypatch
     plot_detection_vs_turn(report, tmp_path / "again.png")
     assert len(bars) == 3
     x, y, (below, above) = next(bar for bar in bars if bar[1] == [0.25, 0.75, 0.75, 0.75])
-    assert x == [1, 2, 3, 4]
+    assert x == pytest.approx([1, 2, 3, 4], abs=0.1)  # shifted a little sideways per defence
     low, high = _wilson(1, 4)
     assert below[0] == pytest.approx(0.25 - low) and above[0] == pytest.approx(high - 0.25)
 
