@@ -646,13 +646,29 @@ def build(
     """Write everything described in the module docstring under ``out`` (replaced if it exists); return the stats."""
     if per_set < 1:
         raise EfficacyDataError(f"--per-set must be at least 1, got {per_set}")
-    out = Path(out)
+    final = Path(out)
+    if final.exists() and not (final / STATS_FILE).is_file():
+        raise EfficacyDataError(f"{final} exists and is not an efficacy data folder (no {STATS_FILE}); not replaced")
+    # Built beside the target and moved into place at the end: a failed build leaves the previous one
+    # (or nothing), never a half-written folder that a rerun would refuse to replace.
+    out = final.parent / f".{final.name}.building"
     if out.exists():
-        marker = out / STATS_FILE
-        if not marker.is_file():
-            raise EfficacyDataError(f"{out} exists and is not an efficacy data folder (no {STATS_FILE}); not replaced")
         shutil.rmtree(out)
     (out / TEST_DIR).mkdir(parents=True)
+    try:
+        stats = _build_into(out, per_set, seed, safemt_dir, test_fraction, chitchat_train)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    out.rename(final)  # every path inside is relative, so the folder can move
+    return stats
+
+
+def _build_into(
+    out: Path, per_set: int, seed: int, safemt_dir: str | Path, test_fraction: float, chitchat_train: int
+) -> dict[str, Any]:
     photos = photo_sources()
     written_photos: dict[Path, str] = {}
     tallies: dict[str, SourceTally] = defaultdict(SourceTally)

@@ -238,3 +238,16 @@ def test_real_token_lengths_apply_the_recipes_pixel_bounds(tiny_model_dir, tmp_p
     assert wide[1]["image"]["mean"] > 100
     assert bounded[1]["text"] == wide[1]["text"]  # the bound changes image tokens only
     assert bounded[1]["text"]["mean"] < bounded[2]["text"]["mean"] < bounded[4]["text"]["mean"]
+
+
+def test_a_failed_build_leaves_the_previous_output_and_no_partial_folder(tmp_path, monkeypatch):
+    from moderator.assets import MissingAssetError
+
+    previous = tmp_path / "sets"
+    previous.mkdir()
+    (previous / ed.STATS_FILE).write_text('{"previous": true}')
+    monkeypatch.setenv("SAFEMT_ASSETS", str(tmp_path / "no-assets"))  # the harmful-prompt wheels are missing
+    with pytest.raises(MissingAssetError, match="make assets"):
+        ed.build(previous, per_set=2)
+    assert json.loads((previous / ed.STATS_FILE).read_text()) == {"previous": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sets"]  # a rerun is not refused for a half-written folder
