@@ -97,6 +97,9 @@ SKIMAGE_PHOTOS = (
 PHOTO_MAX_SIDE = 640  # the processors resize anyway; this keeps the folder small
 
 LABEL_UNSAFE, LABEL_SAFE = "unsafe", "safe"
+# id: unique in its set ("<SafeMT id>:<k>turn", "<prompt id>:single|multi", a benign item's id); group: what a
+# bootstrap resamples (the SafeMT id or the source item); category: a taxonomy id (SafeMT) or null; image:
+# a path relative to the set file's folder (load_test_set makes it absolute) or null.
 TEST_RECORD_FIELDS = ("id", "group", "set", "label", "category", "turns", "dialogue", "image")
 OOD_SOURCES = ("harmbench", "advbench", "donotanswer")
 
@@ -518,6 +521,8 @@ def validate_test_record(record: Any, taxonomy_ids: Iterable[str] | None = None)
     for name in ("id", "group", "set"):
         if not isinstance(record[name], str) or not record[name].strip():
             raise RecordError(name, "expected a non-empty string")
+    if "@" in record["id"]:  # moderator.schema reserves '@' for prepared rows' "<id>@<k>of<n>"
+        raise RecordError("id", f"{record['id']!r} contains '@' (use '<source id>:<variant>')")
     if record["label"] not in (LABEL_UNSAFE, LABEL_SAFE):
         raise RecordError("label", f"expected 'unsafe' or 'safe', got {record['label']!r}")
     category = record["category"]
@@ -696,7 +701,7 @@ def _build_into(
             image = str(Path("..") / SAFEMT_TEST_DIR / record["image_path"])
             sets[set_name].append(
                 make_test_record(
-                    id=f"{record['id']}@{k}",
+                    id=f"{record['id']}:{k}turn",
                     group=record["id"],
                     set_name=set_name,
                     label=LABEL_UNSAFE,
@@ -726,7 +731,7 @@ def _build_into(
                 set_name = f"{name}_{variant}"
                 sets[set_name].append(
                     make_test_record(
-                        id=f"{prompt.id}@{variant}",
+                        id=f"{prompt.id}:{variant}",
                         group=prompt.id,
                         set_name=set_name,
                         label=LABEL_UNSAFE,

@@ -156,6 +156,7 @@ def test_benign_training_holds_no_test_dialogue(built):
     ("edit", "where"),
     [
         (lambda r: r.pop("label"), "field 'label': missing"),
+        (lambda r: r.update(id=r["group"] + "@2of4"), "field 'id'"),  # the prepared-row id format is reserved
         (lambda r: r.update(turns=3), "field 'turns'"),
         (lambda r: r.update(category="not_a_scenario"), "field 'category'"),
         (lambda r: r.update(dialogue=[{"role": "assistant", "content": "hi"}]), "field 'dialogue[0]"),
