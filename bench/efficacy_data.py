@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import random
 import re
 import shutil
@@ -58,8 +59,10 @@ STATS_FILE = "stats.json"
 
 SAFEMT_TURNS = (1, 2, 4)
 SEED = 0
-# 52 ids in the sample: 13 held out (about 4 per 17 scenarios would be ideal; the sample has 1-6 ids each).
+# 52 ids in the sample, 1-6 per scenario: a quarter of each scenario's ids (rounded up) is held out, 13 ids
+# of the 7 scenarios with 3+ ids (see split_safemt_ids).
 TEST_FRACTION = 0.25
+MIN_TRAIN_IDS_PER_SCENARIO = 2  # data prep may take one of them for validation; one still trains
 # Budget for `make efficacy` (45 min on 2 cores): base ~1 min, data prep ~1 min, training ~17 min, export
 # ~1 min leave ~25 min for scoring and the target. Sets: 3 SafeMT (13 ids each) + 6 out-of-distribution
 # + chitchat + hard benign = 39 + 8 x N dialogues; at N = 16 that is 167 dialogues, scored by the trained
@@ -256,27 +259,24 @@ def read_safemt_sample(folder: Path, turns: Sequence[int] = SAFEMT_TURNS) -> dic
 
 
 def split_safemt_ids(files: dict[int, list[dict]], test_fraction: float = TEST_FRACTION, seed: int = SEED) -> dict:
-    """``{id: "test" | "train_or_validation"}``, grouped by id and stratified by scenario.
+    """``{id: "test" | "train_or_validation"}``: one side per id (all its lengths), per scenario, fixed by ``seed``.
 
-    Uses data prep's own splitter (``data_prep.splits.assign_splits``) on one row per id, so all lengths
-    of an id share a side. Validation is chosen later by data prep among the non-test ids.
+    Each scenario sends ``ceil(n * test_fraction)`` of its ``n`` ids to test but always keeps at least
+    :data:`MIN_TRAIN_IDS_PER_SCENARIO` on the training side, so every category in the test set was trained
+    on (category accuracy then measures new ids of known classes); scenarios with 1-2 ids in the sample
+    stay on the training side. Validation is chosen later by data prep among the non-test ids.
     """
-    from data_prep.splits import assign_splits
-
-    scenario_by_id: dict[str, str] = {}
+    ids_by_scenario: dict[str, set[str]] = defaultdict(set)
     for records in files.values():
         for record in records:
-            scenario_by_id.setdefault(record["id"], record["scenario"])
-    ids = sorted(scenario_by_id)
-    sides = assign_splits(
-        ids,
-        [scenario_by_id[i] for i in ids],
-        [i.split("_", 1)[0] for i in ids],
-        validation_fraction=0.0,
-        test_fraction=test_fraction,
-        seed=seed,
-    )
-    return {i: ("test" if side == "test" else "train_or_validation") for i, side in zip(ids, sides, strict=True)}
+            ids_by_scenario[record["scenario"]].add(record["id"])
+    sides = {}
+    for scenario, ids in sorted(ids_by_scenario.items()):
+        order = _seeded_order(sorted(ids), f"safemt_split:{scenario}", seed)
+        n_test = max(0, min(math.ceil(len(order) * test_fraction), len(order) - MIN_TRAIN_IDS_PER_SCENARIO))
+        sides.update({i: "test" for i in order[:n_test]})
+        sides.update({i: "train_or_validation" for i in order[n_test:]})
+    return dict(sorted(sides.items()))
 
 
 def write_safemt_folder(

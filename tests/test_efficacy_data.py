@@ -84,6 +84,22 @@ def test_split_by_id_puts_every_length_of_an_id_on_one_side(built):
         assert min(image.size) > 100 and len(set(image.convert("L").getdata())) > 50
 
 
+def test_every_test_category_keeps_ids_on_the_training_side(built):
+    # A scenario whose only ids are held out is a class the moderator never saw: category accuracy on it
+    # would measure nothing the recipe can learn.
+    train_records = json.loads(safemt_turn_file(built / ed.SAFEMT_TRAIN_DIR, 1).read_text())
+    taxonomy = load_taxonomy()
+    train_ids_per_category: dict[str, int] = {}
+    for record in train_records:
+        category = taxonomy.by_label[record["scenario"]].id
+        train_ids_per_category[category] = train_ids_per_category.get(category, 0) + 1
+    held_out = json.loads(safemt_turn_file(built / ed.SAFEMT_TEST_DIR, 1).read_text())  # all, not just the capped sets
+    test_categories = {taxonomy.by_label[record["scenario"]].id for record in held_out}
+    assert test_categories
+    for category in test_categories:
+        assert train_ids_per_category.get(category, 0) >= 2, category  # one may go to validation
+
+
 def test_split_is_fixed_by_the_seed():
     files = ed.read_safemt_sample(ed.SAMPLE_DIR)
     first, again, other = (
