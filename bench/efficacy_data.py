@@ -5,7 +5,7 @@ Everything is built offline from installed packages and the data-only wheels of 
 * ``safemt/``: the real SafeMT sample (``tests/data/safemt_sample``) with the ids that are **not** held
   out, each record's image a real photo (scikit-image, scikit-learn, matplotlib sample photos, one per
   id by hash). ``data_prep.build`` reads it unchanged and splits it into train/validation by id
-  (``configs/data/smollm2_cpu.yaml``, ``test_fraction: 0``): no test id can reach training.
+  (``configs/data/smollm2_cpu.yaml``; its own small test split is unused): no test id can reach training.
 * ``safemt_test/``: the held-out ids (every length of an id goes with the id), same layout.
 * ``benign_train.jsonl``: benign training dialogues (``messages`` rows, read by ``data_prep/benign.py``):
   chatterbot-corpus topical Q&A and chitchat-dataset conversations, none of them in a test set.
