@@ -39,7 +39,7 @@ from data_prep.benign import (
 from data_prep.config import POOL_PLACEHOLDER, POOL_SAFEMT, ConfigError, DataPrepConfig, parse_config
 from data_prep.convert import benign_row, safemt_rows
 from data_prep.images import check_images, folder_images, write_placeholder
-from data_prep.io import DATASET_DIR, LENGTH_COLUMN, build_dataset_dict, load_prepared
+from data_prep.io import DATASET_DIR, LENGTH_COLUMN, build_dataset_dict, load_prepared, save_prepared
 from data_prep.quarantine import Ledger
 from data_prep.safemt import read_safemt, unreadable_reason
 from data_prep.splits import SPLITS, assign_splits
@@ -458,7 +458,7 @@ def _build_into(config: DataPrepConfig, out: Path, final: Path, failed: Path) ->
             row["images"] = [
                 str(final) + os.sep + p[len(staged) :] if p.startswith(staged) else p for p in row["images"]
             ]
-        build_dataset_dict(rows, splits).save_to_disk(str(out / DATASET_DIR))
+        save_prepared(build_dataset_dict(rows, splits), out / DATASET_DIR)
         stats["dataset"] = str(final / DATASET_DIR)
         if eval_info is not None:
             _write_benign_eval(out, eval_picks)

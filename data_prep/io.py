@@ -56,6 +56,16 @@ def build_dataset_dict(rows: Sequence[dict[str, Any]], splits: Sequence[str]) ->
     )
 
 
+def save_prepared(dataset_dict: DatasetDict, path: str | Path) -> None:
+    """``save_to_disk`` that keeps empty splits loadable.
+
+    datasets writes no shard at all for an empty split, and ``load_from_disk`` then fails with an
+    IndexError; one explicit (empty) shard per empty split avoids that (e.g. ``test_fraction: 0``).
+    """
+    num_shards = {name: 1 for name, split in dataset_dict.items() if len(split) == 0}
+    dataset_dict.save_to_disk(str(path), num_shards=num_shards or None)
+
+
 def load_prepared(path: str | Path) -> DatasetDict:
     """Load ``<out>/dataset`` (``path`` may be ``<out>`` or the dataset folder itself).
 

@@ -131,6 +131,14 @@ def test_splits_are_grouped_by_id_deterministic_and_cover_scenarios(safemt_dir, 
     assert {"Animal Abuse", "Hate Speech", "Political", "Privacy Violation", "Sex", "Legal Opinion"} <= train_scenarios
 
 
+def test_an_empty_split_is_saved_loadable(safemt_dir, tmp_path):
+    """test_fraction 0 gives an empty test split; datasets wrote no shard for it and loading failed."""
+    code, stats = build(safemt_dir, tmp_path / "out", "--benign", "none", "--test_fraction", "0")
+    assert code == 0 and stats["examples"]["test"] == 0
+    dataset = load_prepared(tmp_path / "out")
+    assert len(dataset["test"]) == 0 and len(dataset["train"]) > 0
+
+
 def test_holdout_source_puts_all_its_ids_in_test(safemt_dir, tmp_path):
     code, stats = build(safemt_dir, tmp_path / "out", "--benign", "none", "--holdout_source", "jbv")
     assert code == 0
