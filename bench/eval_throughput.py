@@ -157,7 +157,9 @@ def _rows(out_dir: Path) -> int:
     return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
 
 
-def measure(work: Path, flags: list[str], shards: int, cores: int) -> tuple[Timed, list[Timed], Timed, int]:
+def measure(
+    work: Path, flags: list[str], shards: int, cores: int, single_threads: int
+) -> tuple[Timed, list[Timed], Timed, int]:
     """Single process, then ``shards`` shards at once, then the merge; each in a fresh out_dir under ``work``."""
     runs = work / "runs"
     shutil.rmtree(runs, ignore_errors=True)
@@ -165,7 +167,7 @@ def measure(work: Path, flags: list[str], shards: int, cores: int) -> tuple[Time
     # Untimed: the first process to import torch/transformers reads them from disk; the others find them cached.
     warm = [sys.executable, "-c", "import eval.run, eval.loop"]
     subprocess.run(warm, cwd=REPO_ROOT, env=_env(cores), check=True, capture_output=True)
-    seconds, _ = _run_together([_eval_command(flags, runs / "single")], cores, [runs / "single.log"])
+    seconds, _ = _run_together([_eval_command(flags, runs / "single")], single_threads, [runs / "single.log"])
     single = Timed("single process", seconds, _rows(runs / "single"))
 
     sharded = runs / "sharded"
@@ -240,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base", type=Path, help="an existing tiny moderator checkpoint (default: built in --work)")
     parser.add_argument("--skip-guards", action="store_true", help="leave out the demo config's guard defences")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="cores shared by the processes")
+    parser.add_argument("--single-threads", type=int, help="torch threads of the single process (default: --cores)")
     parser.add_argument("--dialogues", type=int, default=SAFEMT_DIALOGUES, help="projection: SafeMT dialogues")
     parser.add_argument("--projection-config", default=FULL_CONFIG, help="projection: the full eval's config")
     parser.add_argument("--gpus", type=int, default=8, help="projection: GPUs (one shard each) for the wall time")
@@ -254,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = prepare(work, args.base, args.skip_guards)
     flags, n_defences = demo_overrides(paths, args.limit, args.skip_guards)
     load_before = os.getloadavg()[0]
-    single, shard_runs, merge, merged_rows = measure(work, flags, args.shards, args.cores)
+    single_threads = args.single_threads or args.cores
+    single, shard_runs, merge, merged_rows = measure(work, flags, args.shards, args.cores, single_threads)
     load_after = os.getloadavg()[0]
     shard_items = sum(run.items for run in shard_runs)
     shards_s = shard_runs[0].seconds
@@ -265,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{DEMO_CONFIG} with {n_defences} defences, SafeMT sample --limit {args.limit} per length + {args.limit} benign"
         f"; load average {load_before:.1f} before, {load_after:.1f} after (other work on the machine skews the ratio)"
     )
-    print(f"single process ({args.cores} threads): {_rate(single.items, single.seconds)}")
+    print(f"single process ({single_threads} thread(s)): {_rate(single.items, single.seconds)}")
     per_shard = " + ".join(str(run.items) for run in shard_runs)
     threads = max(1, args.cores // args.shards)
     print(f"{args.shards} shards at once ({threads} thread(s) each): {per_shard} = {_rate(shard_items, shards_s)}")

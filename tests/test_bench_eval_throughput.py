@@ -19,10 +19,20 @@ def test_benchmark_runs_single_shards_and_merge_and_the_shard_counts_add_up(tiny
     # through the merged rows), or a projection line missing its estimate label.
     from bench.eval_throughput import main
 
-    argv = ["--work", str(tmp_path), "--base", str(tiny_model_dir), "--skip-guards", "--limit", "1"]
+    argv = [
+        "--work",
+        str(tmp_path),
+        "--base",
+        str(tiny_model_dir),
+        "--skip-guards",
+        "--limit",
+        "1",
+        "--single-threads",
+        "1",
+    ]
     assert main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    single = re.fullmatch(rf"single process \(\d+ threads\): {RATE}", lines[1])
+    single = re.fullmatch(rf"single process \(\d+ thread\(s\)\): {RATE}", lines[1])
     shards = re.fullmatch(rf"2 shards at once \(\d+ thread\(s\) each\): (\d+) \+ (\d+) = {RATE}", lines[2])
     assert single and shards, lines[1:3]
     assert int(shards[1]) + int(shards[2]) == int(shards[3]) == int(single[1])
