@@ -1,10 +1,15 @@
-"""Evaluation config: a YAML file parsed into dataclasses, with ``--dotted.key value`` CLI overrides.
+"""Evaluation config: a YAML file parsed into dataclasses, with command-line overrides of every field.
 
-    python -m eval.run --config configs/eval/demo.yaml --limit 2 --judge.kind local --targets.0.model DIR
+    python -m eval.run --config configs/eval/demo.yaml --limit 2 --turns 1 2 --judge.kind local --targets.0.model DIR
 
-An override's value is parsed as YAML (``--turns "[1, 2]"``, ``--wandb true``); a dotted key walks
-into mappings and, with an integer part, into lists. Unknown keys are errors naming the file and key,
-so a typo cannot silently fall back to a default. API keys never appear here: the judge names the
+One convention with training and data prep: ``--config FILE.yaml`` sets the defaults and ``--field value``
+overrides a top-level field, parsed with its type by ``trl.TrlParser`` (``python -m eval.run --help`` lists
+them with their help). The nested parts (``targets`` and ``defences``, lists; ``judge``) take dotted keys,
+``--defences.0.threshold 0.4``, whose values are read as YAML (``--defences.1.options "{a: 1}"``). Values
+written as in YAML still parse for top-level fields too: ``null`` unsets a field that may be null, and
+``--turns "[1, 2]"`` equals ``--turns 1 2``. A field the config does not have, in the YAML or on the
+command line, is an error naming the file and field, so a typo cannot silently fall back to a default;
+abbreviated flags are refused for the same reason. API keys never appear here: the judge names the
 environment variable that holds one (``api_key_env``), so a dumped config is safe to share.
 """
 
