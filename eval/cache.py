@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tqdm.auto import tqdm
+from eval.progress import stage_bar
 
 Item = TypeVar("Item")
 Key = tuple[Any, ...]
@@ -130,6 +130,25 @@ def _ends_with_newline(path: Path) -> bool:
         return handle.read(1) == b"\n"
 
 
+def missing_items(
+    cache: JsonlCache,
+    items: Iterable[Item],
+    key: Callable[[Item], Key],
+    recompute: Callable[[Mapping[str, Any]], bool] | None = None,
+) -> list[Item]:
+    """The items whose key is not cached (or whose cached record ``recompute`` rejects), first of each key."""
+    todo, seen = [], set()
+    for item in items:
+        item_key = tuple(key(item))
+        if item_key in seen:
+            continue
+        cached = cache.get(item_key)
+        if cached is None or (recompute is not None and recompute(cached)):
+            todo.append(item)
+            seen.add(item_key)
+    return todo
+
+
 def compute_missing(
     cache: JsonlCache,
     items: Sequence[Item],
@@ -149,17 +168,9 @@ def compute_missing(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    todo, seen = [], set()
-    for item in items:
-        item_key = tuple(key(item))
-        if item_key in seen:
-            continue
-        cached = cache.get(item_key)
-        if cached is None or (recompute is not None and recompute(cached)):
-            todo.append(item)
-            seen.add(item_key)
+    todo = missing_items(cache, items, key, recompute)
     done = 0
-    with tqdm(total=len(todo), desc=desc or cache.path.name, unit="item", disable=not todo) as progress:
+    with stage_bar(len(todo), desc or cache.path.name) as progress:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             records = compute_batch(batch)

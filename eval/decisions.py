@@ -14,8 +14,6 @@ from collections.abc import Callable, Sequence
 from itertools import chain
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from eval.cache import JsonlCache, settings_digest
 from eval.config import DefenceConfig, EvalConfig
 from eval.defences import (
@@ -27,6 +25,7 @@ from eval.defences import (
     model_pass_settings,
 )
 from eval.inputs import THRESHOLD_SPLIT, EvalSample, SplitRow, open_images, prompt_without_target
+from eval.progress import RunTally, stage_bar
 from moderator.taxonomy import Taxonomy
 
 logger = logging.getLogger(__name__)
@@ -44,8 +43,10 @@ class DecisionStage:
     split_rows: list[SplitRow]
     threshold_split: Any
     threshold_rows: list[SplitRow]
-    computed: dict[str, int]
+    tally: RunTally
     _decision_key: Callable[..., tuple]
+    missing_turn_flags: Callable[..., list[EvalSample]]  # eval.detection_stage.TurnDetectionStage
+    compute_turn_flags: Callable[..., None]
 
     def _split_rows_for(self, defence: DefenceConfig) -> list[SplitRow]:
         # The prepared rows hold the moderator's rendered prompt, not the raw dialogue: only our
@@ -75,32 +76,41 @@ class DecisionStage:
             first = group[0]
             defence: Defence | None = None
             try:
+                self.tally.need("decisions", len(self._threshold_rows_for(first)))
                 validation = self._missing(group, self._threshold_rows_for(first))
                 if validation:
                     defence = self.defence_loader(first, self.taxonomy)
-                    self._compute_decisions(group, defence, validation, f"{first.label} on {THRESHOLD_SPLIT} split")
+                    with stage_bar(len(validation), f"score {_labels(group)} on {THRESHOLD_SPLIT} split") as progress:
+                        self._compute_decisions(group, defence, validation, progress)
                 if first.kind == "moderator":
                     # Before any decision the report shows: every one of them is made at this threshold.
                     for cfg in group:
                         self.thresholds[cfg.label] = self.choose_threshold(cfg)
                 if thresholds_only:
                     continue
+                self.tally.need("decisions", len(samples) + len(self._split_rows_for(first)))
                 missing = self._missing(group, samples)
                 missing_test = self._missing(group, self._split_rows_for(first))
-                if not missing and not missing_test:
+                missing_turns = self.missing_turn_flags(group, samples)  # turns to detection
+                if not missing and not missing_test and not missing_turns:
                     continue
                 if defence is None:
                     defence = self.defence_loader(first, self.taxonomy)
                 if first.kind == "moderator":
                     defence.set_threshold(self.thresholds[first.label].threshold)
-                self._compute_decisions(group, defence, missing, f"defence {first.label}")
-                self._compute_decisions(group, defence, missing_test, f"{first.label} on test split")
+                # One bar per defence (group): its samples, then its test-split rows.
+                with stage_bar(len(missing) + len(missing_test), f"decide {_labels(group)}") as progress:
+                    self._compute_decisions(group, defence, missing, progress)
+                    self._compute_decisions(group, defence, missing_test, progress)
+                # While the model is loaded: its flag after every user turn of the harmful samples.
+                with stage_bar(len(missing_turns), f"per-turn {_labels(group)}") as progress:
+                    self.compute_turn_flags(group, defence, missing_turns, progress)
             finally:
                 if defence is not None:
                     defence.close()
 
     def _compute_decisions(
-        self, group: Sequence[DefenceConfig], defence: Defence, items: Sequence[EvalSample | SplitRow], desc: str
+        self, group: Sequence[DefenceConfig], defence: Defence, items: Sequence[EvalSample | SplitRow], progress: Any
     ) -> None:
         """Decide ``items`` (all missing for some defence of ``group``) a batch at a time, appending each batch.
 
@@ -110,12 +120,11 @@ class DecisionStage:
             return
         decide = self._decide_split_rows if isinstance(items[0], SplitRow) else self._decide_samples
         batch_size = self.config.batch_size
-        with tqdm(total=len(items), desc=desc, unit="item") as progress:
-            for start in range(0, len(items), batch_size):
-                batch = list(items[start : start + batch_size])
-                self.decisions.append(decide(group, defence, batch))
-                progress.update(len(batch))
-        self.computed["decisions"] = self.computed.get("decisions", 0) + len(items)
+        for start in range(0, len(items), batch_size):
+            batch = list(items[start : start + batch_size])
+            self.decisions.append(decide(group, defence, batch))
+            self.tally.add_computed("decisions", len(batch))
+            progress.update(len(batch))
 
     def choose_threshold(self, cfg: DefenceConfig) -> ThresholdChoice:
         """The moderator's threshold for this run, from its cached validation decisions (see ``choose_threshold``)."""
@@ -164,3 +173,7 @@ class DecisionStage:
         if record is None:
             raise RuntimeError(f"no cached decision of {defence.label} for {item.key}")
         return DefenceDecision.from_record(record)
+
+
+def _labels(group: Sequence[DefenceConfig]) -> str:
+    return "+".join(cfg.label for cfg in group)

@@ -77,6 +77,26 @@ class Defence(ABC):
     ) -> list[DefenceDecision]:
         """One decision per dialogue; ``images[i]`` holds dialogue i's images (first user turn), maybe none."""
 
+    def decide_per_turn(
+        self, dialogues: Sequence[Sequence[Mapping[str, str]]], images: Sequence[Sequence[Any]]
+    ) -> list[list[DefenceDecision]]:
+        """Per dialogue, one decision per user turn: on the conversation up to and including that turn.
+
+        Every prefix that ends at a user turn is decided as a dialogue of its own, all of them in one
+        :meth:`decide_batch` call (a dialogue's images, shown with its first user turn, go with each).
+        """
+        prefixes, owners = [], []
+        for index, dialogue in enumerate(dialogues):
+            for end, message in enumerate(dialogue):
+                if message.get("role") == "user":
+                    prefixes.append(list(dialogue[: end + 1]))
+                    owners.append(index)
+        decisions = self.decide_batch(prefixes, [images[index] for index in owners]) if prefixes else []
+        per_dialogue: list[list[DefenceDecision]] = [[] for _ in dialogues]
+        for index, decision in zip(owners, decisions, strict=True):
+            per_dialogue[index].append(decision)
+        return per_dialogue
+
     def close(self) -> None:
         """Free the model the defence holds (defences are loaded one at a time)."""
         from eval.targets import release_memory
@@ -159,6 +179,19 @@ class ModeratorDefence(Defence):
         self, prompts: Sequence[Sequence[Mapping[str, Any]]], images: Sequence[Sequence[Any]]
     ) -> list[Any]:
         return self.moderator.moderate_rendered(prompts, [list(i) for i in images], max_new_tokens=self.max_new_tokens)
+
+    def turn_verdicts(
+        self, dialogues: Sequence[Sequence[Mapping[str, str]]], images: Sequence[Sequence[Any]]
+    ) -> list[list[Any]]:
+        """Per dialogue, the moderator's verdict after each user turn (``Moderator.moderate_turns``: the
+        earlier turns' computation is reused); each is flagged at the moderator's threshold, as in :meth:`verdicts`."""
+        return [
+            self.moderator.moderate_turns(list(dialogue), list(imgs), max_new_tokens=self.max_new_tokens)
+            for dialogue, imgs in zip(dialogues, images, strict=True)
+        ]
+
+    def decide_per_turn(self, dialogues, images) -> list[list[DefenceDecision]]:
+        return [[self.decision(v) for v in verdicts] for verdicts in self.turn_verdicts(dialogues, images)]
 
     def decision(self, verdict: Any, mode: str | None = None) -> DefenceDecision:
         """What ``mode`` (default: this defence's) does with a verdict: the modes differ only in the action."""

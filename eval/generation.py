@@ -18,6 +18,7 @@ from eval.cache import JsonlCache, compute_missing, settings_digest
 from eval.config import EvalConfig, TargetConfig
 from eval.defences import BLOCK, INJECT, DefenceDecision, policy_system_prompt
 from eval.inputs import EvalSample, open_images
+from eval.progress import RunTally
 from eval.targets import ChatModel, ChatRequest
 from moderator.taxonomy import Taxonomy
 
@@ -37,7 +38,7 @@ class GenerationStage:
     taxonomy: Taxonomy
     generations: JsonlCache
     target_loader: Callable[[TargetConfig], ChatModel]
-    computed: dict[str, int]
+    tally: RunTally
     decision: Callable[..., DefenceDecision]
     _generation_key: Callable[..., tuple]
     _target_sig: Callable[[TargetConfig], str]
@@ -60,6 +61,7 @@ class GenerationStage:
         """Phase 2: one target in memory at a time, closed and dropped before the next one loads."""
         for cfg in self.config.targets:
             items = self._generation_items(cfg, samples)
+            self.tally.need("generations", len({self._generation_key(cfg, item) for item in items}))
             if all(self._generation_key(cfg, item) in self.generations for item in items):
                 continue
             target: ChatModel | None = self.target_loader(cfg)
@@ -71,9 +73,9 @@ class GenerationStage:
                     partial(self._generation_key, cfg),
                     partial(self._generate_batch, cfg, target),
                     self.workload_chunk(cfg, target),
-                    desc=f"target {cfg.label}",
+                    desc=f"generate {cfg.label}",
                 )
-                self.computed["generations"] = self.computed.get("generations", 0) + done
+                self.tally.add_computed("generations", done)
             finally:
                 close_model(target)
                 # Drop the last reference too: the next loader runs before this name is rebound.

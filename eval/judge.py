@@ -254,6 +254,9 @@ class Judge(ABC):
 
     name: str
     settings: dict[str, Any]  # everything that changes the judge's answers (part of the cache key)
+    # True: iter_complete yields each answer as it arrives, so the eval caches every one at once;
+    # False: answers come when the whole call returns, so the eval hands it a batch at a time.
+    streams_answers: bool = False
 
     def __init__(self, name: str, settings: Mapping[str, Any], taxonomy: Taxonomy | None = None):
         self.name = name
@@ -353,6 +356,8 @@ class OpenAIJudge(Judge):
     Requests run ``concurrency`` at a time with no barrier between batches: :meth:`iter_complete`
     (and :meth:`iter_judge_safety` / :meth:`iter_judge_refusal`) yield each answer as it arrives.
     """
+
+    streams_answers = True
 
     def __init__(
         self,

@@ -8,18 +8,23 @@ next run, so a judge outage never sticks in the cache.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from eval.cache import JsonlCache, compute_missing
+from eval.cache import JsonlCache, compute_missing, missing_items
 from eval.config import DefenceConfig, EvalConfig, JudgeConfig, TargetConfig
 from eval.defences import BLOCK, DefenceDecision
 from eval.generation import Generation
 from eval.inputs import EvalSample
 from eval.judge import Judge, JudgeItem, heuristic_refusal, row_needs_rejudge
+from eval.progress import RunTally, stage_bar
 from moderator.contract import SAFE
 from moderator.taxonomy import Taxonomy
+
+# A row's outcome: (label, judge_raw, refused, refusal_raw); or which judge call it still needs.
+Outcome = tuple[str | None, str | None, bool | None, str | None]
+SAFETY, REFUSAL = "safety", "refusal"
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ class JudgingStage:
     judge_loader: Callable[[JudgeConfig, Taxonomy], Judge]
     generations: JsonlCache
     judgements: JsonlCache
-    computed: dict[str, int]
+    tally: RunTally
     judge_name: str
     decision: Callable[..., DefenceDecision]
     _system_for: Callable[..., str | None]
@@ -58,63 +63,89 @@ class JudgingStage:
             raise RuntimeError(f"no cached reply of {pending.target.label} for {pending.sample.key}")
         return record["reply"]
 
+    def _outcome_without_judge(self, pending: Pending, reply: str) -> Outcome | str:
+        """The row's outcome when it needs no judge call, else the call it needs (:data:`SAFETY` or :data:`REFUSAL`)."""
+        blocked = pending.decision.action == BLOCK
+        if pending.sample.benign:
+            if blocked:
+                return (None, None, True, None)
+            if self.config.judge.refusal_check == "heuristic":
+                return (None, None, heuristic_refusal(reply), None)
+            return REFUSAL
+        if blocked:
+            return (SAFE, None, None, None)  # the fixed refusal, safe by construction
+        return SAFETY
+
+    def _judge_calls(
+        self, batch: Sequence[Pending], replies: Sequence[str], outcomes: Sequence[Outcome | str]
+    ) -> Iterator[tuple[int, Outcome]]:
+        """``(index into batch, outcome)`` of every item that needs a judge call, as each call finishes."""
+        safety = [i for i, outcome in enumerate(outcomes) if outcome == SAFETY]
+        refusal = [i for i, outcome in enumerate(outcomes) if outcome == REFUSAL]
+        if not safety and not refusal:
+            return
+        judge = self._ensure_judge()
+        if safety:
+            items = (self._judge_item(batch[i], replies[i]) for i in safety)
+            for index, judgement in judge.iter_judge_safety(items):
+                yield safety[index], (judgement.label, judgement.raw, None, None)
+        if refusal:
+            items = (self._judge_item(batch[i], replies[i]) for i in refusal)
+            for index, result in judge.iter_judge_refusal(items):
+                yield refusal[index], (None, None, result.refused, result.raw)
+
     def _judge_batch(self, batch: list[Pending]) -> list[dict]:
         replies = [self._reply(p) for p in batch]
-        labels: dict[int, tuple[str | None, str | None]] = {}
-        refusals: dict[int, tuple[bool | None, str | None]] = {}
-        to_judge, to_check = [], []
-        for index, (pending, reply) in enumerate(zip(batch, replies, strict=True)):
-            blocked = pending.decision.action == BLOCK
-            if pending.sample.benign:
-                if blocked:
-                    refusals[index] = (True, None)
-                elif self.config.judge.refusal_check == "heuristic":
-                    refusals[index] = (heuristic_refusal(reply), None)
-                else:
-                    to_check.append(index)
-                labels[index] = (None, None)
-            else:
-                if blocked:
-                    labels[index] = (SAFE, None)  # the fixed refusal, safe by construction
-                else:
-                    to_judge.append(index)
-                refusals[index] = (None, None)
-        judge = self._ensure_judge() if (to_judge or to_check) else None
-        if to_judge:
-            items = [self._judge_item(batch[i], replies[i]) for i in to_judge]
-            for index, judgement in zip(to_judge, judge.judge_safety(items), strict=True):
-                labels[index] = (judgement.label, judgement.raw)
-        if to_check:
-            items = [self._judge_item(batch[i], replies[i]) for i in to_check]
-            for index, result in zip(to_check, judge.judge_refusal(items), strict=True):
-                refusals[index] = (result.refused, result.raw)
-        rows = []
-        for index, (pending, reply) in enumerate(zip(batch, replies, strict=True)):
-            sample, decision = pending.sample, pending.decision
-            label, judge_raw = labels[index]
-            refused, refusal_raw = refusals[index]
-            rows.append(
-                {
-                    "target": pending.target.label,
-                    "defence": pending.defence.label,
-                    "judge": self.judge_name,
-                    "id": sample.id,
-                    "k": sample.k,
-                    "benign": sample.benign,
-                    "sig": self._row_sig(pending.target, pending.defence),
-                    "label": label,
-                    "flagged": decision.flagged,
-                    "refused": refused,
-                    "parse_error": decision.parse_error,
-                    "action": decision.action,
-                    "category": decision.category,
-                    "score": decision.score,
-                    "scenario": sample.scenario,
-                    "reply": reply,
-                    "judge_raw": judge_raw if judge_raw is not None else refusal_raw,
-                }
-            )
-        return rows
+        outcomes = [self._outcome_without_judge(p, r) for p, r in zip(batch, replies, strict=True)]
+        for index, outcome in self._judge_calls(batch, replies, outcomes):
+            outcomes[index] = outcome
+        if unanswered := sum(1 for outcome in outcomes if isinstance(outcome, str)):
+            raise RuntimeError(f"judge: {unanswered} of {len(batch)} requests got no result")
+        return [self._row(p, r, o) for p, r, o in zip(batch, replies, outcomes, strict=True)]  # type: ignore[arg-type]
+
+    def _judge_streamed(self, todo: Sequence[Pending], progress: Any) -> None:
+        """Judge ``todo`` caching each row as its call finishes: a crash loses only the calls in flight."""
+        replies = [self._reply(p) for p in todo]
+        outcomes = [self._outcome_without_judge(p, r) for p, r in zip(todo, replies, strict=True)]
+        if any(isinstance(outcome, str) for outcome in outcomes):
+            self._ensure_judge()  # before any row is built: rows carry the judge's name
+        fixed = [i for i, outcome in enumerate(outcomes) if not isinstance(outcome, str)]
+        rows = [self._row(todo[i], replies[i], outcomes[i]) for i in fixed]  # type: ignore[arg-type]
+        self._append_rows(rows, [todo[i] for i in fixed])
+        progress.update(len(fixed))
+        for index, outcome in self._judge_calls(todo, replies, outcomes):
+            self._append_rows([self._row(todo[index], replies[index], outcome)], [todo[index]])
+            progress.update(1)
+
+    def _append_rows(self, rows: list[dict], pending: Sequence[Pending]) -> None:
+        for row, item in zip(rows, pending, strict=True):
+            expected = self._row_key(item.target, item.defence, item.sample)
+            if self.judgements.key_of(row) != expected:
+                raise RuntimeError(f"judge: row key {self.judgements.key_of(row)} for {expected}")
+        self.judgements.append(rows)
+
+    def _row(self, pending: Pending, reply: str, outcome: Outcome) -> dict[str, Any]:
+        sample, decision = pending.sample, pending.decision
+        label, judge_raw, refused, refusal_raw = outcome
+        return {
+            "target": pending.target.label,
+            "defence": pending.defence.label,
+            "judge": self.judge_name,
+            "id": sample.id,
+            "k": sample.k,
+            "benign": sample.benign,
+            "sig": self._row_sig(pending.target, pending.defence),
+            "label": label,
+            "flagged": decision.flagged,
+            "refused": refused,
+            "parse_error": decision.parse_error,
+            "action": decision.action,
+            "category": decision.category,
+            "score": decision.score,
+            "scenario": sample.scenario,
+            "reply": reply,
+            "judge_raw": judge_raw if judge_raw is not None else refusal_raw,
+        }
 
     def _judge_item(self, pending: Pending, reply: str) -> JudgeItem:
         sample = pending.sample
@@ -140,21 +171,35 @@ class JudgingStage:
         ]
 
     def judge_all(self, samples: Sequence[EvalSample]) -> None:
+        """Phase 3: judge every row not cached yet (or whose cached judge call failed).
+
+        A judge that streams its answers (the OpenAI-compatible one: ``concurrency`` requests in flight,
+        no batch barrier) gets the whole workload and each row is cached as its call finishes; others
+        get ``max(batch_size, concurrency)`` rows per call, each batch cached as it returns.
+        """
         pending = self._pending(samples)
+        self.tally.need("judgements", len(pending))
         judge = self.config.judge
-        # An API judge keeps `concurrency` requests in flight within a chunk (a finished one frees its
-        # worker at once); chunks of 8x that keep the wait for the slowest request at a chunk's end rare,
-        # while a kill loses at most one chunk of judge calls.
-        batch_size = max(judge.batch_size, judge.concurrency * (8 if judge.kind == "openai" else 1))
-        self.computed["judgements"] = compute_missing(
-            self.judgements,
-            pending,
-            lambda p: self._row_key(p.target, p.defence, p.sample),
-            self._judge_batch,
-            batch_size,
-            desc="judge",
-            recompute=row_needs_rejudge,  # a judge error cached by an earlier run is asked again
-        )
+        streams = self.judge.streams_answers if self.judge is not None else judge.kind == "openai"
+        if streams:
+            todo = missing_items(self.judgements, pending, self._pending_key, row_needs_rejudge)
+            with stage_bar(len(todo), "judge") as progress:
+                self._judge_streamed(todo, progress)
+            done = len(todo)
+        else:
+            done = compute_missing(
+                self.judgements,
+                pending,
+                self._pending_key,
+                self._judge_batch,
+                max(judge.batch_size, judge.concurrency),
+                desc="judge",
+                recompute=row_needs_rejudge,  # a judge error cached by an earlier run is asked again
+            )
+        self.tally.add_computed("judgements", done)
+
+    def _pending_key(self, pending: Pending) -> tuple:
+        return self._row_key(pending.target, pending.defence, pending.sample)
 
     def rows(self, samples: Sequence[EvalSample]) -> list[dict[str, Any]]:
         """The report rows of this config (the cache may also hold rows of other configs)."""

@@ -42,12 +42,16 @@ it shows the n/a SIs and the outcome counts of the failed run).
 Where each stage lives (:class:`EvalRun` combines them and runs them in order):
 ``eval.inputs`` (readers, samples, split rows), ``eval.workload`` (:class:`Shard`, loading the run's
 inputs), ``eval.keys`` (cache keys), ``eval.decisions`` (phases 0 and 1), ``eval.generation``
-(phase 2), ``eval.judging`` (phase 3) and ``eval.results`` (rows, detection metrics, the report).
+(phase 2), ``eval.judging`` (phase 3), ``eval.results`` (rows, detection metrics, the report) and
+``eval.detection_stage`` (turns to detection: each detecting defence's flag after every user turn of
+the harmful samples, computed in phase 1 while its model is loaded). ``eval.progress``: one progress
+bar per stage and the closing line of a run or shard (:meth:`EvalRun.summary_line`).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +62,7 @@ from eval.cache import JsonlCache, lock_out_dir
 from eval.config import DefenceConfig, EvalConfig, JudgeConfig, TargetConfig
 from eval.decisions import DecisionStage
 from eval.defences import Defence, ThresholdChoice, load_defence
+from eval.detection_stage import TURN_FLAGS_FILE, TURN_FLAGS_KEY, TurnDetectionStage
 from eval.generation import GenerationStage, close_model
 from eval.inputs import (
     EvalDataError,
@@ -67,9 +72,10 @@ from eval.inputs import (
     load_detection_split,
     load_safemt_samples,
 )
-from eval.judge import Judge, load_judge
+from eval.judge import Judge, JudgeFailureError, load_judge
 from eval.judging import JudgingStage
 from eval.keys import CacheKeys
+from eval.progress import RunTally
 from eval.results import ReportStage, detection_results
 from eval.targets import ChatModel, load_target
 from eval.workload import InputStage, Shard
@@ -92,7 +98,7 @@ __all__ = [
 
 
 @dataclass
-class EvalRun(InputStage, CacheKeys, DecisionStage, GenerationStage, JudgingStage, ReportStage):
+class EvalRun(InputStage, CacheKeys, DecisionStage, TurnDetectionStage, GenerationStage, JudgingStage, ReportStage):
     """One evaluation; the loaders are parameters so tests can wrap or replace the models.
 
     Each stage is its own module (see the module docstring); this class holds their shared state (the
@@ -117,7 +123,7 @@ class EvalRun(InputStage, CacheKeys, DecisionStage, GenerationStage, JudgingStag
         self.thresholds: dict[str, ThresholdChoice] = {}
         self._defence_sigs: dict[tuple[str, float | None], str] = {}
         self._score_sigs: dict[str, str] = {}
-        self.computed: dict[str, int] = {}  # items computed (not found cached) per stage, for the summary
+        self.tally = RunTally()  # per stage: items needed and computed, for the closing line
         self.ledger = Ledger()  # the inputs' accounting, filled by load_samples
         self.out_dir = Path(self.config.out_dir)
         self.decisions = self._open_cache("decisions.jsonl", ("defence", "sig", "id", "k", "benign"))
@@ -125,6 +131,7 @@ class EvalRun(InputStage, CacheKeys, DecisionStage, GenerationStage, JudgingStag
         self.judgements = self._open_cache(
             "judgements.jsonl", ("target", "defence", "judge", "id", "k", "benign", "sig")
         )
+        self.turn_flags = self._open_cache(TURN_FLAGS_FILE, TURN_FLAGS_KEY)
 
     @property
     def cache_dir(self) -> Path:
@@ -139,10 +146,31 @@ class EvalRun(InputStage, CacheKeys, DecisionStage, GenerationStage, JudgingStag
         others = [root / name, *sorted(root.glob(f"shard-*/{name}"))]
         return JsonlCache(self.cache_dir / name, key_fields, read_also=others)
 
+    @property
+    def computed(self) -> dict[str, int]:
+        """Items computed (not found cached) per stage."""
+        return self.tally.computed
+
     def run(self) -> dict[str, Any]:
-        """The whole run, or one shard's part of it (see :meth:`shard_summary`); holds ``out_dir`` meanwhile."""
-        with lock_out_dir(self.out_dir, None if self.shard is None else self.shard.name):
-            return self._run()
+        """The whole run, or one shard's part of it (see :meth:`shard_summary`); holds ``out_dir`` meanwhile.
+
+        Its last line on stderr says what it did (:meth:`summary_line`), also when the judge-failure gate
+        fails the run after the report is written.
+        """
+        self.tally = RunTally()
+        try:
+            with lock_out_dir(self.out_dir, None if self.shard is None else self.shard.name):
+                result = self._run()
+        except JudgeFailureError:  # the run finished and wrote its report: say what it did
+            print(self.summary_line(), file=sys.stderr)
+            raise
+        print(self.summary_line(), file=sys.stderr)
+        return result
+
+    def summary_line(self) -> str:
+        """``eval run: decided N items (C cached, M computed); ...; T s`` (``eval shard I/N: ...`` for a shard)."""
+        what = "eval run" if self.shard is None else f"eval shard {self.shard.index}/{self.shard.count}"
+        return self.tally.line(what)
 
     def fix_thresholds(self) -> dict[str, Any]:
         """Phase 0 alone: score the validation split and fix each moderator's threshold, nothing else.
@@ -153,11 +181,13 @@ class EvalRun(InputStage, CacheKeys, DecisionStage, GenerationStage, JudgingStag
         """
         if self.shard is not None:
             raise ValueError("thresholds are fixed for the whole run: --thresholds-only takes no --shard")
+        self.tally = RunTally()
         with lock_out_dir(self.out_dir):
             samples = self.load_samples()
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             self.write_input_report(self.out_dir)
             self.decide(samples, thresholds_only=True)
+        print(self.tally.line("eval thresholds"), file=sys.stderr)
         return {label: choice.to_record() for label, choice in self.thresholds.items()}
 
     def _compute(self, samples: Sequence[EvalSample]) -> None:

@@ -18,6 +18,7 @@ from eval.config import EvalConfig
 from eval.defences import ThresholdChoice
 from eval.inputs import EvalSample, SplitRow
 from eval.judge import check_judge_failures
+from eval.progress import RunTally
 
 if TYPE_CHECKING:
     from eval.loop import EvalRun
@@ -35,10 +36,12 @@ class ReportStage:
     split_rows: list[SplitRow]
     thresholds: dict[str, ThresholdChoice]
     computed: dict[str, int]
+    tally: RunTally
     cache_dir: Path
     judge_name: str
     max_judge_failure_share: float
     rows: Callable[[Sequence[EvalSample]], list[dict[str, Any]]]  # eval.judging.JudgingStage
+    turns_to_detection_summary: Callable[[Sequence[EvalSample]], dict[str, Any] | None]  # eval.detection_stage
 
     def write_rows_and_report(self, samples: Sequence[EvalSample]) -> dict[str, Any]:
         """``rows.jsonl`` and the report; then the judge-failure gate (so a failed run still leaves both)."""
@@ -58,6 +61,7 @@ class ReportStage:
             detection=detection or None,
             title=self.config.title,
             thresholds={label: choice.to_record() for label, choice in self.thresholds.items()},
+            turns_to_detection=self.turns_to_detection_summary(samples),
         )
         # After the report, so a failed run still leaves its n/a SIs and outcome counts on disk.
         summary = check_judge_failures(rows, self.max_judge_failure_share, judge=self.judge_name)
@@ -72,8 +76,11 @@ class ReportStage:
             "shard": f"{self.shard.index}/{self.shard.count}",
             "samples": len(samples),
             "test_split_rows": len(self.split_rows),
-            "computed": {stage: self.computed.get(stage, 0) for stage in ("decisions", "generations", "judgements")},
+            "computed": {
+                stage: self.computed.get(stage, 0) for stage in ("decisions", "detections", "generations", "judgements")
+            },
             "cache": str(self.cache_dir),
+            "summary": self.tally.line(f"eval shard {self.shard.index}/{self.shard.count}"),
         }
 
 
@@ -106,7 +113,9 @@ def detection_results(run: EvalRun, samples: Sequence[EvalSample]) -> dict[str, 
                 "category_true": [item.category or "" for item in items],
                 "category_pred": [d.category or "" for d in decisions],
             }
-        metrics = detection_metrics(y_true, y_score, y_pred, **categories)
+        # Bootstrap over SafeMT (or benign) ids: every length and prefix row of an id is drawn together.
+        ids = [item.dialogue_id if isinstance(item, SplitRow) else item.id for item in items]
+        metrics = detection_metrics(y_true, y_score, y_pred, **categories, ids=ids)
         metrics["data"] = "test split" if split_rows else "eval samples"
         results[defence.label] = metrics
     return results

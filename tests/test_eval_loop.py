@@ -694,6 +694,10 @@ class ScoreStub:
         self.calls += 1
         return [Verdict("unsafe", "fraud", None, 0.8, None) for _ in dialogues]
 
+    def moderate_turns(self, dialogue, images, image_turns=None, max_new_tokens=64):
+        self.calls += 1
+        return [Verdict("unsafe", "fraud", None, 0.8, None) for m in dialogue if m["role"] == "user"]
+
 
 def test_a_changed_manifest_threshold_changes_the_cache_key_and_recomputes(eval_inputs, tiny_model_dir, tmp_path):
     from eval.cache import settings_digest
@@ -783,6 +787,13 @@ class ThresholdHonouringStub:
         benign = ("Is this a sky?", "What colour is this?")
         return self._verdicts([0.2 if any(b in json.dumps(p) for b in benign) else 0.8 for p in prompts])
 
+    def moderate_turns(self, dialogue, images, image_turns=None, max_new_tokens=64):
+        """One verdict per user turn, each scored as moderate_batch scores that prefix (turns to detection)."""
+        self.calls.append(("turns", self.threshold))
+        ends = [i for i, m in enumerate(dialogue) if m["role"] == "user"]
+        digests = [hashlib.sha256(json.dumps(list(dialogue[: end + 1])).encode()).digest()[0] for end in ends]
+        return self._verdicts([(0.6, 0.9)[digest % 2] for digest in digests])
+
 
 class ReplyStub:
     name = "stub-target"
@@ -825,8 +836,15 @@ def test_the_threshold_in_report_json_is_the_one_every_attack_row_was_decided_at
     # The moderator was loaded once for both modes; it decided every eval sample at the recorded threshold,
     # not at 0.5.
     assert len(stubs) == 1 and all(
-        threshold == 0.8 for stub in stubs for kind, threshold in stub.calls if kind == "samples"
+        threshold == 0.8 for stub in stubs for kind, threshold in stub.calls if kind in ("samples", "turns")
     )
+    # Turns to detection flags every user turn at that threshold too: a 0.6 prefix is not flagged.
+    flags = JsonlCache(tmp_path / "eval" / "cache" / "turn_flags.jsonl", ("defence", "id", "k")).records()
+    moderator_flags = [r for r in flags if r["defence"].startswith("moderator")]
+    assert moderator_flags and all(
+        r["flags"] == [score >= 0.8 for score in r["scores"]] and len(r["flags"]) == r["k"] for r in moderator_flags
+    )
+    assert {score for r in moderator_flags for score in r["scores"]} == {0.6, 0.9}
     rows = [json.loads(line) for line in (tmp_path / "eval" / "rows.jsonl").read_text().splitlines()]
     attack = [r for r in rows if r["defence"].startswith("moderator") and not r["benign"]]
     assert {r["score"] for r in attack} == {0.6, 0.9}  # scores the manifest's 0.5 would have flagged
@@ -919,6 +937,7 @@ class SpyModerator(ThresholdHonouringStub):
     def __init__(self, threshold):
         super().__init__(threshold)
         self.scored: list[str] = []
+        self.turns_scored: list[str] = []  # dialogues moderated turn by turn (turns to detection)
 
     def moderate_batch(self, dialogues, images, max_new_tokens=64):
         self.scored += [json.dumps(d, sort_keys=True) for d in dialogues]
@@ -927,6 +946,10 @@ class SpyModerator(ThresholdHonouringStub):
     def moderate_rendered(self, prompts, images, max_new_tokens=64):
         self.scored += [json.dumps(p, sort_keys=True) for p in prompts]
         return super().moderate_rendered(prompts, images, max_new_tokens)
+
+    def moderate_turns(self, dialogue, images, image_turns=None, max_new_tokens=64):
+        self.turns_scored.append(json.dumps(dialogue, sort_keys=True))
+        return super().moderate_turns(dialogue, images, image_turns, max_new_tokens)
 
 
 def test_policy_and_block_modes_load_and_run_the_moderator_once(eval_inputs, tmp_path):
@@ -961,6 +984,9 @@ def test_policy_and_block_modes_load_and_run_the_moderator_once(eval_inputs, tmp
     (spy,) = spies
     n_items = len(EvalRun(config).load_samples()) + _n_test_and_validation_rows(prepared)
     assert len(spy.scored) == n_items and set(Counter(spy.scored).values()) == {1}
+    # Turns to detection: each harmful sample moderated turn by turn once, for both modes.
+    harmful = [s for s in EvalRun(config).load_samples() if not s.benign]
+    assert len(spy.turns_scored) == len(harmful) and set(Counter(spy.turns_scored).values()) == {1}
 
     # The same rows, thresholds and detection metrics as each mode run on its own.
     moderator_only = [d for d in config.defences if d.label == "moderator"]

@@ -76,7 +76,7 @@ def test_shards_then_an_unsharded_run_give_the_single_process_report(
     assert shard_dirs == [f"shard-{i}-of-{N_SHARDS}" for i in range(N_SHARDS)]
     validation = list(JsonlCache(sharded / "cache" / "decisions.jsonl", ("defence", "id")).records())
     assert validation and {r["id"].split(":")[0] for r in validation} == {"validation-split"}
-    ids_per_shard, split_rows = [], 0
+    ids_per_shard, split_rows, turn_flags = [], 0, 0
     for index in range(N_SHARDS):
         path = sharded / "cache" / f"shard-{index}-of-{N_SHARDS}" / "judgements.jsonl"
         ids = {r["id"] for r in JsonlCache(path, ("target", "defence", "id", "k", "benign")).records()}
@@ -87,8 +87,13 @@ def test_shards_then_an_unsharded_run_give_the_single_process_report(
         split_ids = {r["id"].removeprefix("test-split:") for r in decisions if r["id"].startswith("test-split:")}
         assert all(Shard(index, N_SHARDS).holds(i.split("@")[0]) for i in split_ids)
         split_rows += len(split_ids)
+        # Turns to detection: each shard flags every user turn of its own harmful samples only.
+        flags = list(JsonlCache(path.with_name("turn_flags.jsonl"), ("defence", "id", "k")).records())
+        assert all(Shard(index, N_SHARDS).holds(r["id"]) and len(r["flags"]) == r["k"] for r in flags)
+        turn_flags += len(flags)
     assert sum(len(ids) for ids in ids_per_shard) == len(set().union(*ids_per_shard)) == len(IDS[:2]) + 2
     assert split_rows == len(_test_split_ids(prepared))  # every test-split row in exactly one shard
+    assert turn_flags == len(IDS[:2]) * 2 * 2  # every held-out id at both lengths, under both moderator modes
 
     # The merge: everything is cached, so no model is loaded and nothing is computed.
     counting = Counting()
@@ -102,6 +107,12 @@ def test_shards_then_an_unsharded_run_give_the_single_process_report(
     assert not (sharded / "cache" / "judgements.jsonl").exists()  # nothing new to write
     for name in ("report.json", "rows.jsonl", "report.md"):
         assert (sharded / name).read_bytes() == (single / name).read_bytes(), name
+    # ... turns to detection included: every defence but none, at both attacked lengths.
+    by_length = json.loads((sharded / "report.json").read_text())["turns_to_detection"]["by_length"]
+    assert {k: set(v) for k, v in by_length.items()} == {
+        "1": {"moderator", "moderator-block"},
+        "2": {"moderator", "moderator-block"},
+    }
 
 
 def test_bad_shard_argument_is_a_one_line_error(tmp_path, capsys):

@@ -712,3 +712,41 @@ def test_the_judge_failure_share_is_a_validated_config_field_yaml_can_set(tmp_pa
     config = tmp_path / "eval.yaml"
     config.write_text("safemt_dir: s\nmax_judge_failure_share: 0.2\ntargets: [{model: t}]\ndefences: [{kind: none}]\n")
     assert load_config(config).max_judge_failure_share == 0.2
+
+
+def test_eval_caches_each_judged_row_as_its_call_finishes_so_a_crash_loses_only_calls_in_flight(
+    fake_endpoint, safemt_dir, tmp_path, monkeypatch
+):
+    from eval.config import DefenceConfig, EvalConfig, JudgeConfig, TargetConfig
+    from eval.loop import EvalRun
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    judge = JudgeConfig(kind="openai", model="judge-model", base_url=fake_endpoint, max_attempts=1, concurrency=2)
+    config = EvalConfig(
+        safemt_dir=str(safemt_dir),
+        targets=[TargetConfig(model="unused", name="compliant")],
+        defences=[DefenceConfig(kind="none")],
+        judge=judge,
+        turns=[1, 2],
+        limit=2,
+        out_dir=str(tmp_path / "eval"),
+    ).validate()
+
+    class KilledAfterThreeAnswers(OpenAIJudge):
+        def iter_complete(self, conversations):
+            for answered, step in enumerate(super().iter_complete(conversations)):
+                if answered == 3:
+                    raise RuntimeError("killed")  # the process dies with the fourth answer in flight
+                yield step
+
+    dying = KilledAfterThreeAnswers(model="judge-model", base_url=fake_endpoint, max_attempts=1, concurrency=2)
+    with pytest.raises(RuntimeError, match="killed"):
+        EvalRun(config, judge=dying, target_loader=lambda cfg: _CompliantTarget()).run()
+    # The three answered rows are on disk (a chunk of 8 x concurrency rows cached at its end kept none).
+    cached = list(JsonlCache(tmp_path / "eval" / "cache" / "judgements.jsonl", ("id", "k")).records())
+    assert len(cached) == 3 and {row["label"] for row in cached} == {"unsafe"}
+
+    _FakeEndpoint.requests = []
+    report = EvalRun(config, target_loader=lambda cfg: _CompliantTarget()).run()
+    assert len(_FakeEndpoint.requests) == 1  # only the row whose call was in flight is asked again
+    assert report["results"]["compliant"]["none"]["n_labelled"] == {"1": 2, "2": 2}
