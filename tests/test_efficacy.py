@@ -117,7 +117,10 @@ def test_table_has_one_row_per_set_and_method_and_benign_sets_get_their_fpr():
                 score = min(1.0, (0.5 if unsafe else 0.1) + shift + i / 20)
                 # the SafeMT lengths share ids, as a held-out SafeMT id appears at every length
                 group = f"id{i}" if set_name.startswith("safemt_") else f"{set_name}-{i}"
-                items.append(item(set_name, i, score, unsafe=unsafe, group=group))
+                category = "c1" if set_name.startswith("safemt_") else None
+                items.append(
+                    item(set_name, i, score, unsafe=unsafe, group=group, category=category, pred_category="c1")
+                )
         scores[method] = items
     results = evaluate(scores, FEW_DRAWS)
     assert set(results) == set(sets) | {SAFEMT_POOLED}
@@ -129,6 +132,9 @@ def test_table_has_one_row_per_set_and_method_and_benign_sets_get_their_fpr():
     chitchat = results["chitchat"][TFIDF]
     assert chitchat["fpr"] == 0.0 and "auroc" not in chitchat
     assert results["harmbench_single"][MODERATOR]["auroc"] == 1.0
+    # Only the moderator names categories: TF-IDF's category accuracy is not measured, not 0.
+    assert results["safemt_1turn"][MODERATOR]["category_accuracy"] == 1.0
+    assert results["safemt_1turn"][TFIDF]["category_accuracy"] is None
     assert results["chitchat"][MODERATOR]["fpr"] == pytest.approx(0.5)  # scores 0.4..0.55: two of four >= 0.5
 
 
@@ -244,6 +250,12 @@ def test_stages_skip_when_complete_and_rerun_everything_after_a_changed_one(tmp_
     fourth = StageLog(tmp_path)
     stage(fourth, "a", 2), stage(fourth, "b", 1)
     assert ran[-1] == "b" and fourth.skipped == ["a"]
+    # --report-only runs nothing, whatever the settings, and names a stage that never finished.
+    report = StageLog(tmp_path, report_only=True)
+    stage(report, "a", 3), stage(report, "b", 3)
+    assert report.skipped == ["a", "b"] and ran[-1] == "b" and len(ran) == 5
+    with pytest.raises(efficacy.EfficacyError, match="stage c has not finished"):
+        stage(report, "c", 1)
 
 
 def test_attack_blocks_and_injects_only_flagged_dialogues(monkeypatch, tmp_path):
@@ -286,4 +298,7 @@ def test_attack_blocks_and_injects_only_flagged_dialogues(monkeypatch, tmp_path)
     assert summary["defences"]["moderator"]["delta_asr"][1] == pytest.approx(0.5)
     # Three distinct prompts: two undefended (shared by the unflagged policy and block rows) and one with the policy.
     assert len(systems) == 3 and sum(s is not None and "Safety notice" in s for s in systems) == 1
-    json.dumps(efficacy._str_keys(summary))  # the summary is JSON-ready
+    # Stored as JSON (length keys become strings) and read back by a rerun, it still formats.
+    stored = json.loads(json.dumps(efficacy._str_keys(summary)))
+    text = efficacy.format_attack(stored)
+    assert "moderator-block" in text and "0.50" in text
