@@ -858,6 +858,38 @@ def test_the_threshold_in_report_json_is_the_one_every_attack_row_was_decided_at
     assert len(stubs) == 1 and again == report
 
 
+def test_turns_to_detection_off_runs_no_per_turn_pass_and_reports_none(eval_inputs, tmp_path):
+    from eval.defences import defence_settings
+    from moderator.inference import resolve_threshold
+
+    safemt_dir, benign = eval_inputs
+    model = tmp_path / "stub-moderator"
+    model.mkdir()
+    stubs = []
+
+    def loader(cfg, taxonomy):
+        stubs.append(ThresholdHonouringStub(resolve_threshold(cfg.model, cfg.threshold)))
+        return ModeratorDefence(stubs[-1], cfg.label, cfg.mode, cfg.max_new_tokens, defence_settings(cfg))
+
+    def run(out_dir, turns_to_detection):
+        config = _config(safemt_dir, benign, model, out_dir)
+        config.turns, config.defences = [1, 2], config.defences[1:2]
+        config.turns_to_detection = turns_to_detection
+        return EvalRun(config, judge=FakeJudge(), defence_loader=loader, target_loader=lambda c: ReplyStub()).run()
+
+    off = run(tmp_path / "off", False)
+    assert (
+        "turns_to_detection" not in off and "turns_to_detection" not in (tmp_path / "off" / "report.json").read_text()
+    )
+    assert not (tmp_path / "off" / "cache" / "turn_flags.jsonl").exists()
+    assert not (tmp_path / "off" / "detection_vs_turn.png").exists()
+    assert {kind for kind, _ in stubs[-1].calls} == {"samples"}  # no moderate_turns call
+    on = run(tmp_path / "on", True)
+    assert set(on["turns_to_detection"]["by_length"]) == {"1", "2"}
+    assert [kind for kind, _ in stubs[-1].calls].count("turns") == len(IDS) * 2  # each harmful sample once
+    assert {k: v for k, v in on.items() if k != "turns_to_detection"} == off  # nothing else changes
+
+
 # -- targets: a whole workload per model, each freed before the next loads -------------------------------
 
 
