@@ -1,7 +1,7 @@
 """Phases 0 and 1, defence decisions (a part of :class:`eval.loop.EvalRun`).
 
 Phase 0: each moderator defence scores the prepared validation split and its threshold for the whole
-run is fixed there (:func:`eval.defences.choose_threshold`), before it decides on anything it is
+run is fixed there (:func:`eval.thresholds.choose_threshold`), before it decides on anything it is
 evaluated on. Phase 1: every defence decides on every sample and test-split row, each model loaded at
 most once and only when something is missing; the moderator's ``policy`` and ``block`` defences share
 one load and one verdict per dialogue.
@@ -20,12 +20,11 @@ from eval.defences import (
     Defence,
     DefenceDecision,
     ModeratorDefence,
-    ThresholdChoice,
-    choose_threshold,
     model_pass_settings,
 )
 from eval.inputs import THRESHOLD_SPLIT, EvalSample, SplitRow, open_images, prompt_without_target
 from eval.progress import RunTally, stage_bar
+from eval.thresholds import ThresholdChoice, choose_threshold
 from moderator.taxonomy import Taxonomy
 
 logger = logging.getLogger(__name__)

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 from eval.cache import settings_digest
 from eval.config import DefenceConfig, EvalConfig, TargetConfig
-from eval.defences import ThresholdChoice, defence_settings, score_settings
+from eval.defences import defence_settings, score_settings
 from eval.inputs import THRESHOLD_SPLIT, EvalSample, SplitRow
 from eval.judge import Judge, judge_settings
+from eval.thresholds import ThresholdChoice
 
 if TYPE_CHECKING:
     from eval.generation import Generation

@@ -13,7 +13,7 @@ it once before the shards.
 
 0. threshold:   each moderator defence scores the prepared validation split (``detection_split``) and
                 its decision threshold for the whole run is fixed there, at ``target_fpr``, before
-                it decides on anything it is evaluated on (see :func:`eval.defences.choose_threshold`:
+                it decides on anything it is evaluated on (see :func:`eval.thresholds.choose_threshold`:
                 an explicit config threshold wins; no validation data: the checkpoint's). Validation
                 scores are keyed without the threshold, so choosing it never invalidates them.
 1. decisions:   every defence decides on every sample (SafeMT dialogues at each length, benign
@@ -61,7 +61,7 @@ from data_prep.quarantine import Ledger
 from eval.cache import JsonlCache, lock_out_dir
 from eval.config import DefenceConfig, EvalConfig, JudgeConfig, TargetConfig
 from eval.decisions import DecisionStage
-from eval.defences import Defence, ThresholdChoice, load_defence
+from eval.defences import Defence, load_defence
 from eval.detection_stage import TURN_FLAGS_FILE, TURN_FLAGS_KEY, TurnDetectionStage
 from eval.generation import GenerationStage, close_model
 from eval.inputs import (
@@ -78,6 +78,7 @@ from eval.keys import CacheKeys
 from eval.progress import RunTally
 from eval.results import ReportStage, detection_results
 from eval.targets import ChatModel, load_target
+from eval.thresholds import ThresholdChoice
 from eval.workload import InputStage, Shard
 from moderator.taxonomy import Taxonomy, load_taxonomy
 

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from eval.config import EvalConfig
-from eval.defences import ThresholdChoice
 from eval.inputs import EvalSample, SplitRow
 from eval.judge import check_judge_failures
 from eval.progress import RunTally
+from eval.thresholds import ThresholdChoice
 
 if TYPE_CHECKING:
     from eval.loop import EvalRun
