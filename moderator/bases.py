@@ -52,9 +52,9 @@ VISION_CONFIG = {
 def qwen2_5_vl_chat_template() -> str:
     """Qwen2.5-VL's chat template as TRL ships it (byte-identical to the hub's; TRL's
     ``assistant_only_loss`` recognises it)."""
-    from tiny_models.moderator import qwen2_5_vl_chat_template as template
+    import trl
 
-    return template()
+    return (Path(trl.__file__).parent / "chat_templates" / "qwen2_5_vl.jinja").read_text()
 
 
 def _image_and_video_processors(bounds: ImageBounds) -> tuple[Any, Any]:
