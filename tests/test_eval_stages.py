@@ -7,8 +7,11 @@ shared by the tests of this module, then run again to see every stage found cach
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -96,24 +99,38 @@ class _Loads:
         return EvalRun(config, defence_loader=defence, target_loader=target, **kwargs).run()
 
 
+@dataclass
+class DemoRun:
+    root: Path
+    argv: list[str]
+    first: tuple[int, ...]  # the closing line's counts, first run
+    second: tuple[int, ...]  # and of the rerun
+    loads: _Loads  # model loads of the rerun
+
+
 @pytest.fixture(scope="module")
-def demo_run(tiny_model_dir, prepared_data_dir, tiny_guard_dir, tmp_path_factory):
-    """The demo config run twice on the fixtures: (first summary, second summary, loads of the second, run)."""
+def demo_run(tiny_model_dir, prepared_data_dir, tiny_guard_dir, tmp_path_factory) -> DemoRun:
+    """The demo config run twice on the fixtures (once for the module), stderr captured."""
     root = tmp_path_factory.mktemp("demo-eval")
     safemt = copy_sample_with_images(root / "safemt")
     argv = _demo_argv(root, safemt, prepared_data_dir, tiny_model_dir, tiny_guard_dir)
-    return root, argv
+    summaries = []
+    loads = _Loads()
+    for run_eval in (eval.run.run_eval, loads.run_eval):
+        stderr = io.StringIO()
+        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr):
+            patch.setattr(eval.run, "run_eval", run_eval)
+            assert eval.run.main(argv) == 0
+        summaries.append(_summary(stderr.getvalue()))
+    return DemoRun(root, argv, summaries[0], summaries[1], loads)
 
 
-def test_demo_run_ends_with_what_it_did_and_a_rerun_finds_every_stage_cached(demo_run, capsys, monkeypatch):
-    root, argv = demo_run
-    assert eval.run.main(argv) == 0
-    first = _summary(capsys.readouterr().err)
-
+def test_demo_run_ends_with_what_it_did_and_a_rerun_finds_every_stage_cached(demo_run):
+    first = demo_run.first
     # The counts by hand: 3 model passes decide every sample (none, the guard, the moderator's two modes
     # together), the moderator also its test and validation rows; the guard and the moderator flag every
     # user turn of each harmful sample; every (target, defence, sample) is one judged row.
-    run = EvalRun(load_config(DEMO, argv[2:]))
+    run = EvalRun(load_config(DEMO, demo_run.argv[2:]))
     samples = run.load_samples()
     harmful = [s for s in samples if not s.benign]
     assert harmful and len(harmful) < len(samples)  # benign samples are decided, never flagged per turn
@@ -124,21 +141,15 @@ def test_demo_run_ends_with_what_it_did_and_a_rerun_finds_every_stage_cached(dem
     for needed, cached, computed in (decided, detections, generated, judged):
         assert needed > 0 and (cached, computed) == (0, needed)
 
-    loads = _Loads()
-    monkeypatch.setattr(eval.run, "run_eval", loads.run_eval)
-    assert eval.run.main(argv) == 0
-    second = _summary(capsys.readouterr().err)
     for stage in range(4):
         needed = first[3 * stage]
-        assert second[3 * stage : 3 * stage + 3] == (needed, needed, 0)
-    assert (loads.defences, loads.targets) == (0, 0)
+        assert demo_run.second[3 * stage : 3 * stage + 3] == (needed, needed, 0)
+    assert (demo_run.loads.defences, demo_run.loads.targets) == (0, 0)
 
 
 def test_demo_report_has_turns_to_detection_in_json_markdown_and_plot(demo_run):
-    root, _ = demo_run
+    root = demo_run.root
     out = root / "eval"
-    if not (out / "report.json").exists():
-        pytest.skip("needs test_demo_run_ends_with_what_it_did_and_a_rerun_finds_every_stage_cached first")
     report = json.loads((out / "report.json").read_text())
     summary = report["turns_to_detection"]
     flags = list(JsonlCache(out / "cache" / TURN_FLAGS_FILE, TURN_FLAGS_KEY).records())
@@ -161,10 +172,8 @@ def test_demo_report_has_turns_to_detection_in_json_markdown_and_plot(demo_run):
 def test_per_turn_flags_of_the_moderator_are_moderate_on_each_prefix(demo_run, tiny_model_dir):
     from moderator.inference import Moderator
 
-    root, _ = demo_run
+    root = demo_run.root
     out = root / "eval"
-    if not (out / "report.json").exists():
-        pytest.skip("needs test_demo_run_ends_with_what_it_did_and_a_rerun_finds_every_stage_cached first")
     threshold = json.loads((out / "report.json").read_text())["thresholds"]["moderator"]["threshold"]
     flags = JsonlCache(out / "cache" / TURN_FLAGS_FILE, TURN_FLAGS_KEY)
     longest = max((r for r in flags.records() if r["defence"] == "moderator"), key=lambda r: r["k"])
