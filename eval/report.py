@@ -34,7 +34,7 @@ summary of the first user turn at which each defence flagged each dialogue, per 
 report.md shows a table per length and ``detection_vs_turn.png`` plots it.
 
 ``thresholds`` (written by ``eval.loop``) maps each moderator defence to the decision threshold every
-one of its rows was measured at (:class:`eval.defences.ThresholdChoice` as a dict: ``threshold``,
+one of its rows was measured at (:class:`eval.thresholds.ThresholdChoice` as a dict: ``threshold``,
 ``source``, ``detail``, ...); ``python -m export --eval-report`` refuses to ship another one.
 """
 
