@@ -432,10 +432,10 @@ def _set_order(name: str) -> tuple[int, str]:
 # --------------------------------------------------------------------------- table and targets
 
 
-def _fmt(value: float | None, interval: tuple[float, float] | None = None) -> str:
+def _fmt(value: float | None, interval: tuple[float, float] | None = None, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "-"
-    text = f"{value:.2f}"
+    text = f"{value:.{digits}f}"
     if interval is not None:
         text += f" [{interval[0]:.2f},{interval[1]:.2f}]"
     return text
@@ -502,15 +502,20 @@ def check_targets(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> lis
                 target(f"recall at the shipped threshold, {set_name}", get(set_name, MODERATOR, "recall"), 0.7)
             )
     ours = get(SAFEMT_POOLED, MODERATOR, "auprc")
+    ours_ci = ((results.get(SAFEMT_POOLED, {}).get(MODERATOR) or {}).get("ci") or {}).get("auprc")
     for baseline in (ZERO_SHOT, TFIDF):
         theirs = get(SAFEMT_POOLED, baseline, "auprc")
+        theirs_ci = ((results.get(SAFEMT_POOLED, {}).get(baseline) or {}).get("ci") or {}).get("auprc")
         better = None if ours is None or theirs is None else ours > theirs
+        # Higher but with overlapping 95% intervals is not a difference the data can show: say so.
+        noise = bool(ours_ci and theirs_ci and ours_ci[0] <= theirs_ci[1] and theirs_ci[0] <= ours_ci[1])
         targets.append(
             {
                 "target": f"AUPRC above {baseline} (held-out SafeMT vs hard benign)",
                 "value": ours,
                 "goal": theirs,
                 "met": better,
+                "note": "within noise: the 95% intervals overlap" if noise else None,
             }
         )
     measured = [
@@ -1020,13 +1025,15 @@ def write_report(work: Path, report: Mapping[str, Any], table: str, attack_text:
     ]
     for t in report["targets"]:
         met = "n/a" if t["met"] is None else ("met" if t["met"] else "missed")
-        lines.append(f"| {t['target']} | {_fmt(t['value'])} | {_fmt(t['goal'])} | {met} |")
+        note = f" ({t['note']})" if t.get("note") else ""
+        lines.append(f"| {t['target']} | {_fmt(t['value'], digits=3)} | {_fmt(t['goal'], digits=3)} | {met}{note} |")
     if attack_text:
         lines += ["", "## Real target under attack", "", "```", attack_text, "```", "", report["attack_note"]]
     lines += ["", "## Seconds per stage", "", "| stage | seconds | skipped |", "|---|---|---|"]
     for stage, seconds in report["seconds"].items():
         lines.append(f"| {stage} | {seconds:.0f} | {stage in report['skipped']} |")
-    lines.append(f"| total (this invocation) | {report['wall_seconds']:.0f} | |")
+    lines.append(f"| sum of the stages | {sum(report['seconds'].values()):.0f} | |")
+    lines.append(f"| this invocation (wall) | {report['wall_seconds']:.0f} | |")
     (work / "efficacy.md").write_text("\n".join(lines) + "\n")
 
 
@@ -1065,7 +1072,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = StageLog(work, report_only=args.report_only)
     machine = machine_info()
 
-    if args.report_only:
+    previous = work / "efficacy.json"
+    if args.report_only and previous.is_file():
+        # The machine and threads the stages ran with, not this report-only invocation's.
+        ran_with = json.loads(previous.read_text())
+        machine, threads, threads_measured = ran_with["machine"], ran_with["threads"], ran_with["threads_measured"]
+    elif args.report_only:
         threads, threads_measured = 1, None
     elif args.threads == "auto":
         cores = os.cpu_count() or 1
@@ -1226,7 +1238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     for t in targets:
         met = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
-        print(f"target {t['target']}: {_fmt(t['value'])} (goal {_fmt(t['goal'])}) {met}")
+        note = f" ({t['note']})" if t.get("note") else ""
+        print(f"target {t['target']}: {_fmt(t['value'], digits=3)} (goal {_fmt(t['goal'], digits=3)}) {met}{note}")
     print(f"\nStyle caveat: {STYLE_CAVEAT}")
     timings = ", ".join(f"{k} {v:.0f}s" for k, v in log.seconds.items())
     print(

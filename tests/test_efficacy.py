@@ -157,6 +157,12 @@ def test_targets_report_met_missed_and_the_baseline_comparison():
     assert by_name["recall at the shipped threshold, harmbench_single"]["met"] is True
     assert by_name[f"AUPRC above {ZERO_SHOT} (held-out SafeMT vs hard benign)"]["met"] is False
     assert by_name[f"AUPRC above {TFIDF} (held-out SafeMT vs hard benign)"]["met"] is True
+    assert by_name[f"AUPRC above {TFIDF} (held-out SafeMT vs hard benign)"]["note"] is None  # no intervals given
+    # Higher by a hair with overlapping intervals: met, and flagged as within noise.
+    results[SAFEMT_POOLED][MODERATOR]["ci"] = {"auprc": (0.97, 1.0)}
+    results[SAFEMT_POOLED][TFIDF] |= {"auprc": 0.89, "ci": {"auprc": (0.8, 0.98)}}
+    close = {t["target"]: t for t in check_targets(results)}[f"AUPRC above {TFIDF} (held-out SafeMT vs hard benign)"]
+    assert close["met"] is True and "within noise" in close["note"]
     # parse errors over the sets (not the pooled copy): 1 of 20
     assert by_name["parse-error rate over all test sets"]["value"] == pytest.approx(0.05)
     assert by_name["parse-error rate over all test sets"]["met"] is False
