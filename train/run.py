@@ -326,7 +326,9 @@ def build_trainer(
     )
     bound_image_pixels(processor, script_args.min_pixels, script_args.max_pixels)
     _log_evaluation_plan(training_args, len(train_dataset))
-    model = build_model(model_args, script_args, training_args.activation_checkpointing, training_args.trust_remote_code)
+    model = build_model(
+        model_args, script_args, training_args.activation_checkpointing, training_args.trust_remote_code
+    )
     provenance = run_provenance(
         taxonomy,
         script_args.dataset_path,
