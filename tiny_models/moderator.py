@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from moderator.bases import qwen2_5_vl_chat_template
 from moderator.taxonomy import load_taxonomy
 
 # Qwen2's pre-tokenizer split pattern (from the hub tokenizer.json).
@@ -103,13 +104,6 @@ def build_tiny_tokenizer(vocab_size: int = VOCAB_SIZE):
     qwen.add_special_tokens({"additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in qwen.get_vocab()]})
     qwen.chat_template = qwen2_5_vl_chat_template()
     return qwen
-
-
-def qwen2_5_vl_chat_template() -> str:
-    """Qwen2.5-VL's chat template, as TRL ships it (byte-identical to the hub's)."""
-    import trl
-
-    return (Path(trl.__file__).parent / "chat_templates" / "qwen2_5_vl.jinja").read_text()
 
 
 def build_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0) -> Path:
