@@ -189,6 +189,23 @@ class StageLog:
         print(f"[efficacy] {name}: {self.seconds[name]:.0f} s", flush=True)
         return True
 
+    def command(
+        self,
+        name: str,
+        command: Sequence[str],
+        outputs: Sequence[Path],
+        threads: int,
+        code: str | None = None,
+        run_flags: Sequence[str] = (),
+    ) -> bool:
+        """A stage that runs one entry point (:func:`run_command`); True when it ran.
+
+        ``code``: the stage's own module; an edit to it makes its earlier output stale. ``run_flags`` say how to
+        run this time (e.g. resume or start afresh), not what the output is: they are not part of the settings.
+        """
+        settings = {"command": list(command), **({"code": _file_digest(REPO_ROOT / code)} if code else {})}
+        return self.run(name, settings, outputs, lambda: run_command(name, [*command, *run_flags], threads))
+
 
 def run_command(stage: str, command: Sequence[str], threads: int) -> None:
     """One entry point as a subprocess with ``threads`` torch threads; a failure names the stage and command."""
@@ -1093,10 +1110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     base, sets, data, sft, export = (work / name for name in ("base", "sets", "data", "sft", "export"))
     scores_dir = work / "scores"
 
-    def command_stage(name: str, command: list[str], outputs: list[Path], code: str | None = None) -> None:
-        # ``code``: the stage's own module; an edit to it makes its earlier output stale.
-        settings = {"command": command, **({"code": _file_digest(REPO_ROOT / code)} if code else {})}
-        log.run(name, settings, outputs, lambda: run_command(name, command, threads))
+    def command_stage(
+        name: str, command: list[str], outputs: list[Path], code: str | None = None, run_flags: Sequence[str] = ()
+    ) -> None:
+        log.command(name, command, outputs, threads, code=code, run_flags=run_flags)
 
     command_stage("base", [py, "-m", "moderator.bases", "smollm2", str(base)], [base / "config.json"])
     sets_cmd = [py, "-m", "bench.efficacy_data", "--out", str(sets)]
@@ -1114,7 +1131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not log.done("sft", {"command": sft_cmd}, [sft / "adapter_config.json"]):
         started_file.parent.mkdir(parents=True, exist_ok=True)
         started_file.write_text(json.dumps(sft_cmd))
-    command_stage("sft", sft_cmd + ([] if resume else ["--fresh_start", "true"]), [sft / "adapter_config.json"])
+    command_stage("sft", sft_cmd, [sft / "adapter_config.json"], run_flags=() if resume else ("--fresh_start", "true"))
 
     # Thresholds on validation (never a test set): the trained checkpoint's is the one the export ships.
     thresholds_file = work / "thresholds.json"

@@ -308,3 +308,21 @@ def test_attack_blocks_and_injects_only_flagged_dialogues(monkeypatch, tmp_path)
     stored = json.loads(json.dumps(efficacy._str_keys(summary)))
     text = efficacy.format_attack(stored)
     assert "moderator-block" in text and "0.50" in text
+
+
+def test_a_command_stage_run_with_other_run_flags_is_still_complete(monkeypatch, tmp_path):
+    # The SFT stage starts afresh once (--fresh_start true) and may resume later: how it ran must not make
+    # the next invocation see other settings and retrain (and then rescore) everything.
+    calls = []
+    out = tmp_path / "sft.out"
+
+    def fake_run(stage, command, threads):
+        calls.append(list(command))
+        out.write_text("x")
+
+    monkeypatch.setattr(efficacy, "run_command", fake_run)
+    StageLog(tmp_path).command("sft", ["train"], [out], 1, run_flags=("--fresh_start", "true"))
+    assert calls == [["train", "--fresh_start", "true"]]
+    again = StageLog(tmp_path)
+    assert again.command("sft", ["train"], [out], 1) is False and again.skipped == ["sft"]
+    assert StageLog(tmp_path).command("sft", ["train", "--max_steps", "2"], [out], 1) is True  # other settings
