@@ -196,3 +196,124 @@ def test_checkpoint_is_served_with_its_categories_and_prompt_format(tiny_model_d
     (run / "moderator_run.json").write_text(json.dumps(recorded))
     with pytest.raises(ModeratorConfigError, match="moderator_run.json: trained with other taxonomy categories"):
         serving_contract(run)
+
+
+@contextmanager
+def answers_scripted(moderator, unsafe_rows=(), forced_category="fraud"):
+    """Make the random tiny model answer ``verdict: safe`` (``verdict: unsafe`` with category ``fraud`` on
+    batch ``unsafe_rows`` of a greedy generate), and continue the forced ``verdict: unsafe\\ncategory:``
+    with `` <forced_category>\\nintent: scam people``.
+
+    A forward hook adds a large logit to the scripted next token, chosen by the longest match of the
+    row's tokens so far against each script's trigger and answer. P(unsafe) is read from the output
+    layer before the hook, so the scores are still the random model's. Records each ``generate``
+    call's batch size.
+    """
+    from moderator.contract import SAFE, UNSAFE, render_target
+    from moderator.inference import FORCED_UNSAFE_PREFIX
+
+    tokenizer = moderator.processor.tokenizer
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    eos = tokenizer.eos_token_id
+    prompt_end = moderator._inputs(moderator.prompt_texts(*_one_dialogue()), [[]])["input_ids"][0, -1].item()
+    forced = ids(FORCED_UNSAFE_PREFIX)
+    forced_answer = ids(render_target(UNSAFE, forced_category, "scam people"))
+    assert forced_answer[: len(forced)] == forced
+    safe = ([prompt_end], ids(render_target(SAFE)) + [eos])
+    unsafe = ([prompt_end], ids(render_target(UNSAFE, "fraud", "scam people")) + [eos])
+    continuation = (forced[-2:], forced_answer[len(forced) :] + [eos])
+    history: dict[int, list[int]] = {}
+    batch_sizes: list[int] = []
+
+    def hook(module, args, kwargs, output):
+        input_ids = kwargs["input_ids"]
+        for row in range(input_ids.shape[0]):
+            if input_ids.shape[1] > 1:  # a prefill: the row's tokens start over
+                history[row] = input_ids[row].tolist()
+            else:
+                history.setdefault(row, []).append(input_ids[row, -1].item())
+            # ``unsafe_rows`` index the first generate's batch; later calls hold other rows.
+            greedy = unsafe if row in unsafe_rows and len(batch_sizes) == 1 else safe
+            matches = [
+                (len(trigger) + k, answer[k])
+                for trigger, answer in (greedy, continuation)
+                for k in range(len(answer))
+                if history[row][-(len(trigger) + k) :] == trigger + answer[:k]
+            ]
+            if matches:
+                output.logits[row, -1, max(matches)[1]] += 1e3
+
+    generate = moderator.model.generate
+
+    def counting_generate(*args, **kwargs):
+        batch_sizes.append(kwargs["input_ids"].shape[0])
+        return generate(*args, **kwargs)
+
+    handle = moderator.model.register_forward_hook(hook, with_kwargs=True)
+    moderator.model.generate = counting_generate
+    try:
+        yield batch_sizes
+    finally:
+        handle.remove()
+        del moderator.model.generate
+
+
+def test_the_forced_prefix_is_the_contracts_unsafe_target_up_to_the_categorys_own_token(moderator):
+    # Bug caught: forcing "category: " with its space, a lone space token the trained model never saw
+    # before a category (its targets tokenize the space into the category's first token, " fraud").
+    from moderator.contract import UNSAFE, VERDICT_PREFIX, render_target
+    from moderator.inference import FORCED_UNSAFE_PREFIX
+
+    tokenizer = moderator.processor.tokenizer
+    forced = tokenizer(FORCED_UNSAFE_PREFIX, add_special_tokens=False)["input_ids"]
+    assert FORCED_UNSAFE_PREFIX.startswith(VERDICT_PREFIX + UNSAFE + "\n")
+    for category in moderator.taxonomy.ids:
+        target = tokenizer(render_target(UNSAFE, category, "an intent"), add_special_tokens=False)["input_ids"]
+        assert target[: len(forced)] == forced and len(target) > len(forced)
+
+
+def test_a_score_flagged_safe_answer_takes_category_and_intent_from_the_forced_unsafe_answer(moderator, monkeypatch):
+    # Bug caught (real-weights efficacy run): with a threshold below 0.5 the score flags dialogues whose
+    # greedy answer says "verdict: safe"; they got category "unknown", no intent and no policy.
+    from moderator.inference import FORCED_UNSAFE_PREFIX
+
+    dialogues, images = _dialogues()
+    with answers_scripted(moderator):
+        scores = [v.p_unsafe for v in moderator.moderate_batch(dialogues, images, max_new_tokens=24)]
+    low, said_safe, said_unsafe = sorted(range(len(scores)), key=scores.__getitem__)
+    monkeypatch.setattr(moderator, "threshold", (scores[low] + scores[said_safe]) / 2)
+    with answers_scripted(moderator, unsafe_rows={said_unsafe}) as batch_sizes:
+        verdicts = moderator.moderate_batch(dialogues, images, max_new_tokens=24)
+    assert batch_sizes == [3, 1]  # only the disagreeing row pays a second generate
+    fraud_policy = moderator.taxonomy.by_id["fraud"].policy
+    forced = verdicts[said_safe]
+    assert forced.raw == "verdict: safe" and forced.forced_raw == FORCED_UNSAFE_PREFIX + " fraud\nintent: scam people"
+    assert (forced.verdict, forced.category, forced.intent, forced.policy) == (
+        "unsafe",
+        "fraud",
+        "scam people",
+        fraud_policy,
+    )
+    assert not forced.parse_error and forced.p_unsafe == scores[said_safe]
+    by_text = verdicts[said_unsafe]  # flagged by score and text alike: as before, no forced answer
+    assert (by_text.category, by_text.intent, by_text.policy, by_text.forced_raw) == (
+        "fraud",
+        "scam people",
+        fraud_policy,
+        "",
+    )
+    assert verdicts[low].verdict == "safe" and verdicts[low].category is None and verdicts[low].forced_raw == ""
+
+    with answers_scripted(moderator, forced_category="not_a_category") as batch_sizes:
+        unknown = moderator.moderate(dialogues[said_safe], images[said_safe])
+    assert batch_sizes == [1, 1] and unknown.forced_raw.startswith(FORCED_UNSAFE_PREFIX + " not_a_category")
+    assert (unknown.verdict, unknown.category, unknown.intent, unknown.policy) == (
+        "unsafe",
+        UNKNOWN_CATEGORY,
+        None,
+        None,
+    )
+    assert not unknown.parse_error

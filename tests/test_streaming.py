@@ -8,7 +8,7 @@ from PIL import Image
 
 from moderator.inference import Moderator, PrefixCache
 from tests.conftest import SAMPLE_DIR
-from tests.test_inference import verdict_prefix_nudged
+from tests.test_inference import answers_scripted, verdict_prefix_nudged
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,33 @@ def test_per_turn_verdicts_equal_moderating_each_prefix_and_reuse_the_transcript
         assert streamed.p_unsafe == pytest.approx(reference.p_unsafe, abs=1e-5)
     assert reused_work["vision"] == 1 and work["vision"] == 4
     assert reused_work["prefill_tokens"] < 0.5 * work["prefill_tokens"]
+
+
+def test_per_turn_verdicts_equal_moderating_each_prefix_when_the_score_flags_a_safe_answer(moderator, monkeypatch):
+    # Bugs caught: the forced unsafe answer (category and intent where the score flags "verdict: safe")
+    # built on one path and not the other, run from scratch (the image encoded again) instead of on the
+    # prompt's cache, or a cache that holds the forced answer corrupting the next turn.
+    dialogue, images = _dialogue(), [_image()]
+    with answers_scripted(moderator):
+        scores = sorted(v.p_unsafe for v in moderator.moderate_turns(dialogue, images, max_new_tokens=24))
+    monkeypatch.setattr(moderator, "threshold", (scores[1] + scores[2]) / 2)  # two turns flagged, two not
+    with answers_scripted(moderator) as batch_sizes, counted_work(moderator) as work:
+        per_turn = moderator.moderate_turns(dialogue, images, max_new_tokens=24)
+    assert work["vision"] == 1 and len(batch_sizes) == 4 + 2  # a second generate for the flagged turns only
+    with answers_scripted(moderator):
+        fresh = [
+            moderator.moderate_batch([dialogue[: end + 1]], [images], max_new_tokens=24)[0]
+            for end in _user_ends(dialogue)
+        ]
+    assert [v.category for v in per_turn].count("fraud") == 2
+    for streamed, reference in zip(per_turn, fresh, strict=True):
+        assert (streamed.raw, streamed.forced_raw) == (reference.raw, reference.forced_raw)
+        assert (streamed.verdict, streamed.category, streamed.intent) == (
+            reference.verdict,
+            reference.category,
+            reference.intent,
+        )
+        assert streamed.p_unsafe == pytest.approx(reference.p_unsafe, abs=1e-5)
 
 
 def test_an_image_on_a_later_turn_and_unparsed_answers_match_moderating_each_prefix(moderator):
