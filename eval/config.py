@@ -54,6 +54,9 @@ class TargetConfig:
     dtype: str | None = None
     device: str | None = None  # hf: null = CUDA when present, "auto" = spread over all GPUs, or e.g. cuda:1
     trust_remote_code: bool = False
+    # Whether the target receives the dialogue's images; false for a text-only chat model, which then sees
+    # the text only (the moderator and guards still see the images). Part of the reply cache key.
+    images: bool = True
     batch_size: int | None = None  # hf: requests per forward pass; null = the eval's batch_size
     # Image pixel bounds (processors with a pixel budget, e.g. Qwen2-VL; vLLM mm_processor_kwargs).
     # The defaults are the training recipes' (moderator.images); null keeps the processor's own bound.
@@ -290,6 +293,8 @@ def _validate_target(target: TargetConfig, where: str, fail: Callable[[str, str]
         value = getattr(target, key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             fail(f"{where}.{key}", f"must be a positive integer or null, got {value!r}")
+    if not isinstance(target.images, bool):  # a quoted "false" would otherwise count as true
+        fail(f"{where}.images", f"must be true or false, got {target.images!r}")
     if target.min_pixels and target.max_pixels and target.min_pixels > target.max_pixels:
         fail(f"{where}.min_pixels", f"{target.min_pixels} exceeds max_pixels {target.max_pixels}")
     if isinstance(target.tensor_parallel_size, bool) or not isinstance(target.tensor_parallel_size, int):

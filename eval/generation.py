@@ -1,8 +1,9 @@
 """Phase 2, target replies (a part of :class:`eval.loop.EvalRun`).
 
 Every target answers the final user turn of every sample its defence did not block, with the system
-prompt the defence gave it; identical prompts (no defence, an unflagged guard) are generated once. One
-target is in memory at a time. A target that batches its own work (vLLM) gets the pending requests
+prompt the defence gave it and the dialogue's image (none for a target with ``images: false``, a
+text-only chat model); identical prompts (no defence, an unflagged guard) are generated once. One target
+is in memory at a time. A target that batches its own work (vLLM) gets the pending requests
 ``workload_chunk`` at a time; others get ``batch_size`` at a time.
 """
 
@@ -98,7 +99,8 @@ class GenerationStage:
         return self.config.batch_size
 
     def _generate_batch(self, cfg: TargetConfig, target: ChatModel, batch: list[Generation]) -> list[dict]:
-        images = open_images([item.sample for item in batch])
+        # A text-only target (images: false) gets the text alone; its images are not even opened.
+        images = open_images([item.sample for item in batch]) if cfg.images else [[] for _ in batch]
         requests = [
             ChatRequest(dialogue=item.sample.dialogue, system=item.system, image=imgs[0] if imgs else None)
             for item, imgs in zip(batch, images, strict=True)

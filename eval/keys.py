@@ -2,8 +2,9 @@
 
 A cached record is reused only when everything that decided it is in its key: a defence decision by
 (defence, settings incl. the run's threshold, id, k, benign); a validation-split score by the settings
-without the threshold (choosing the threshold never invalidates it); a reply by (target, settings, id,
-k, benign, system prompt); a judged row by (target, defence, judge, id, k, benign, all their settings).
+without the threshold (choosing the threshold never invalidates it); a reply by (target, settings incl.
+whether it sees images, id, k, benign, system prompt); a judged row by (target, defence, judge, id, k,
+benign, all their settings).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class CacheKeys:
             "dtype": target.dtype,
             "system_prompt": target.system_prompt,
             "max_new_tokens": self.config.max_new_tokens,
+            # A reply to the text alone is not a reply to text and image: never reuse one for the other.
+            "images": target.images,
         }
         return settings_digest(settings)
 

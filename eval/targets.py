@@ -114,7 +114,10 @@ def _system_into_first_user(messages: list[dict[str, Any]]) -> list[dict[str, An
 def render_chat_prompt(processor: Any, request: ChatRequest, multimodal: bool, name: str) -> str:
     """The prompt text for one request with the model's own chat template, ending with the generation prompt."""
     if request.image is not None and not multimodal:
-        raise ValueError(f"{name}: a text-only model cannot take the dialogue's image")
+        raise ValueError(
+            f"{name}: a text-only model cannot take the dialogue's image "
+            "(set images: false in its target config to send it the text only)"
+        )
     messages = content_parts_messages(request) if multimodal else string_messages(request)
     try:
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
