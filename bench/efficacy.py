@@ -30,10 +30,10 @@ same settings; once a stage runs again, every later stage runs again too. Scores
 smoke run of the same code path; its figures mean nothing). Not a test (tests/test_efficacy.py tests
 the metric and table code).
 
-Why the attack stage is not ``python -m eval.run``: the eval loop hands every SafeMT dialogue's image to
-the target, and a text-only target (``eval.targets``) refuses an image; it would also score every
-dialogue with the moderator a second time. Here the target gets the dialogue's text and the defences
-reuse the verdicts of stage 7, through the same defence, target and judge classes ``eval.run`` uses.
+Why the attack stage is not ``python -m eval.run`` (which runs ``configs/eval/smollm2_cpu.yaml``, its
+text-only target set to ``images: false``): it would score every dialogue with the moderator a second
+time. Here the target gets the dialogue's text and the defences reuse the verdicts of stage 7, through
+the same defence, target and judge classes ``eval.run`` uses.
 """
 
 from __future__ import annotations
