@@ -232,9 +232,7 @@ class PrefixCache:
         """
         if self.cache is None or self.input_ids is None or pixels != self.pixels:
             return 0
-        limit = min(len(self.input_ids), len(input_ids) - 1)  # at least one token must be run
-        same = (self.input_ids[:limit].to(input_ids.device) == input_ids[:limit]).long()
-        common = int(same.cumprod(0).sum())
+        common = common_prefix_length(self.input_ids.to(input_ids.device), input_ids)
         vision_tokens = torch.tensor(image_token_ids, dtype=input_ids.dtype, device=input_ids.device)
         if common == 0 or bool(torch.isin(input_ids[common:], vision_tokens).any()):
             return 0
@@ -246,6 +244,12 @@ class PrefixCache:
 
     def clear(self) -> None:
         self.input_ids, self.pixels, self.cache = None, "", None
+
+
+def common_prefix_length(cached_ids: torch.Tensor, input_ids: torch.Tensor) -> int:
+    """Leading tokens of ``input_ids`` equal to ``cached_ids``, leaving at least one token of it to run."""
+    limit = min(len(cached_ids), len(input_ids) - 1)
+    return int((cached_ids[:limit] == input_ids[:limit]).long().cumprod(0).sum())
 
 
 def pixel_digest(inputs: Mapping[str, Any]) -> str:
@@ -583,9 +587,7 @@ class Moderator:
         forced_raw = None
         if self._needs_forced_answer(raws[0], score):  # as moderate_texts, continuing the prompt's cache
             forced_inputs = self._inputs([text + FORCED_UNSAFE_PREFIX], [list(images)])
-            forced_ids = forced_inputs["input_ids"][0]
-            limit = min(len(input_ids[0]), len(forced_ids) - 1)
-            common = int((forced_ids[:limit] == input_ids[0, :limit]).long().cumprod(0).sum())
+            common = common_prefix_length(input_ids[0], forced_inputs["input_ids"][0])
             continuation, _, forced_out, _ = self._continue_generation(forced_inputs, cache, common, max_new_tokens)
             cache, forced_raw = forced_out.past_key_values, FORCED_UNSAFE_PREFIX + continuation[0]
         prefix_cache.update(input_ids[0], pixels, cache, reused)
