@@ -1,41 +1,50 @@
 """With real pretrained weights, a few LoRA steps through the repository's own path teach the moderator.
 
-SmolLM2-135M-Instruct in the Qwen2.5-VL shape (``moderator.bases``), the real SafeMT sample records
-(unsafe) and real chitchat dialogues (benign) prepared by ``data_prep.build``, trained by
-``train.run.build_trainer`` (TRL's collator, the recipe's LoRA/PEFT set-up) and scored by ``Moderator``:
-held-out unsafe and benign dialogues move apart (their mean log-odds of P(unsafe) by at least half a nat
-more than the untrained base's) and P(unsafe) falls on the held-out benign ones. The random tiny model
-used everywhere else cannot show this: it has nothing to learn from.
+SmolLM2-135M-Instruct in the Qwen2.5-VL shape (``moderator.bases``), real SafeMT sample records (unsafe)
+and real chitchat-dataset conversations (benign, the ``real`` extra) prepared by ``data_prep.build``, trained by
+``train.run.build_trainer`` (TRL's collator, the recipe's LoRA/PEFT set-up, ``--verdict_loss_weight``)
+and scored by ``Moderator`` from the saved adapter: on held-out dialogues, mean P(unsafe) rises on the
+unsafe ones and falls on the benign ones, relative to the untrained base, and the two classes move
+apart. The random tiny model used everywhere else cannot show this: it has nothing to learn from.
 
-Not asserted: that P(unsafe) *rises* on held-out unsafe dialogues. The untrained base already leans
-unsafe there (mean about 0.72), and within a CI budget it does not go higher: over 24 steps at this
-learning rate it went 0.72 -> 0.52 (step 4) -> 0.12 (12) -> 0.60 (16) -> 0.72 (20) -> 0.07 (24), while
-benign fell to 0.002-0.17. Few steps on this contract first teach "safe" for everything; the longer
-`make efficacy` run is where the unsafe side is measured.
+Why 4-turn dialogues: there the untrained base cannot tell SafeMT from chitchat (held-out mean P(unsafe)
+0.245 on unsafe, 0.292 on benign), so what the steps teach shows on both sides. On 1-turn dialogues the
+base already leans unsafe on everything (0.72 unsafe, 0.40 benign) and the first steps mostly move every
+verdict towards "safe"; the same happened in the 48-step ``make efficacy`` run of plain SFT (held-out
+1-turn 0.70 -> 0.27, 4-turn 0.32 -> 0.63).
+Why balanced, in order, with the verdict weighted: batches of one unsafe and one benign row cannot drift
+towards either label, and with plain SFT the verdict word is one of ~30 supervised tokens of an unsafe
+row (the category and intent are the rest), so 12 steps mostly teach the intent's wording. Measured on
+exactly this set-up: plain SFT moved unsafe 0.245 -> 0.644 but benign *up* 0.292 -> 0.478 (log-odds gap
+-0.23 -> 0.73); with ``verdict_loss_weight`` 10, unsafe 0.245 -> 0.570 and benign 0.292 -> 0.094 (gap
+-0.23 -> 2.90).
 
 Why this fails when each part is wrong:
-- loss mask: the verdict is about 1 supervised token in 250. Were the prompt supervised too, a few steps
-  would fit the system prompt and the dialogue, not the verdict; were the verdict masked out, nothing
-  would teach safe/unsafe at all. Either way the held-out classes would not move apart.
-  ``test_real_tokenizer_batch_supervises_only_the_verdict`` also checks the mask directly.
+- loss mask: were the prompt supervised too, the supervised span would not start with the verdict and
+  ``--verdict_loss_weight`` refuses the batch (``train.loss.VerdictPositionError``); were the verdict
+  masked out, nothing would teach safe/unsafe. ``test_real_tokenizer_batch_supervises_only_the_verdict``
+  also checks the mask directly.
 - verdict position: P(unsafe) is read after the ``verdict: `` prefix (``moderator.contract``). Read one
   position early or late, the safe/unsafe logits are those of an unrelated next token, which training
   does not separate by label. The trained model's own greedy answers are checked to put ``safe``/``unsafe``
   exactly there, agreeing with the score.
 - weights loading: with random or mis-mapped weights the untrained base would not beat shuffled text
-  (``test_the_base_carries_real_language_weights``), and a few steps on eight examples teach a random
+  (``test_the_base_carries_real_language_weights``), and a dozen steps on 24 examples teach a random
   135M model nothing that transfers to held-out dialogues.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from datasets import load_from_disk
 from PIL import Image
 
 from moderator.inference import Moderator
@@ -50,22 +59,21 @@ pytestmark = pytest.mark.slow
 TOP_LAYERS_REGEX = (
     r".*language_model\.layers\.(2[0-9])\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 )
-TRAIN_EXAMPLES = 8  # the first rows of the prepared train split: four unsafe, four benign
-# Four epochs over them. Fewer steps are not enough, and not by a little: the first steps teach "safe"
-# for everything (P(unsafe) falls on held-out unsafe dialogues too, to about 0.1 after 12 steps), most
-# likely by copying the system prompt's first format example ("verdict: safe"); telling the two apart
-# comes after that (measured on this data: held-out unsafe 0.72 -> 0.12 at step 12 -> 0.60 at step 16).
-STEPS = 16
-HELD_OUT_PER_LABEL = 5
-MARGIN = 0.05  # mean P(unsafe) on held-out benign dialogues must fall at least this far
+TURNS = 4  # SafeMT user turns per dialogue (chitchat cut to the same): see the module docstring
+PER_LABEL = 12  # training rows per label, interleaved unsafe/benign, read in order: every batch of 2 is balanced
+STEPS = 12  # one epoch: every training row is seen once
+VERDICT_LOSS_WEIGHT = 10.0  # the verdict word about as heavy as an unsafe row's category and intent together
+HELD_OUT_PER_LABEL = 8
+MARGIN = 0.05  # mean P(unsafe) must rise on held-out unsafe and fall on held-out benign by at least this
 GAP_MARGIN = 0.5  # nats: the held-out classes must move at least this much further apart
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # One torch thread was faster than two on this 2-core machine when anything else runs; restored after.
+def torch_threads():
+    # Two threads: the whole module took 150 s with 2 and 248 s with 1 on the idle 2-core CI machine (pytest runs
+    # one test at a time); restored after.
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
     torch.set_num_threads(before)
 
@@ -77,24 +85,31 @@ def real_base(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def prepared(real_base, tmp_path_factory) -> Path:
-    """The demo data recipe on the real sample records (1-turn dialogues: the shortest rows), its token
-    lengths counted with the base's own processor; about as many benign rows as SafeMT ones."""
+    """The demo data recipe on the real sample records (4-turn dialogues), token lengths counted with the
+    base's own processor; then a training split of the first ``PER_LABEL`` rows of each label, interleaved."""
     from data_prep.build import main as build_data
 
     root = tmp_path_factory.mktemp("real-base-data")
     safemt = copy_sample_with_images(root / "safemt")
     argv = ["--config", str(REPO_ROOT / "configs/data/demo.yaml"), "--safemt", str(safemt), "--out", str(root / "data")]
-    argv += ["--benign", str(REPO_ROOT / "tests/data/benign_sample.jsonl"), "--processor", str(real_base)]
-    argv += ["--safemt_turns", "1", "--benign_ratio", "0.9", "--test_fraction", "0.3", "--validation_fraction", "0.05"]
+    # Real chitchat-dataset conversations (the `real` extra), as many as SafeMT records, cut to 4 user turns.
+    argv += ["--benign", "chitchat", "--benign_ratio", "1.0", "--processor", str(real_base)]
+    argv += ["--safemt_turns", str(TURNS), "--test_fraction", "0.3", "--validation_fraction", "0.05"]
     assert build_data(argv) == 0
-    return root / "data"
+    datasets = load_from_disk(str(root / "data" / "dataset"))
+    labels = datasets["train"]["label"]
+    unsafe, benign = ([i for i, label in enumerate(labels) if label == want][:PER_LABEL] for want in ("unsafe", "safe"))
+    assert len(benign) == PER_LABEL, f"only {len(benign)} benign training rows"
+    datasets["train"] = datasets["train"].select([i for pair in zip(unsafe, benign, strict=True) for i in pair])
+    balanced = root / "balanced"
+    shutil.copytree(root / "data", balanced, ignore=shutil.ignore_patterns("dataset"))
+    datasets.save_to_disk(str(balanced / "dataset"))
+    return balanced
 
 
 @pytest.fixture(scope="module")
 def held_out(prepared) -> list[dict]:
     """The first held-out (test split) rows of each label, in data prep's fixed order."""
-    from datasets import load_from_disk
-
     test = load_from_disk(str(prepared / "dataset"))["test"]
     rows = [
         row for label in ("unsafe", "safe") for row in [r for r in test if r["label"] == label][:HELD_OUT_PER_LABEL]
@@ -104,7 +119,7 @@ def held_out(prepared) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def trainer(real_base, prepared, tmp_path_factory, one_thread):
+def trainer(real_base, prepared, tmp_path_factory, torch_threads):
     from trl import ModelConfig, SFTConfig, TrlParser
 
     from train.config import ModeratorScriptArguments
@@ -120,7 +135,8 @@ def trainer(real_base, prepared, tmp_path_factory, one_thread):
         "lora_dropout": 0.0,
         "lora_target_regex": TOP_LAYERS_REGEX,
         "dataset_path": str(prepared),
-        "max_train_samples": TRAIN_EXAMPLES,
+        "verdict_loss_weight": VERDICT_LOSS_WEIGHT,
+        "train_sampling_strategy": "sequential",
         "max_length": None,
         "assistant_only_loss": True,
         "output_dir": str(out / "adapter"),
@@ -159,7 +175,7 @@ def _prompts(moderator: Moderator, rows: list[dict]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def base_moderator(real_base, one_thread) -> Moderator:
+def base_moderator(real_base, torch_threads) -> Moderator:
     return Moderator(*load_vlm(real_base))
 
 
@@ -199,15 +215,14 @@ def test_real_tokenizer_batch_supervises_only_the_verdict(trainer):
         assert (labels[ids == trainer.model.config.image_token_id] == -100).all()
 
 
-def test_few_lora_steps_separate_held_out_unsafe_from_benign_and_lower_benign_p_unsafe(
-    trainer, base_moderator, held_out, one_thread
+def test_few_lora_steps_raise_p_unsafe_on_held_out_unsafe_and_lower_it_on_held_out_benign(
+    trainer, base_moderator, held_out, torch_threads
 ):
     labels = np.array([row["label"] == "unsafe" for row in held_out])
     images = [_open_images(row) for row in held_out]
     before = np.array(base_moderator.p_unsafe(_prompts(base_moderator, held_out), images))
 
-    train_labels = trainer.train_dataset["label"]
-    assert min(train_labels.count("unsafe"), train_labels.count("safe")) >= 3
+    assert trainer.train_dataset["label"] == ["unsafe", "safe"] * PER_LABEL
     assert not {r["id"] for r in held_out} & set(trainer.train_dataset["id"])  # held out for real
     trainer.train()
     adapter = Path(trainer.args.output_dir)
@@ -228,6 +243,7 @@ def test_few_lora_steps_separate_held_out_unsafe_from_benign_and_lower_benign_p_
         f"{log_odds_gap(before):.2f} -> {log_odds_gap(after):.2f}; answers {[a for a, _ in answers]}"
     )
     print(report)
+    assert after[labels].mean() > before[labels].mean() + MARGIN, report
     assert after[~labels].mean() < before[~labels].mean() - MARGIN, report
     assert log_odds_gap(after) > log_odds_gap(before) + GAP_MARGIN, report
     # The trained model writes the verdict where the score is read: its greedy word there is the score's.

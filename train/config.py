@@ -31,6 +31,14 @@ class ModeratorScriptArguments:
         default=LM_LINEAR_REGEX,
         metadata={"help": "Regex of modules LoRA wraps; overrides --lora_target_modules when set."},
     )
+    verdict_loss_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Loss weight of the verdict word (safe/unsafe) relative to the other target tokens (category, "
+            "intent). 1: plain SFT. An unsafe target has about 30 supervised tokens and one decides the verdict "
+            "(train/loss.py)."
+        },
+    )
     moderation_eval_samples: int = field(
         default=64,
         metadata={

@@ -24,6 +24,7 @@ from moderator.images import bound_image_pixels
 from moderator.taxonomy import REPO_ROOT, Taxonomy, load_taxonomy
 from train.checkpoints import TORN_PREFIX, checkpoint_problem, find_resume_checkpoint, set_aside
 from train.config import ModeratorScriptArguments
+from train.loss import VerdictLossWeight
 from train.modeling import build_model, build_peft_config, build_processor
 from train.provenance import run_provenance, write_provenance
 from train.trainer import ModeratorSFTTrainer, NoTruncationCollator, PreemptionCallback, ProvenanceCallback
@@ -280,9 +281,22 @@ def _first(dataset, n: int | None, flag: str):
     return dataset.select(range(min(n, len(dataset)))) if dataset is not None and n is not None else dataset
 
 
+def check_verdict_loss_weight(weight: float, training_args: SFTConfig) -> None:
+    if weight <= 0:
+        raise UsageError(f"--verdict_loss_weight must be > 0, got {weight}")
+    # The verdict term is added to TRL's plain NLL; with label smoothing TRL's per-token log-probs carry no
+    # gradient, and DFT reweights tokens its own way.
+    if weight != 1 and (training_args.label_smoothing_factor > 0 or training_args.loss_type != "nll"):
+        raise UsageError(
+            f"--verdict_loss_weight {weight} works with the plain NLL loss only: got label_smoothing_factor "
+            f"{training_args.label_smoothing_factor} and loss_type {training_args.loss_type!r}"
+        )
+
+
 def build_trainer(
     script_args: ModeratorScriptArguments, training_args: SFTConfig, model_args: ModelConfig
 ) -> tuple[ModeratorSFTTrainer, PreemptionCallback]:
+    check_verdict_loss_weight(script_args.verdict_loss_weight, training_args)
     taxonomy = load_taxonomy(script_args.taxonomy_path)
     check_dataset_contract(script_args.dataset_path, taxonomy)
     check_full_finetune_precision(model_args, training_args)  # before loading a multi-GB model
@@ -354,9 +368,17 @@ def build_trainer(
         moderation_eval_generate=script_args.moderation_eval_generate,
         moderation_eval_max_new_tokens=script_args.moderation_eval_max_new_tokens,
         moderation_eval_threshold=script_args.moderation_eval_threshold,
+        verdict_loss=verdict_loss(script_args.verdict_loss_weight, processor),
     )
     trainer.data_collator = NoTruncationCollator(trainer.data_collator, training_args.max_length)
     return trainer, preemption
+
+
+def verdict_loss(weight: float, processor: Any) -> VerdictLossWeight | None:
+    """The verdict word's extra loss term; None (TRL's own loss, untouched) at weight 1."""
+    if weight == 1:
+        return None
+    return VerdictLossWeight(getattr(processor, "tokenizer", processor), weight)
 
 
 def hub_token_to_environment(training_args: TrainingArguments) -> None:

@@ -17,6 +17,7 @@ from trl import SFTTrainer
 
 from moderator.inference import Moderator, Verdict
 from moderator.taxonomy import Taxonomy
+from train.loss import VerdictLossWeight
 
 logger = logging.getLogger(__name__)
 
@@ -169,14 +170,45 @@ class ModeratorSFTTrainer(SFTTrainer):
         moderation_eval_generate: bool = False,
         moderation_eval_max_new_tokens: int = 48,
         moderation_eval_threshold: float = 0.5,
+        verdict_loss: VerdictLossWeight | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
+        self.verdict_loss = verdict_loss
         self.taxonomy = taxonomy
         self.moderation_eval_samples = moderation_eval_samples
         self.moderation_eval_generate = moderation_eval_generate
         self.moderation_eval_max_new_tokens = moderation_eval_max_new_tokens
         self.moderation_eval_threshold = moderation_eval_threshold
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's loss, plus the verdict word's extra weight when ``--verdict_loss_weight`` is not 1."""
+        if self.verdict_loss is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # TRL's forward returns each label's log-probability (its fused LM head) but hands back recomputed
+        # logits instead when asked for outputs: a hook keeps the fused output, so no extra forward is needed.
+        fused: list[Any] = []
+
+        def keep_fused(module: Any, args: Any, output: Any) -> None:
+            if not fused and getattr(output, "log_probs", None) is not None:
+                fused.append(output)
+
+        handle = model.register_forward_hook(keep_fused)
+        try:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            handle.remove()
+        if not fused:
+            raise RuntimeError("--verdict_loss_weight needs TRL's per-token log-probabilities; the forward gave none")
+        loss, outputs = result if return_outputs else (result, None)
+        # TRL scores next-token labels: shifted here, pre-shifted under context/sequence parallelism.
+        shift_labels = inputs["shift_labels"] if "shift_labels" in inputs else inputs["labels"][:, 1:]
+        n_tokens = fused[0].label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        extra = self.verdict_loss.extra_loss(fused[0].log_probs, shift_labels, n_tokens)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            extra = extra * (self.accelerator.num_processes // self.get_tp_size())  # as TRL scales its loss
+        loss = loss + extra
+        return (loss, outputs) if return_outputs else loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         metrics = super().evaluate(
