@@ -37,9 +37,19 @@ from data_prep.benign import (
     user_turns,
 )
 from data_prep.config import POOL_PLACEHOLDER, POOL_SAFEMT, ConfigError, DataPrepConfig, parse_config
-from data_prep.convert import benign_row, safemt_rows
+from data_prep.convert import benign_row, make_row, safemt_rows
 from data_prep.images import check_images, folder_images, write_placeholder
 from data_prep.io import DATASET_DIR, LENGTH_COLUMN, build_dataset_dict, load_prepared, save_prepared
+from data_prep.matched import (
+    MatchedRow,
+    MatchedSources,
+    extra_harmful_rows,
+    imbalanced_cells,
+    label_balance,
+    load_pool,
+    read_exclusions,
+    twin_of,
+)
 from data_prep.quarantine import Ledger
 from data_prep.safemt import read_safemt, unreadable_reason
 from data_prep.splits import SPLITS, assign_splits
@@ -115,6 +125,24 @@ class BenignImagePool:
                 "no SafeMT images to reuse; use a folder or 'placeholder' pool, or more SafeMT records"
             )
         return self._draw(dialogue_id, split_images)
+
+
+def _matched_row(row: MatchedRow, images: list[str], taxonomy: Any) -> dict[str, Any]:
+    """A matched row (a twin or an extra harmful prompt) in the training-row format."""
+    scenario = taxonomy.by_id[row.category].label if row.category else ""
+    return make_row(
+        dialogue=row.dialogue,
+        image_turns=[row.image_turn],
+        images=images,
+        verdict=row.verdict,
+        category=row.category,
+        scenario=scenario,
+        intent=row.intent,
+        id=row.id,
+        source=row.source,
+        split_group=row.split_group,
+        taxonomy=taxonomy,
+    )
 
 
 @dataclass
@@ -243,6 +271,10 @@ def _build_into(config: DataPrepConfig, out: Path, final: Path, failed: Path) ->
     rows: list[dict[str, Any]] = []
     safemt_images: list[str] = []
     safemt_lengths: list[int] = []
+    matched_sources = MatchedSources()
+    question_pool = None
+    if config.use_matched:  # read first: a missing asset fails before any conversion work
+        question_pool = load_pool(read_exclusions(config.matched_exclude), config.seed, matched_sources)
     for item, record, image in candidates:
         if checks[image].error:
             ledger.quarantine("safemt", item.file, item.index, record.id, "image_path", checks[image].error)
@@ -251,17 +283,48 @@ def _build_into(config: DataPrepConfig, out: Path, final: Path, failed: Path) ->
         safemt_images.append(image)
         safemt_lengths.append(record.turns)
         rows.extend(safemt_rows(record, image, taxonomy, config.prefixes, config.prefix_label))
+        if config.matched_benign:
+            unsafe = MatchedRow(
+                [dict(m) for m in record.dialogue],
+                "unsafe",
+                taxonomy.by_label[record.scenario].id,
+                record.question,
+                record.id,  # as the SafeMT row's id: the twin is "<id>~benign", (id, turns) stays unique
+                record.source,
+                record.id,
+            )
+            rows.append(_matched_row(twin_of(unsafe, question_pool, matched_sources), [image], taxonomy))
+    safemt_row_count = len(rows)  # SafeMT rows and their twins: their images are SafeMT's own
 
     pool: BenignImagePool | None = None
-    pool_rows: list[tuple[int, int]] = []  # (first row, rows) of benign dialogues whose image waits for the split
-    safemt_row_count = len(rows)
+    pool_rows: list[tuple[int, int]] = []  # (first row, rows) of dialogues whose image waits for the split
+    if config.use_matched and config.extra_harmful:
+        pool = BenignImagePool(config, out, safemt_images)
+        lengths = sorted(set(safemt_lengths)) or sorted(config.safemt_turns)
+        extras = extra_harmful_rows(
+            config.extra_harmful,
+            config.extra_harmful_per_length,
+            lengths,
+            question_pool,
+            read_exclusions(config.matched_exclude),
+            config.seed,
+            matched_sources,
+        )
+        for extra in extras:
+            pair = [extra] + ([twin_of(extra, question_pool, matched_sources)] if config.matched_benign else [])
+            image = None if pool.per_split else pool.pick(extra.split_group)
+            if image is None:
+                pool_rows.append((len(rows), len(pair)))
+            rows.extend(_matched_row(r, [image] if image else [], taxonomy) for r in pair)
+        drawn = {row["images"][0] for row in rows[safemt_row_count:] if row["images"]}
+        checks.update(check_images(drawn - set(checks), config.image_check_workers))
     benign_info: dict[str, Any] = {"source": None, "examples_requested": 0, "examples": 0, "dialogues": 0}
     eval_picks: list[BenignPick] = []
     eval_info: dict[str, Any] | None = None
     if config.use_benign and (config.benign_ratio > 0 or config.benign_eval_size > 0):
         wanted = round(config.benign_ratio * ledger.converted["safemt"])
         lengths = config.benign_turns or sorted(set(safemt_lengths)) or sorted(config.safemt_turns)
-        pool = BenignImagePool(config, out, safemt_images)
+        pool = pool or BenignImagePool(config, out, safemt_images)
         name = source_name(config.benign, config.benign_name)
         candidates = iter_candidates(config.benign, config.benign_split, config.seed)
         seen_ids: set[str] = set()
@@ -360,7 +423,7 @@ def _build_into(config: DataPrepConfig, out: Path, final: Path, failed: Path) ->
     if pool is not None and pool.per_split:
         split_images: dict[str, set[str]] = {split: set() for split in SPLITS}
         for row, split in zip(rows[:safemt_row_count], splits[:safemt_row_count], strict=True):
-            split_images[split].update(row["images"])
+            split_images[split].update(row["images"])  # a twin's image is its SafeMT record's
         for first, count in pool_rows:  # every cut of a dialogue shares its split_group, hence its split
             dialogue_id, split = rows[first]["split_group"], splits[first]
             image = pool.pick_in_split(dialogue_id, split, sorted(split_images[split]))
@@ -391,6 +454,9 @@ def _build_into(config: DataPrepConfig, out: Path, final: Path, failed: Path) ->
             for split in SPLITS
         },
         "counts": count_table(rows, splits),
+        # Label share per (length, form), per source and per split: form must not predict the label.
+        "balance": label_balance(rows, splits),
+        "matched": matched_sources.to_dict() if config.use_matched else None,
         "images": {
             "unique": len(used_images),
             "width": summarize([sizes[p][0] for p in used_images]),
@@ -435,7 +501,18 @@ def _build_into(config: DataPrepConfig, out: Path, final: Path, failed: Path) ->
     lap("token_lengths")
     ledger.write(out / "quarantine.jsonl")
     result = BuildResult(stats, EXIT_OK)
-    if too_long:
+    unbalanced = (
+        imbalanced_cells(stats["balance"], config.max_label_imbalance) if config.max_label_imbalance is not None else []
+    )
+    if unbalanced:
+        result = BuildResult(
+            stats,
+            EXIT_ERROR,
+            f"label share per length and form is off 0.5 by more than max_label_imbalance "
+            f"{config.max_label_imbalance}: {'; '.join(unbalanced)} (a model would learn the form, not the harm; "
+            "add matched_benign / extra_harmful or lower benign_ratio)",
+        )
+    elif too_long:
         shown = "; ".join(too_long[:10]) + (f"; ... and {len(too_long) - 10} more" if len(too_long) > 10 else "")
         result = BuildResult(
             stats,

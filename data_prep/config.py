@@ -86,6 +86,33 @@ class DataPrepConfig:
     placeholder_size: list[int] = field(
         default_factory=lambda: [64, 48], metadata={"help": "width height of generated placeholder images"}
     )
+    matched_benign: bool = field(
+        default=False,
+        metadata={
+            "help": "give every unsafe row a benign twin in the same form (same lead-in, image and split, a benign "
+            "final question from chatterbot-corpus), so form predicts nothing (data_prep/matched.py)"
+        },
+    )
+    extra_harmful: list[str] = field(
+        default_factory=list,
+        metadata={"help": "harmful prompt sets wrapped into SafeMT's forms: advbench, donotanswer (needs make assets)"},
+    )
+    extra_harmful_per_length: int = field(
+        default=0, metadata={"help": "extra harmful prompts per dialogue length (each used once)"}
+    )
+    matched_exclude: str | None = field(
+        default=None,
+        metadata={
+            "help": 'JSON file {"exclude": [source ids]}: benign questions and prompts never to use (test items)'
+        },
+    )
+    max_label_imbalance: float | None = field(
+        default=None,
+        metadata={
+            "help": "refuse the build when a (length, form) cell's unsafe share is further than this from 0.5 "
+            "(null: report the shares in stats.json only)"
+        },
+    )
     prefixes: bool = field(
         default=False, metadata={"help": "also emit each SafeMT dialogue cut after every earlier user turn"}
     )
@@ -128,7 +155,15 @@ class DataPrepConfig:
 
     def __post_init__(self) -> None:
         self.benign = "none" if self.benign is None or str(self.benign).strip().lower() in NONE_VALUES else self.benign
-        for name in ("processor", "push_to_hub", "safemt_images_root", "safemt_revision", "taxonomy", "benign_name"):
+        for name in (
+            "processor",
+            "push_to_hub",
+            "safemt_images_root",
+            "safemt_revision",
+            "taxonomy",
+            "benign_name",
+            "matched_exclude",
+        ):
             value = getattr(self, name)
             if isinstance(value, str) and value.strip().lower() in NONE_VALUES:
                 setattr(self, name, None)
@@ -136,6 +171,10 @@ class DataPrepConfig:
     @property
     def use_benign(self) -> bool:
         return self.benign != "none"
+
+    @property
+    def use_matched(self) -> bool:
+        return self.matched_benign or bool(self.extra_harmful)
 
     def validate(self) -> None:
         problems = []
@@ -149,6 +188,12 @@ class DataPrepConfig:
             problems.append("benign_turns must be positive user-turn counts")
         if self.benign_ratio < 0:
             problems.append("benign_ratio must be >= 0")
+        if self.extra_harmful_per_length < 0:
+            problems.append("extra_harmful_per_length must be >= 0")
+        elif self.extra_harmful and not self.extra_harmful_per_length:
+            problems.append("extra_harmful needs extra_harmful_per_length > 0")
+        if self.max_label_imbalance is not None and not 0 <= self.max_label_imbalance <= 0.5:
+            problems.append("max_label_imbalance must be in [0, 0.5]")
         if self.benign_eval_size < 0:
             problems.append("benign_eval_size must be >= 0")
         elif self.benign_eval_size and not self.use_benign:

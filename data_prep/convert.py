@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from data_prep.forms import form_of
 from moderator.contract import SAFE, UNSAFE, one_sentence, render_moderator_messages, render_target, target_message
 from moderator.schema import SAFEMT_IMAGE_TURNS, SafeMTRecord, format_row_id
 from moderator.taxonomy import Taxonomy
@@ -21,6 +22,7 @@ COLUMNS = (
     "source",
     "split_group",
     "intent",
+    "form",
 )
 
 
@@ -53,6 +55,7 @@ def make_row(
         "source": source,
         "split_group": split_group,
         "intent": "" if safe else one_sentence(intent),
+        "form": form_of(dialogue),
     }
 
 

@@ -30,6 +30,7 @@ FEATURES = Features(
         "source": Value("string"),
         "split_group": Value("string"),
         "intent": Value("string"),
+        "form": Value("string"),  # data_prep.forms: single, framed, lead_in, few_shot
     }
 )
 

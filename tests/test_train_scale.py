@@ -38,10 +38,15 @@ GPU_COUNTS = sorted(_accelerate_gpu_counts() | {4, 32})
 
 
 def safemt_train_rows(benign: bool) -> int:
-    """Training rows data prep writes from SafeMT with configs/data/safemt.yaml (with or without its benign mix)."""
+    """Training rows data prep writes from SafeMT with configs/data/safemt.yaml (with or without its benign mix:
+    the matched twins, the extra harmful prompts with their twins, and the unmatched benign share)."""
     data = yaml.safe_load((REPO_ROOT / "configs" / "data" / "safemt.yaml").read_text())
     safemt = SAFEMT_QUERIES * len(data["safemt_turns"])
-    rows = safemt * (1 + (data["benign_ratio"] if benign else 0))
+    rows = safemt
+    if benign:
+        pair = 2 if data["matched_benign"] else 1
+        rows += safemt * (pair - 1) + data["extra_harmful_per_length"] * len(data["safemt_turns"]) * pair
+        rows += safemt * data["benign_ratio"]
     return int(rows * (1 - data["validation_fraction"] - data["test_fraction"]))
 
 
@@ -55,7 +60,8 @@ def resolve(recipe: str, *overrides: str):
 
 def test_documented_gpu_counts_and_safemt_size():
     assert {1, 8, 16} <= set(GPU_COUNTS)
-    assert safemt_train_rows(benign=False) == 8_000 and safemt_train_rows(benign=True) == 16_000
+    # 10,000 SafeMT rows + 10,000 twins + 1,000 extra harmful + their 1,000 twins + 1,000 chitchat, 80% train.
+    assert safemt_train_rows(benign=False) == 8_000 and safemt_train_rows(benign=True) == 18_400
 
 
 @pytest.mark.parametrize("benign", [False, True], ids=["safemt_only", "with_benign"])
@@ -77,7 +83,7 @@ def test_the_old_absolute_schedule_evaluates_too_rarely():
     # The schedule the recipes had (every 200 steps) is what this file guards against.
     _, training_args, _ = resolve("qwen2_5_vl_7b_lora", "--eval_steps", "200", "--save_steps", "200")
     steps, evaluations, _ = planned_evaluations(training_args, safemt_train_rows(benign=True), 8)
-    assert steps == 250 and evaluations == [200, 250]
+    assert steps == 288 and evaluations == [200, 288]
 
 
 def _sweep_trial(sweep: str) -> tuple[str, int, dict]:
