@@ -549,20 +549,25 @@ def _build_into(
     test_side, train_caution = _benign_split(items, seed)
     held_out_sources.update(i.id for i in test_side)
     requests = [i for i in test_side if usable_as_request(i.question)]
-    if len(requests) < 2:
-        raise EfficacyDataError("chatterbot-corpus: too few held-out benign questions for the matched sets")
-    used: Counter = Counter()
+    if len(requests) <= per_set:  # a twin for every capped SafeMT test record needs as many distinct questions
+        raise EfficacyDataError(
+            f"chatterbot-corpus: {len(requests)} held-out benign questions, too few for --per-set {per_set}"
+        )
+    used: Counter = Counter()  # over every length: spread the questions across the sets
+    in_set: set[str] = set()  # within one length's set: no question twice
 
     def next_request(key: str) -> TopicalItem:
         start = _hash_index("request:" + key, len(requests))
-        rotated = requests[start:] + requests[:start]
+        rotated = [i for i in requests[start:] + requests[:start] if i.id not in in_set]
         chosen = min(rotated, key=lambda item: used[item.id])
         used[chosen.id] += 1
+        in_set.add(chosen.id)
         return chosen
 
     safemt_sets = {k: list(sets.get(f"safemt_{k}turn", [])) for k in SAFEMT_TURNS}
     for k in SAFEMT_TURNS:
         set_name = f"matched_benign_{k}turn"
+        in_set.clear()
         for record in safemt_sets[k]:
             question = next_request(record["id"])
             dialogue = benign_twin(record["dialogue"], question.question, record["id"])
@@ -582,7 +587,8 @@ def _build_into(
                 )
             )
         cycle = ONE_TURN_CYCLE if k == 1 else MULTI_TURN_CYCLE
-        for n in range(per_set):
+        # Up to N more, while unused held-out questions last (21 caution-subject questions are held out).
+        for n in range(min(per_set, len(requests) - len(in_set))):
             question = next_request(f"{k}:{n}")
             others = [i for i in test_side if i.id != question.id]
             start = _hash_index(f"lead:{question.id}:{k}", len(others))
