@@ -273,8 +273,9 @@ def _build_into(config: DataPrepConfig, out: Path, final: Path, failed: Path) ->
     safemt_lengths: list[int] = []
     matched_sources = MatchedSources()
     question_pool = None
+    exclude = read_exclusions(config.matched_exclude)
     if config.use_matched:  # read first: a missing asset fails before any conversion work
-        question_pool = load_pool(read_exclusions(config.matched_exclude), config.seed, matched_sources)
+        question_pool = load_pool(exclude, config.seed, matched_sources)
     for item, record, image in candidates:
         if checks[image].error:
             ledger.quarantine("safemt", item.file, item.index, record.id, "image_path", checks[image].error)
@@ -306,7 +307,7 @@ def _build_into(config: DataPrepConfig, out: Path, final: Path, failed: Path) ->
             config.extra_harmful_per_length,
             lengths,
             question_pool,
-            read_exclusions(config.matched_exclude),
+            exclude,
             config.seed,
             matched_sources,
         )

@@ -51,7 +51,8 @@ FRAME_PATTERN = re.compile(
 )
 
 
-def _hash(key: str) -> int:
+def stable_hash(key: str) -> int:
+    """A hash fixed across runs and machines (Python's ``hash`` is salted per process): picks keyed by id."""
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
 
 
@@ -74,7 +75,7 @@ def usable_as_request(text: str) -> bool:
 def frame(request: str, key: str) -> str:
     """``request`` in one of :data:`FRAMES`, chosen by ``key`` (the same key, the same frame)."""
     text = request.strip()
-    template = FRAMES[_hash("frame:" + key) % len(FRAMES)]
+    template = FRAMES[stable_hash("frame:" + key) % len(FRAMES)]
     return template.format(q=text, lc=text[:1].lower() + text[1:])
 
 

@@ -21,7 +21,6 @@ reason in ``stats.json`` (``matched.sources``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections import Counter
@@ -31,7 +30,17 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.config import ConfigError
-from data_prep.forms import FEW_SHOT, FRAMED, LEAD_IN, SINGLE, form_of, usable_as_request, wrap_in_form
+from data_prep.forms import (
+    FEW_SHOT,
+    FRAMED,
+    LEAD_IN,
+    SINGLE,
+    benign_twin,
+    form_of,
+    stable_hash,
+    usable_as_request,
+    wrap_in_form,
+)
 from data_prep.sources import (
     HARMFUL_READERS,
     SCENARIO_TOPICS,
@@ -48,10 +57,6 @@ TWIN_SUFFIX = "~benign"  # a twin's row id: "<unsafe row id>~benign" ('@' is res
 # build-ups with every fourth a few-shot injection (SafeMT's own mix leans the same way).
 MULTI_TURN_CYCLE = (LEAD_IN, LEAD_IN, LEAD_IN, FEW_SHOT)
 ONE_TURN_CYCLE = (SINGLE, FRAMED)
-
-
-def _hash(key: str) -> int:
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
 
 
 def read_exclusions(path: str | None) -> set[str]:
@@ -92,19 +97,19 @@ class QuestionPool:
         topic = SCENARIO_TOPICS.get(scenario or "")
         candidates = self.by_topic.get(topic) if topic else None
         candidates = candidates or self.items
-        start = _hash("q:" + key) % len(candidates)
+        start = stable_hash("q:" + key) % len(candidates)
         rotated = candidates[start:] + candidates[:start]
         chosen = min(rotated, key=lambda i: self.uses[i.id])  # first of the least used, from a keyed start
         self.uses[chosen.id] += 1
         return chosen
 
-    def lead_pairs(self, key: str, count: int, avoid: str) -> list[tuple[str, str]]:
-        """``count`` (question, answer) exchanges, fixed by ``key``, none of them ``avoid`` (an item id)."""
-        pool = [i for i in self.lead_items if i.id != avoid]
-        start = _hash("lead:" + key) % len(pool)
-        step = 1 + _hash("step:" + key) % 7
-        return [(pool[(start + n * step) % len(pool)].question, pool[(start + n * step) % len(pool)].answer)
-                for n in range(count)]  # fmt: skip
+    def lead_pairs(self, key: str, count: int) -> list[tuple[str, str]]:
+        """``count`` (question, answer) exchanges, fixed by ``key``."""
+        pool = self.lead_items
+        start = stable_hash("lead:" + key) % len(pool)
+        step = 1 + stable_hash("step:" + key) % 7
+        picked = [pool[(start + n * step) % len(pool)] for n in range(count)]
+        return [(item.question, item.answer) for item in picked]
 
 
 @dataclass
@@ -149,8 +154,6 @@ def load_pool(exclude: set[str], seed: int, sources: MatchedSources) -> Question
 
 def twin_of(row: MatchedRow, pool: QuestionPool, sources: MatchedSources) -> MatchedRow:
     """The benign twin of an unsafe dialogue (see the module docstring)."""
-    from data_prep.forms import benign_twin
-
     item = pool.question(row.id, row.category)
     sources.twins[row.source] += 1
     return MatchedRow(
@@ -211,7 +214,7 @@ def extra_harmful_rows(
             form = cycle[(n // len(queues)) % len(cycle)]  # every source gets every form
             if form == FEW_SHOT and k < 2:
                 form = LEAD_IN
-            leads = pool.lead_pairs(prompt.id, k - 1, avoid="")
+            leads = pool.lead_pairs(prompt.id, k - 1)
             dialogue = wrap_in_form(prompt.text, form, k, leads, prompt.id)
             assert form_of(dialogue) == form, (prompt.id, form)
             sources.tallies[name].converted[f"{k}-turn {form}"] += 1
