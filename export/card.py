@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from export.manifest import TAXONOMY_FILE, ExportError
+from export.manifest import MANIFEST_SHA256_PLACEHOLDER, TAXONOMY_FILE, ExportError
 from moderator.contract import render_target
 from moderator.taxonomy import Taxonomy
 
@@ -133,7 +133,7 @@ def render_model_card(
         "from PIL import Image",
         "from moderator.inference import Moderator",
         "",
-        f'moderator = Moderator.from_pretrained("{serve_name}")',
+        f'moderator = Moderator.from_pretrained("{serve_name}", expect_manifest_sha256="{MANIFEST_SHA256_PLACEHOLDER}")',
         'dialogue = [{"role": "user", "content": "What is in this picture?"}]',
         'verdict = moderator.moderate(dialogue, [Image.open("photo.jpg")])',
         "print(verdict.verdict, verdict.category, verdict.intent, verdict.p_unsafe, verdict.policy)",
@@ -221,6 +221,19 @@ def render_model_card(
     lines += [
         "",
         "Every file's sha256 is in `manifest.json`; check a copy with `python -m export verify <dir>`.",
+        "",
+        "## Pinning this export",
+        "",
+        f"`manifest.json` sha256: `{MANIFEST_SHA256_PLACEHOLDER}`",
+        "",
+        "Whoever can replace a file of an export can rewrite its manifest too, so a copy that verifies is only "
+        "consistent with itself. This digest (printed by `python -m export`; keep it where the copy cannot "
+        "change it: your deployment config, a registry, this card on the Hub) names this export and no other. "
+        "Refuse any other with `Moderator.from_pretrained(path, "
+        f'expect_manifest_sha256="{MANIFEST_SHA256_PLACEHOLDER}")`, '
+        f"`python -m moderator.serve <dir> --expect-manifest-sha256 {MANIFEST_SHA256_PLACEHOLDER}`, the "
+        "`expect_manifest_sha256` field of a moderator defence in an eval config, or "
+        f"`python -m export verify <dir> --expect-manifest-sha256 {MANIFEST_SHA256_PLACEHOLDER}`.",
         "",
     ]
     if report is not None:

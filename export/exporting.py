@@ -58,15 +58,18 @@ from export.manifest import (
     EVAL_REPORT_FILE,
     MANIFEST_FILE,
     MANIFEST_FORMAT,
+    MANIFEST_SHA256_FIELD,
+    MANIFEST_SHA256_PLACEHOLDER,
     MODEL_CARD_FILE,
     MODERATOR_CONFIG_FILE,
     PICKLE_SUFFIXES,
     TAXONOMY_FILE,
     ExportError,
     VerificationError,
+    check_sha256_hex,
     hash_directory,
+    manifest_sha256,
     relative_files,
-    sha256_file,
     verify_export,
 )
 from moderator.cli import UsageError, one_line, one_line_parser_errors
@@ -488,10 +491,17 @@ def _write_card_and_manifest(
         }
     )
     card = render_model_card(manifest, inputs.taxonomy, inputs.report, args.push_to_hub or str(inputs.out))
+    if MANIFEST_SHA256_PLACEHOLDER not in card:
+        raise ExportError(f"the model card does not name the manifest's sha256 ({MANIFEST_SHA256_PLACEHOLDER})")
+    # The card names the manifest's sha256, which the manifest cannot hold: the manifest records the card's
+    # hash with the placeholder in its place (verification puts it back), then the digest is written in.
     (staging / MODEL_CARD_FILE).write_text(card, encoding="utf-8")
+    manifest[MANIFEST_SHA256_FIELD] = [MODEL_CARD_FILE]
     manifest["files"] = hash_directory(staging)
     _json_dump(staging / MANIFEST_FILE, manifest)
-    return verify_export(staging)
+    digest = manifest_sha256(staging)
+    (staging / MODEL_CARD_FILE).write_text(card.replace(MANIFEST_SHA256_PLACEHOLDER, digest), encoding="utf-8")
+    return verify_export(staging, expect_manifest_sha256=digest)
 
 
 def export(args: ExportArguments) -> Path:
@@ -512,8 +522,12 @@ def export(args: ExportArguments) -> Path:
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
+    digest = manifest_sha256(out)
     print(f"exported to {out}: {len(manifest['files'])} files, decision threshold {inputs.threshold:g}", flush=True)
-    print(f"manifest sha256 {sha256_file(out / MANIFEST_FILE)}", flush=True)
+    print(
+        f"manifest sha256 {digest} (pins this export: --expect-manifest-sha256 {digest}; also in its model card)",
+        flush=True,
+    )
     if args.push_to_hub:
         print(f"uploaded to {push_export_to_hub(out, args.push_to_hub, args.hub_private)}", flush=True)
     if args.wandb_artifact:
@@ -536,7 +550,7 @@ def push_export_to_hub(directory: Path, repo_id: str, private: bool = True) -> s
         folder_path=str(directory),
         repo_id=repo_id,
         repo_type="model",
-        commit_message=f"Export ({manifest['export_type']}), manifest sha256 {sha256_file(directory / MANIFEST_FILE)}",
+        commit_message=f"Export ({manifest['export_type']}), manifest sha256 {manifest_sha256(directory)}",
     )
     return f"https://huggingface.co/{repo_id}"
 
@@ -563,7 +577,7 @@ def log_wandb_artifact(directory: Path, name: str, project: str | None = None) -
             "data_fingerprint",
         )
     }
-    metadata["manifest_sha256"] = sha256_file(directory / MANIFEST_FILE)
+    metadata["manifest_sha256"] = manifest_sha256(directory)  # the digest that pins this export
     artifact = wandb.Artifact(name, type="model", description="SafeMT dialogue moderator export", metadata=metadata)
     artifact.add_dir(str(directory))
     run.log_artifact(artifact)
@@ -595,17 +609,35 @@ def parse_export_args(argv: Sequence[str] | None = None) -> ExportArguments:
     return args
 
 
+def _sha256_argument(value: str) -> str:
+    try:
+        return check_sha256_hex(value, "the manifest sha256")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _verify_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m export verify", description="Check an export's hashes.")
     one_line_parser_errors(parser)
     parser.add_argument("directory")
+    parser.add_argument(
+        "--expect-manifest-sha256",
+        type=_sha256_argument,
+        default=None,
+        help="pin the export: refuse it unless manifest.json's sha256 is this (printed by `python -m export`, "
+        "written in the model card)",
+    )
     args = parser.parse_args(argv)
     try:
-        manifest = verify_export(args.directory)
+        manifest = verify_export(args.directory, expect_manifest_sha256=args.expect_manifest_sha256)
     except VerificationError as exc:
         print(exc, file=sys.stderr)
         return 1
-    print(f"{args.directory}: OK, {len(manifest['files'])} files match {MANIFEST_FILE}")
+    pinned = ", as pinned" if args.expect_manifest_sha256 else ""
+    print(
+        f"{args.directory}: OK, {len(manifest['files'])} files match {MANIFEST_FILE} "
+        f"(manifest sha256 {manifest_sha256(args.directory)}{pinned})"
+    )
     return 0
 
 

@@ -13,9 +13,13 @@ from typing import Any
 from moderator.contract import MODERATOR_CONFIG_FILE, TAXONOMY_FILE  # noqa: F401  (re-exported)
 from moderator.manifest import (  # noqa: F401  (re-exported for the export stage)
     MANIFEST_FILE,
+    MANIFEST_SHA256_FIELD,
+    MANIFEST_SHA256_PLACEHOLDER,
     PICKLE_SUFFIXES,
     ManifestError,
+    check_sha256_hex,
     hash_directory,
+    manifest_sha256,
     relative_files,
     sha256_file,
     verify_manifest,
@@ -39,12 +43,13 @@ class VerificationError(ExportError, ManifestError):
         self.args = (f"{directory}: verification failed:\n" + "\n".join(f"  - {p}" for p in problems),)
 
 
-def verify_export(directory: str | Path) -> dict[str, Any]:
+def verify_export(directory: str | Path, expect_manifest_sha256: str | None = None) -> dict[str, Any]:
     """Check an export against its manifest; return the manifest, or raise ``VerificationError``.
 
-    Every file is hashed (no cache): this is the explicit, thorough check.
+    Every file is hashed (no cache): this is the explicit, thorough check. ``expect_manifest_sha256``
+    pins the export: a ``manifest.json`` whose bytes hash to anything else is refused, naming both digests.
     """
     try:
-        return verify_manifest(directory, use_cache=False)
+        return verify_manifest(directory, use_cache=False, expect_manifest_sha256=expect_manifest_sha256)
     except ManifestError as exc:
         raise VerificationError(exc.directory, exc.problems) from None

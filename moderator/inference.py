@@ -12,6 +12,7 @@ for those rows only.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -36,7 +37,7 @@ from moderator.contract import (
 )
 from moderator.images import ImageBounds
 from moderator.loading import ModelLoadError, ModelNotFoundError, load_vlm, looks_like_a_path, require_left_padding
-from moderator.manifest import MANIFEST_FILE, looks_like_export, start_verification
+from moderator.manifest import MANIFEST_FILE, check_sha256_hex, refuse_special_files, start_verification
 from moderator.schema import SAFEMT_IMAGE_TURNS
 from moderator.taxonomy import UNKNOWN_CATEGORY, Taxonomy, load_taxonomy
 
@@ -206,6 +207,56 @@ def local_checkpoint(path: str | Path, revision: str | None = None) -> Path:
         ) from None
 
 
+def _checked_pin(expect_manifest_sha256: str | None, verify: bool) -> str | None:
+    """The pinned manifest digest, lower-cased; refused when malformed or when nothing would be verified."""
+    if expect_manifest_sha256 is None:
+        return None
+    if not verify:
+        raise ModeratorConfigError(
+            "expect_manifest_sha256 needs verify=True: an unverified load cannot check a pinned manifest"
+        )
+    try:
+        return check_sha256_hex(expect_manifest_sha256, "expect_manifest_sha256")
+    except ValueError as exc:
+        raise ModeratorConfigError(str(exc)) from None
+
+
+def _hub_blobs(snapshot: Path) -> Path | None:
+    """The ``blobs`` folder a Hub snapshot's files link into (``<repo>/snapshots/<commit>/`` layout)."""
+    return snapshot.parent.parent / "blobs" if snapshot.parent.name == "snapshots" else None
+
+
+def _load_checkpoint(
+    directory: Path,
+    *,
+    threshold: float | None,
+    taxonomy: Taxonomy | None,
+    device: str | None,
+    dtype: str | torch.dtype | None,
+    trust_remote_code: bool,
+    attn_implementation: str | None,
+    image_bounds: ImageBounds | None,
+) -> tuple[Any, Any, Taxonomy, float]:
+    """``(model, processor, taxonomy, threshold)`` from one directory: every file read from it alone."""
+    taxonomy, _ = serving_contract(directory, taxonomy)
+    served_threshold = resolve_threshold(directory, threshold)
+    model, processor = load_vlm(
+        directory,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation,
+        image_bounds=image_bounds or trained_image_bounds(directory),
+    )
+    return model, processor, taxonomy, served_threshold
+
+
+def _name_after(exc: BaseException, private: Path, local: Path) -> None:
+    """Name the export itself where ``exc`` names the private folder its verified files were loaded from."""
+    if exc.args and all(isinstance(arg, str) for arg in exc.args):
+        exc.args = tuple(arg.replace(str(private), str(local)) for arg in exc.args)
+
+
 # Inputs that carry pixels, dropped when their image's tokens are already in a reused cache.
 _VISION_PIXEL_INPUTS = ("pixel_values", "pixel_values_videos")
 
@@ -295,6 +346,7 @@ class Moderator:
         device: str | None = None,
         dtype: str | torch.dtype | None = None,
         verify: bool = True,
+        expect_manifest_sha256: str | None = None,
         trust_remote_code: bool = False,
         revision: str | None = None,
         attn_implementation: str | None = None,
@@ -303,33 +355,56 @@ class Moderator:
         """Load a checkpoint with the taxonomy, threshold and image bounds it ships.
 
         ``device``/``dtype``: see ``moderator.loading`` (default: CUDA in bfloat16 when present, else CPU
-        in float32; ``device="auto"`` spreads the model over all GPUs). An export (a directory with
-        ``manifest.json`` or ``moderator_config.json``) is verified against its manifest: its small
-        files before they are read, its weights while they load and before the moderator is returned
-        (``moderator.manifest``); a mismatch raises ``ManifestError`` naming the file. ``verify=False``
-        skips that, for development only. ``image_bounds`` overrides the bounds recorded at training.
+        in float32; ``device="auto"`` spreads the model over all GPUs). ``image_bounds`` overrides the
+        bounds recorded at training.
+
+        ``verify`` (the default): the directory must be an export made by ``python -m export`` and match
+        its ``manifest.json`` (``moderator.manifest``): its small files are checked and then loaded as the
+        bytes that were checked, its weights hashed while they load and before the moderator is returned;
+        a mismatch, or no manifest at all, raises ``ManifestError`` naming the file. A Hub name is
+        downloaded first and verified the same way (pin its commit with ``revision``).
+        ``expect_manifest_sha256`` pins the export: a ``manifest.json`` whose sha256 differs is refused,
+        naming both digests. ``verify=False`` loads an unverified development checkpoint (a training
+        output, a hand-made directory); it must be explicit. A FIFO, socket or device anywhere in the
+        directory is refused either way (``ManifestError``), never opened.
         """
+        pin = _checked_pin(expect_manifest_sha256, verify)
+        hub = not Path(str(path)).expanduser().is_dir()
         local = local_checkpoint(path, revision)
-        # Small files are verified before they are read; the weights' hashes run alongside their load.
-        pending = start_verification(local) if verify and looks_like_export(local) else None
+        refuse_special_files(local)  # before anything in it is opened: a FIFO would block the load
+        options = {
+            "threshold": threshold,
+            "taxonomy": taxonomy,
+            "device": device,
+            "dtype": dtype,
+            "trust_remote_code": trust_remote_code,
+            "attn_implementation": attn_implementation,
+            "image_bounds": image_bounds,
+        }
+        if not verify:
+            return cls(*_load_checkpoint(local, **options))
+        # The small files are checked now, the weights' hashes run alongside their load; everything is
+        # loaded from what was checked (materialize), never re-read from the export afterwards.
+        pending = start_verification(local, expect_manifest_sha256=pin, link_root=_hub_blobs(local) if hub else None)
         try:
-            taxonomy, _ = serving_contract(local, taxonomy)
-            served_threshold = resolve_threshold(local, threshold)
-            model, processor = load_vlm(
-                local,
-                device=device,
-                dtype=dtype,
-                trust_remote_code=trust_remote_code,
-                attn_implementation=attn_implementation,
-                image_bounds=image_bounds or trained_image_bounds(local),
-            )
-        except Exception:
-            if pending is not None:
-                pending.result()  # a tampered weight file explains a failed load: say that instead
-            raise
-        if pending is not None:
+            with pending.materialize() as verified:
+                try:
+                    loaded = _load_checkpoint(verified, **options)
+                except Exception as exc:
+                    pending.result()  # a tampered weight file explains a failed load: say that instead
+                    _name_after(exc, verified, local)
+                    raise
+                model, processor, served_taxonomy, served_threshold = loaded
+                if getattr(model.config, "_name_or_path", None) == str(verified):
+                    model.config._name_or_path = str(local)
+                if served_taxonomy.path.startswith(str(verified)):
+                    served_taxonomy = dataclasses.replace(
+                        served_taxonomy, path=str(local) + served_taxonomy.path[len(str(verified)) :]
+                    )
             pending.result()  # raises ManifestError: the loaded model is dropped, never served
-        return cls(model, processor, taxonomy=taxonomy, threshold=served_threshold)
+        finally:
+            pending.close()
+        return cls(model, processor, taxonomy=served_taxonomy, threshold=served_threshold)
 
     def prompt_texts(
         self, dialogues: Sequence[Sequence[Mapping[str, Any]]], image_turns: Sequence[Sequence[int]]
@@ -463,17 +538,26 @@ class Moderator:
                 scores.append(None)
         return raws, scores, out, step_pairs
 
+    def _score_flags(self, score: float) -> bool:
+        """Whether P(unsafe) flags: at or above the threshold, or not a finite number (NaN, inf: fail-closed;
+        ``NaN >= threshold`` alone is False and would pass the dialogue)."""
+        return not math.isfinite(score) or score >= self.threshold
+
     def _needs_forced_answer(self, raw: str, score: float) -> bool:
-        """The score flags, but the answer parses as ``verdict: safe``: it names no category or intent."""
+        """The score flags, but the answer parses as ``verdict: safe``: it names no category or intent.
+
+        Not for a non-finite score: it flags (fail-closed), but says nothing the forced answer could use.
+        """
         parsed = parse_verdict(raw, self.taxonomy)
-        return score >= self.threshold and not parsed.parse_error and parsed.verdict == SAFE
+        return math.isfinite(score) and score >= self.threshold and not parsed.parse_error and parsed.verdict == SAFE
 
     def _verdict(self, raw: str, score: float, forced_raw: str | None = None) -> Verdict:
         """``forced_raw``: the forced unsafe answer, for a row where ``_needs_forced_answer`` holds."""
         parsed = parse_verdict(raw, self.taxonomy)
         # The calibrated score decides the flag; the text supplies category and intent. An
-        # unparseable answer flags regardless (fail-closed) and is reported via parse_error.
-        flagged = score >= self.threshold or parsed.parse_error
+        # unparseable answer, or a score that is not a finite number, flags regardless (fail-closed);
+        # parse_error reports the former, p_unsafe keeps the latter as computed.
+        flagged = self._score_flags(score) or parsed.parse_error
         if flagged and forced_raw is not None:
             # The greedy answer said safe: category and intent are what the model says under an unsafe
             # verdict. A forced answer that does not parse leaves the category unknown.
@@ -639,11 +723,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="merged checkpoint, adapter dir or hub name")
     parser.add_argument("--safemt-file", required=True, help="a <k>_turn.json file; images resolve next to it")
     parser.add_argument("--limit", type=int, default=3)
+    parser.add_argument(
+        "--expect-manifest-sha256",
+        default=None,
+        help="pin the export: refuse it unless its manifest.json has this sha256 (printed by `python -m export`)",
+    )
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="load an unverified development checkpoint (a training output: no manifest to check)",
+    )
     args = parser.parse_args(argv)
     path = Path(args.safemt_file)
     if not path.is_file():
         raise MissingInputError(f"{path}: SafeMT file not found")
-    moderator = Moderator.from_pretrained(args.model)
+    moderator = Moderator.from_pretrained(
+        args.model, verify=not args.no_verify, expect_manifest_sha256=args.expect_manifest_sha256
+    )
     for raw in json.loads(path.read_text())[: args.limit]:
         record = parse_safemt_record(raw, moderator.taxonomy)
         with Image.open(path.parent / record.image_path) as image:

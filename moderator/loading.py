@@ -10,6 +10,8 @@ Rules, decided here once:
   on the CPU (bf16 matmuls are slow there) and bfloat16 on CUDA (float16 where bf16 is unsupported).
 - weights: safetensors only; a PEFT adapter directory loads its base (named in the adapter config),
   and a pickled ``adapter_model.bin`` is refused, never loaded.
+- special files: a local directory holding a FIFO, socket or device is refused by name before anything
+  in it is opened (a FIFO blocks whoever opens it).
 - padding: the tokenizer pads on the LEFT (batched scoring reads the last position and generation
   appends there), with the end-of-sequence token as padding when the tokenizer has none.
 - image bounds: applied to processors that resize images into a pixel budget (``moderator.images``).
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from moderator.images import ImageBounds, bound_image_pixels, supports_pixel_bounds
+from moderator.manifest import special_file_problems
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +189,10 @@ def load_vlm(
     if device_map is not None:
         model_kwargs["device_map"] = device_map
 
+    if local is not None:
+        special = special_file_problems(local)
+        if special:  # a FIFO would block the load (or crash it deep in transformers): refused, never opened
+            raise ModelLoadError(f"{local}: refused: {special[0]}")
     is_adapter = local is not None and (local / ADAPTER_CONFIG_FILE).is_file()
     if local is not None:
         _refuse_pickled_weights(local, adapter=is_adapter)

@@ -132,7 +132,17 @@ def test_merged_export_holds_safetensors_and_every_serving_file_and_its_manifest
         assert merged.get_tensor("lm_head.weight").equal(adapter.get_tensor("base_model.model.lm_head.weight"))
 
     manifest = json.loads((merged_export / MANIFEST_FILE).read_text())
-    assert manifest["files"] == {name: _sha256(merged_export / name) for name in MERGED_FILES - {MANIFEST_FILE}}
+    hashed = MERGED_FILES - {MANIFEST_FILE, "README.md"}
+    assert {name: manifest["files"][name] for name in hashed} == {
+        name: _sha256(merged_export / name) for name in hashed
+    }
+    # The card names the manifest's own sha256 (issue 21: pinning): recorded with that digest left out.
+    card = (merged_export / "README.md").read_bytes()
+    digest = _sha256(merged_export / MANIFEST_FILE).encode()
+    assert digest in card and manifest["manifest_sha256_written_in"] == ["README.md"]
+    assert (
+        manifest["files"]["README.md"] == hashlib.sha256(card.replace(digest, b"<sha256 of manifest.json>")).hexdigest()
+    )
     assert verify_export(merged_export)["export_type"] == "merged"
 
     taxonomy = load_taxonomy()

@@ -11,7 +11,7 @@ from tests.conftest import SAMPLE_DIR
 
 @pytest.fixture(scope="module")
 def moderator(tiny_model_dir):
-    return Moderator.from_pretrained(tiny_model_dir)
+    return Moderator.from_pretrained(tiny_model_dir, verify=False)  # a checkpoint, not an export
 
 
 def _dialogues():
@@ -40,6 +40,26 @@ def test_untrained_output_is_fail_closed_and_scores_are_probabilities(moderator)
     # Random weights do not produce the verdict format: the moderator must flag, not pass.
     assert verdict.parse_error and verdict.verdict == "unsafe" and verdict.category == UNKNOWN_CATEGORY
     assert verdict.policy is None
+
+
+@pytest.mark.parametrize("bad_score", [float("nan"), float("-inf")])
+def test_a_non_finite_score_flags_whatever_the_answer_says(moderator, monkeypatch, bad_score):
+    # Issue 21, defect 10: P(unsafe) = NaN with the answer `verdict: safe` returned safe (NaN >= t is False).
+    dialogues, images = _dialogues()
+    real = moderator._generate_scored
+
+    def broken_scores(*args, **kwargs):
+        raws, scores, out, pairs = real(*args, **kwargs)
+        return ["verdict: safe"] * len(raws), [bad_score] * len(scores), out, pairs
+
+    monkeypatch.setattr(moderator, "_generate_scored", broken_scores)
+    verdicts = [
+        *moderator.moderate_batch([dialogues[0]], [images[0]], max_new_tokens=4),
+        *moderator.moderate_turns(dialogues[0], images[0], max_new_tokens=4),  # the per-turn (cached) path
+    ]
+    for verdict in verdicts:
+        assert verdict.verdict == "unsafe" and verdict.flagged, verdict  # fail-closed
+        assert verdict.category == UNKNOWN_CATEGORY and verdict.raw == "verdict: safe"
 
 
 def test_threshold_decides_when_the_answer_parses(moderator, monkeypatch):

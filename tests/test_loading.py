@@ -45,16 +45,18 @@ def _param_dtype(model) -> torch.dtype:
 
 def test_requested_dtype_and_the_cpu_default_hold_for_moderator_target_and_guard(bf16_checkpoint, tiny_text_guard_dir):
     # Asked for bfloat16 on the CPU: every loader gives bfloat16.
-    assert _param_dtype(Moderator.from_pretrained(bf16_checkpoint, dtype="bfloat16").model) == torch.bfloat16
+    assert (
+        _param_dtype(Moderator.from_pretrained(bf16_checkpoint, dtype="bfloat16", verify=False).model) == torch.bfloat16
+    )
     target = load_target(TargetConfig(model=str(bf16_checkpoint), dtype="bfloat16"))
     assert _param_dtype(target.model) == torch.bfloat16
     guard = load_guard("llama_guard_3_text", tiny_text_guard_dir, dtype="bfloat16")
     assert _param_dtype(guard.model) == torch.bfloat16
     # Not asked: float32 on the CPU, whatever the checkpoint was saved in (bf16 matmuls crawl on CPUs).
-    assert _param_dtype(Moderator.from_pretrained(bf16_checkpoint).model) == torch.float32
+    assert _param_dtype(Moderator.from_pretrained(bf16_checkpoint, verify=False).model) == torch.float32
     assert _param_dtype(load_target(TargetConfig(model=str(bf16_checkpoint))).model) == torch.float32
     # "auto" is the checkpoint's own dtype.
-    assert _param_dtype(Moderator.from_pretrained(bf16_checkpoint, dtype="auto").model) == torch.bfloat16
+    assert _param_dtype(Moderator.from_pretrained(bf16_checkpoint, dtype="auto", verify=False).model) == torch.bfloat16
 
 
 @pytest.fixture
@@ -77,20 +79,20 @@ def fake_cuda(monkeypatch):
 
 
 def test_cuda_is_used_when_present_and_an_explicit_device_always_wins(fake_cuda, tiny_model_dir, tiny_text_guard_dir):
-    moderator = Moderator.from_pretrained(tiny_model_dir)
+    moderator = Moderator.from_pretrained(tiny_model_dir, verify=False)
     assert fake_cuda == ["cuda"] and _param_dtype(moderator.model) == torch.bfloat16  # GPU default: bf16
     load_target(TargetConfig(model=str(tiny_model_dir)))
     load_guard("llama_guard_3_text", tiny_text_guard_dir)
     assert fake_cuda == ["cuda"] * 3
 
     fake_cuda.clear()
-    moderator = Moderator.from_pretrained(tiny_model_dir, device="cuda:1", dtype="float32")
+    moderator = Moderator.from_pretrained(tiny_model_dir, device="cuda:1", dtype="float32", verify=False)
     load_target(TargetConfig(model=str(tiny_model_dir), device="cuda:1"))
     load_guard("llama_guard_3_text", tiny_text_guard_dir, device="cuda:1")
     assert fake_cuda == ["cuda:1"] * 3 and _param_dtype(moderator.model) == torch.float32
 
     fake_cuda.clear()
-    moderator = Moderator.from_pretrained(tiny_model_dir, device="cpu")
+    moderator = Moderator.from_pretrained(tiny_model_dir, device="cpu", verify=False)
     assert fake_cuda == [] and moderator.model.device.type == "cpu" and _param_dtype(moderator.model) == torch.float32
 
 
@@ -123,7 +125,7 @@ def test_bad_devices_and_dtypes_are_refused_by_name():
 def test_a_model_larger_than_the_gpu_is_refused_before_the_copy(fake_cuda, monkeypatch, tiny_model_dir):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1024, 80 * 2**30))
     with pytest.raises(ModelLoadError, match="pass device='auto'"):
-        Moderator.from_pretrained(tiny_model_dir)
+        Moderator.from_pretrained(tiny_model_dir, verify=False)
     assert fake_cuda == []
 
 
@@ -135,7 +137,7 @@ def test_adapters_and_checkpoints_load_from_safetensors_only(tiny_model_dir, tmp
     )
     (adapter / "adapter_model.bin").write_bytes(b"pickle")  # PEFT would torch.load this
     with pytest.raises(ModelLoadError, match=r"adapter_model.safetensors: missing \(found \['adapter_model.bin'\]\)"):
-        Moderator.from_pretrained(adapter)
+        Moderator.from_pretrained(adapter, verify=False)
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()
@@ -177,9 +179,12 @@ def test_targets_guards_and_the_moderator_get_their_pixel_bounds(tiny_model_dir,
         "config": {"ModeratorScriptArguments": {"min_pixels": 784, "max_pixels": 3136}},
     }
     (run / "moderator_run.json").write_text(json.dumps(record))
-    assert Moderator.from_pretrained(run).processor.image_processor.size == {"shortest_edge": 784, "longest_edge": 3136}
+    assert Moderator.from_pretrained(run, verify=False).processor.image_processor.size == {
+        "shortest_edge": 784,
+        "longest_edge": 3136,
+    }
     bounds = ImageBounds(784, 6272)
-    assert longest_edge(Moderator.from_pretrained(run, image_bounds=bounds).processor) == 6272
+    assert longest_edge(Moderator.from_pretrained(run, image_bounds=bounds, verify=False).processor) == 6272
 
 
 def test_pixel_bounds_touch_only_processors_that_resize_to_a_pixel_budget():

@@ -333,7 +333,7 @@ def _train_and_score(trainer, base_moderator: Moderator, held_out: list[dict]):
     trainer.train()
     adapter = Path(trainer.args.output_dir)
     trainer.save_model(str(adapter))
-    trained = Moderator.from_pretrained(adapter)
+    trained = Moderator.from_pretrained(adapter, verify=False)
     answers = trained.generate_with_scores(_prompts(trained, held_out), images, max_new_tokens=4)
     return before, np.array([score for _, score in answers]), answers
 

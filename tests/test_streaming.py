@@ -13,7 +13,7 @@ from tests.test_inference import answers_scripted, verdict_prefix_nudged
 
 @pytest.fixture(scope="module")
 def moderator(tiny_model_dir):
-    return Moderator.from_pretrained(tiny_model_dir)
+    return Moderator.from_pretrained(tiny_model_dir, verify=False)
 
 
 def _dialogue() -> list[dict]:
