@@ -3,13 +3,15 @@
 Writes ``<out>/dataset`` (a DatasetDict with train/validation/test, read back with
 ``data_prep.io.load_prepared``), ``<out>/stats.json`` and ``<out>/quarantine.jsonl``, all built in a staging
 folder beside ``out`` that replaces it only when the build succeeded: a failed build leaves ``out`` as it
-was and puts its report in ``<out>.failed/``.
+was and puts its report in ``<out>.failed/`` (marked as data prep's: a ``<out>.failed/`` it did not write is
+never deleted or replaced; the report then goes to a new ``<out>.failed-<time>-<random>/``).
 Exit codes: 0 done; 1 ``--strict`` and something was quarantined (no dataset written); 2 bad
 configuration or input that stops the run (e.g. an example longer than ``max_length``).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -71,7 +73,7 @@ class BuildResult:
     stats: dict[str, Any]
     exit_code: int
     message: str = ""
-    report_dir: Path | None = None  # where stats.json and quarantine.jsonl are: out, or <out>.failed
+    report_dir: Path | None = None  # where stats.json and quarantine.jsonl are: out, or <out>.failed[-...]
 
 
 def _file_stem(identifier: str) -> str:
@@ -239,7 +241,7 @@ def _write_benign_eval(out: Path, picks: Sequence[BenignPick]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _build_into(config: DataPrepConfig, out: Path, final: Path, failed: Path) -> BuildResult:
+def _build_into(config: DataPrepConfig, out: Path, final: Path) -> BuildResult:
     """The build, written into ``out`` (a fresh staging folder); paths recorded are those under ``final``."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -264,7 +266,9 @@ def _build_into(config: DataPrepConfig, out: Path, final: Path, failed: Path) ->
             raise ConfigError(f"processor {config.processor!r} cannot be loaded: {detail}") from None
     ledger = Ledger()
 
-    candidates, safemt_info = read_safemt(config, taxonomy, ledger)
+    # require_lengths: a configured length whose file is missing (or a FIFO) stops the build, strict or not.
+    candidates, safemt_info = read_safemt(config, taxonomy, ledger, require_lengths=True)
+    read_lengths = sorted(safemt_info["lengths"])
     lap("read_safemt")
     checks = check_images((image for _, _, image in candidates), config.image_check_workers)
     lap("check_images")
@@ -301,7 +305,7 @@ def _build_into(config: DataPrepConfig, out: Path, final: Path, failed: Path) ->
     pool_rows: list[tuple[int, int]] = []  # (first row, rows) of dialogues whose image waits for the split
     if config.use_matched and config.extra_harmful:
         pool = BenignImagePool(config, out, safemt_images)
-        lengths = sorted(set(safemt_lengths)) or sorted(config.safemt_turns)
+        lengths = sorted(set(safemt_lengths)) or read_lengths
         extras = extra_harmful_rows(
             config.extra_harmful,
             config.extra_harmful_per_length,
@@ -324,7 +328,7 @@ def _build_into(config: DataPrepConfig, out: Path, final: Path, failed: Path) ->
     eval_info: dict[str, Any] | None = None
     if config.use_benign and (config.benign_ratio > 0 or config.benign_eval_size > 0):
         wanted = round(config.benign_ratio * ledger.converted["safemt"])
-        lengths = config.benign_turns or sorted(set(safemt_lengths)) or sorted(config.safemt_turns)
+        lengths = config.benign_turns or sorted(set(safemt_lengths)) or read_lengths
         pool = pool or BenignImagePool(config, out, safemt_images)
         name = source_name(config.benign, config.benign_name)
         candidates = iter_candidates(config.benign, config.benign_split, config.seed)
@@ -521,13 +525,8 @@ def _build_into(config: DataPrepConfig, out: Path, final: Path, failed: Path) ->
             f"{len(too_long)} example(s) longer than max_length {config.max_length} tokens "
             f"(TRL would cut the target off and train on them with loss 0): {shown}",
         )
-    elif config.strict and ledger.entries:
-        result = BuildResult(
-            stats,
-            EXIT_QUARANTINED,
-            f"--strict: {len(ledger.entries)} record(s) quarantined, see {failed / 'quarantine.jsonl'}; "
-            f"no dataset written, {final} left as it was",
-        )
+    elif config.strict and ledger.entries:  # the message, naming where the report went, is set by build()
+        result = BuildResult(stats, EXIT_QUARANTINED)
     else:
         # Images written during the build (placeholders, benign rows' own bytes) sit in the staging
         # folder; the dataset records where they will be once it is renamed into place.
@@ -594,15 +593,59 @@ def _replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old)
 
 
+# Written into every failure report folder: only a folder holding it (and nothing data prep does not
+# write) is ever replaced or deleted by a later build.
+REPORT_MARKER = ".data_prep_failed_build.json"
+
+
+def _own_report(path: Path) -> bool:
+    """Whether ``path`` is a failure report this tool wrote: a real folder (not a link) holding the marker
+    and, at its top level, only names data prep writes (a file someone added there keeps it). Anything else
+    is left alone."""
+    if path.is_symlink() or not path.is_dir() or not (path / REPORT_MARKER).is_file():
+        return False
+    return all(p.name in OUTPUT_NAMES or p.name == REPORT_MARKER for p in path.iterdir())
+
+
+def _remove_own_reports(final: Path) -> None:
+    """An earlier failure's report no longer applies once a build succeeded: remove ``<out>.failed`` and any
+    ``<out>.failed-*`` this tool wrote, and nothing else."""
+    for path in [final.parent / f"{final.name}.failed", *final.parent.glob(f"{glob.escape(final.name)}.failed-*")]:
+        if _own_report(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _place_report(staging: Path, final: Path, config: DataPrepConfig) -> Path:
+    """Move a failed build's staging folder to ``<out>.failed`` (replacing this tool's earlier report only),
+    or, where someone else's folder has that name, to a new ``<out>.failed-<time>-<random>``."""
+    marker = {"written_by": "data_prep.build", "out": str(final), "config": config.to_dict()}
+    (staging / REPORT_MARKER).write_text(json.dumps(marker, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    failed = final.parent / f"{final.name}.failed"
+    if not os.path.lexists(failed):
+        try:
+            os.rename(staging, failed)
+            return failed
+        except OSError:  # appeared meanwhile (a non-empty folder, a file): fall through to a new name
+            pass
+    elif _own_report(failed):
+        _replace_dir(staging, failed)
+        return failed
+    # An empty folder of a new name (mkdtemp: never an existing one), which the rename then replaces.
+    unique = Path(tempfile.mkdtemp(prefix=f"{final.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}-", dir=final.parent))
+    os.rename(staging, unique)
+    return unique
+
+
 def build(config: DataPrepConfig) -> BuildResult:
     """Build into a staging folder beside ``out`` and replace ``out`` only if the build succeeded.
 
     A failed build (bad input, ``--strict`` with quarantined records, an example over ``max_length``, a
     crash) leaves ``out`` byte-identical; the report of a build that ran to the end but failed goes to
-    ``<out>.failed/`` (stats.json, quarantine.jsonl). Images the build writes are recorded under ``out``.
+    ``<out>.failed/`` (stats.json, quarantine.jsonl), or to ``<out>.failed-<time>-<random>/`` where a
+    ``<out>.failed/`` that data prep did not write exists (never deleted). Images the build writes are
+    recorded under ``out``.
     """
     final = Path(os.path.realpath(config.out))  # a symlinked out: its target is replaced, not the link
-    failed = final.parent / f"{final.name}.failed"
     _check_replaceable(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
@@ -610,16 +653,19 @@ def build(config: DataPrepConfig) -> BuildResult:
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the published folder from the user's group
     try:
-        result = _build_into(config, staging, final, failed)
+        result = _build_into(config, staging, final)
         if result.exit_code == EXIT_OK:
             _check_replaceable(final)  # again: something may have been put there during the build
             _replace_dir(staging, final)
-            shutil.rmtree(failed, ignore_errors=True)  # an earlier failure's report no longer applies
+            _remove_own_reports(final)  # an earlier failure's report no longer applies
             result.report_dir = final
         else:
-            shutil.rmtree(failed, ignore_errors=True)
-            os.rename(staging, failed)
-            result.report_dir = failed
+            result.report_dir = _place_report(staging, final, config)
+            if result.exit_code == EXIT_QUARANTINED:
+                result.message = (
+                    f"--strict: {result.stats['quarantined']} record(s) quarantined, "
+                    f"see {result.report_dir / 'quarantine.jsonl'}; no dataset written, {final} left as it was"
+                )
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # any exit other than the renames above
     if result.exit_code == EXIT_OK and config.push_to_hub:

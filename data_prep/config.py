@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -12,6 +13,9 @@ NONE_VALUES = ("", "none", "null")
 CHITCHAT = "chitchat"
 POOL_PLACEHOLDER = "placeholder"
 POOL_SAFEMT = "safemt"
+# A SafeMT <k>_turn.json is read whole. The real ones are a few MB (the sample's 52 records per length take
+# 24-107 KB): the limit stops what is not SafeMT (or is damaged) before it is read.
+DEFAULT_MAX_FILE_MB = 256.0
 
 
 class ConfigError(ValueError):
@@ -28,8 +32,20 @@ class DataPrepConfig:
         },
     )
     out: str = field(default="runs/data", metadata={"help": "output folder (dataset/, stats.json, quarantine.jsonl)"})
-    safemt_turns: list[int] = field(
-        default_factory=lambda: list(TURN_COUNTS), metadata={"help": "dialogue lengths (user turns) to include"}
+    safemt_turns: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "dialogue lengths (user turns) to include; in the GitHub layout each one's <k>_turn.json must "
+            "exist and be a regular file, or the build stops (exit 2, strict or not); null: every length whose "
+            "file is there"
+        },
+    )
+    safemt_max_file_mb: float = field(
+        default=DEFAULT_MAX_FILE_MB,
+        metadata={
+            "help": "refuse (exit 2, before reading it) a SafeMT <k>_turn.json larger than this many MB (10^6 "
+            "bytes); the real files are a few MB each, and one is read whole (several times its size in memory)"
+        },
     )
     safemt_images_root: str | None = field(
         default=None,
@@ -181,9 +197,14 @@ class DataPrepConfig:
         for name, value in self.to_dict().items():
             if isinstance(value, str) and "\0" in value:
                 problems.append(f"{name} contains a NUL byte")
-        bad_turns = sorted(set(self.safemt_turns) - set(TURN_COUNTS))
-        if bad_turns:
-            problems.append(f"safemt_turns {bad_turns} are not SafeMT lengths {list(TURN_COUNTS)}")
+        if self.safemt_turns is not None:
+            bad_turns = sorted(set(self.safemt_turns) - set(TURN_COUNTS))
+            if not self.safemt_turns:
+                problems.append("safemt_turns is empty (null: every length whose file is there)")
+            elif bad_turns:
+                problems.append(f"safemt_turns {bad_turns} are not SafeMT lengths {list(TURN_COUNTS)}")
+        if not (math.isfinite(self.safemt_max_file_mb) and self.safemt_max_file_mb > 0):
+            problems.append(f"safemt_max_file_mb must be > 0 (MB), got {self.safemt_max_file_mb}")
         if self.benign_turns is not None and (not self.benign_turns or min(self.benign_turns) < 1):
             problems.append("benign_turns must be positive user-turn counts")
         if self.benign_ratio < 0:

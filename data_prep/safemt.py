@@ -14,6 +14,11 @@
 A file that is not valid UTF-8 or not valid JSON is quarantined as a whole (one entry naming the file,
 the byte or line/column, and the record where parsing stopped): a damaged file, typically an
 interrupted download, is re-fetched, not half-used.
+
+GitHub-layout files are checked from their ``stat`` before any is opened: above ``safemt_max_file_mb``
+is an error (a file is read whole), and so, for data prep (``require_lengths``), is a configured length
+whose file is missing or not a regular file (a FIFO would block the read). They are opened non-blocking
+and checked again on the open descriptor, so a file swapped in between is caught too.
 """
 
 from __future__ import annotations
@@ -21,14 +26,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_prep.config import ConfigError
+from data_prep.config import DEFAULT_MAX_FILE_MB, ConfigError
 from data_prep.images import ImagePathError, resolve_inside
 from data_prep.quarantine import Ledger
+from moderator.contract import one_sentence
+from moderator.manifest import file_kind
 from moderator.schema import SAFEMT_FIELDS, TURN_COUNTS, RecordError, parse_safemt_record, safemt_turn_file
 
 HUB_TURN_COLUMNS = ("turns", "turn", "num_turns", "n_turns")
@@ -64,31 +72,99 @@ class SafeMTSource:
     # Folders image links may lead into besides images_root: a hub snapshot's files link into the
     # cache's blob store.
     link_roots: tuple[Path, ...] = ()
+    max_file_bytes: int | None = None  # GitHub layout: a larger <k>_turn.json is refused, never read
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """The dialogue lengths read (``safemt_turns``, or the lengths present when it is null)."""
+        return self._turns
 
     def records(self) -> Iterator[RawRecord | FileProblem]:
         if self.layout == "github":
-            yield from _github_records(Path(self._spec), self._turns)
+            yield from _github_records(Path(self._spec), self._turns, self.max_file_bytes)
         else:
             yield from _hub_records(self._spec, self._revision)
 
 
+def _max_bytes(max_file_mb: float | None) -> int | None:
+    return None if max_file_mb is None else int(max_file_mb * 1_000_000)
+
+
+def _too_large(path: Path | str, size: int, max_bytes: int) -> ConfigError:
+    return ConfigError(
+        f"{path} is {size / 1e6:.1f} MB, above safemt_max_file_mb {max_bytes / 1e6:g} (SafeMT's files are a "
+        "few MB each and one is read whole): not read; raise safemt_max_file_mb if this file is right"
+    )
+
+
+def _check_length_file(folder: Path, k: int, required: bool, max_bytes: int | None) -> bool:
+    """Whether ``<folder>/<k>_turn.json`` is there to read, from its ``stat`` only (never opened: a FIFO
+    would block). ``required`` (a configured length): missing or not a regular file is an error."""
+    path = safemt_turn_file(folder, k)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        if not required:
+            return False
+        what = "is a link to a file that does not exist" if path.is_symlink() else "does not exist"
+        raise ConfigError(
+            f"safemt_turns includes {k} but {path} {what}: a configured length is never skipped; add the file "
+            f"or leave {k} out of safemt_turns"
+        ) from None
+    except OSError as exc:  # e.g. a link loop, no permission on the folder
+        if not required:
+            return False
+        raise ConfigError(f"safemt_turns includes {k} but {path} cannot be read: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        if not required:
+            return False
+        raise ConfigError(
+            f"safemt_turns includes {k} but {path} is {file_kind(info.st_mode)}, not a regular file: not "
+            f"opened; replace it with the JSON file or leave {k} out of safemt_turns"
+        )
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise _too_large(path, info.st_size, max_bytes)
+    return True
+
+
 def open_safemt(
-    spec: str, turns: list[int], images_root: str | None = None, revision: str | None = None
+    spec: str,
+    turns: list[int] | None,
+    images_root: str | None = None,
+    revision: str | None = None,
+    *,
+    require_lengths: bool = False,
+    max_file_mb: float | None = DEFAULT_MAX_FILE_MB,
 ) -> SafeMTSource:
-    """Work out which layout ``spec`` is in and where its images are."""
+    """Work out which layout ``spec`` is in and where its images are.
+
+    ``turns`` None: every length whose file is there (GitHub layout), every length (hub layout).
+    ``require_lengths`` (data prep): in the GitHub layout, a length in ``turns`` whose file is missing or
+    not a regular file is a :class:`ConfigError` naming it; without it (the eval) such a length is
+    skipped. A file above ``max_file_mb`` is a :class:`ConfigError` either way, checked before reading.
+    """
     path = Path(spec)
-    turns_t = tuple(sorted(set(turns)))
+    max_bytes = _max_bytes(max_file_mb)
     if path.is_dir():
         for folder in (path, path / "Data"):
-            present = [k for k in TURN_COUNTS if safemt_turn_file(folder, k).is_file()]
-            if present:
-                wanted = [k for k in present if k in turns_t]
-                if not wanted:
-                    raise ConfigError(f"{folder}: has {present}-turn files but safemt_turns is {list(turns_t)}")
-                root = Path(images_root) if images_root else folder
-                return SafeMTSource(f"{folder} (GitHub layout)", root.resolve(), "github", str(folder), turns_t)
+            # Any <k>_turn.json entry (a FIFO, a dangling link) marks the layout; only regular files are read.
+            if not any(os.path.lexists(safemt_turn_file(folder, k)) for k in TURN_COUNTS):
+                continue
+            present = [k for k in TURN_COUNTS if _check_length_file(folder, k, False, None)]
+            turns_t = tuple(sorted(set(turns))) if turns is not None else tuple(present)
+            if not turns_t:
+                raise ConfigError(f"{folder}: no <k>_turn.json is a regular file")
+            wanted = [k for k in turns_t if _check_length_file(folder, k, require_lengths, max_bytes)]
+            if not wanted:
+                raise ConfigError(f"{folder}: has {present}-turn files but safemt_turns is {list(turns_t)}")
+            root = Path(images_root) if images_root else folder
+            return SafeMTSource(
+                f"{folder} (GitHub layout)", root.resolve(), "github", str(folder), turns_t, max_file_bytes=max_bytes
+            )
+        turns_t = tuple(sorted(set(turns))) if turns is not None else tuple(TURN_COUNTS)
         root = Path(images_root) if images_root else path
         return SafeMTSource(f"{path} (hub layout, local)", root.resolve(), "hub", str(path), turns_t)
+    turns_t = tuple(sorted(set(turns))) if turns is not None else tuple(TURN_COUNTS)
     if path.is_file():
         if path.suffix.lower() not in _LOCAL_SUFFIXES:
             raise ConfigError(f"{path}: expected a folder or a {sorted(_LOCAL_SUFFIXES)} file")
@@ -113,16 +189,36 @@ def open_safemt(
     raise ConfigError(f"SafeMT input {spec!r} is neither an existing folder or file nor a hub dataset name")
 
 
-def _github_records(folder: Path, turns: tuple[int, ...]) -> Iterator[RawRecord | FileProblem]:
+def _github_records(folder: Path, turns: tuple[int, ...], max_bytes: int | None) -> Iterator[RawRecord | FileProblem]:
     for k in turns:
         path = safemt_turn_file(folder, k)
-        if path.is_file():
-            yield from read_json_array(path, k)
+        if _check_length_file(folder, k, False, None):  # open_safemt stopped on a configured one missing
+            yield from read_json_array(path, k, max_bytes)
 
 
-def read_json_array(path: Path, expected_turns: int | None) -> Iterator[RawRecord | FileProblem]:
-    """Yield the records of a JSON-array file, or one ``FileProblem`` if the file cannot be parsed."""
-    data = path.read_bytes()
+def read_file_bounded(path: Path, max_bytes: int | None = None) -> bytes:
+    """The bytes of the regular file ``path``: opened non-blocking (a FIFO swapped in never blocks), checked
+    on the descriptor, and never more than ``max_bytes`` read (:class:`ConfigError` beyond it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{path} is {file_kind(info.st_mode)}, not a regular file: not read")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise _too_large(path, info.st_size, max_bytes)
+        data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:  # grew after the check
+        raise _too_large(path, len(data), max_bytes)
+    return data
+
+
+def read_json_array(
+    path: Path, expected_turns: int | None, max_bytes: int | None = None
+) -> Iterator[RawRecord | FileProblem]:
+    """Yield the records of a JSON-array file, or one ``FileProblem`` if the file cannot be parsed.
+
+    ``max_bytes``: a larger file is a :class:`ConfigError`, raised before it is read."""
+    data = read_file_bounded(path, max_bytes)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -257,16 +353,28 @@ def _unknown_fields(raw: Mapping[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def read_safemt(config: Any, taxonomy: Any, ledger: Ledger) -> tuple[list, dict[str, Any]]:
+def read_safemt(
+    config: Any, taxonomy: Any, ledger: Ledger, *, require_lengths: bool = False
+) -> tuple[list, dict[str, Any]]:
     """Validated SafeMT records with their image path; quarantines what fails (images are checked later).
 
     ``config`` needs ``safemt``, ``safemt_turns``, ``safemt_images_root`` and ``safemt_revision`` (a
     ``DataPrepConfig``, or the eval's equivalent): data prep and eval read SafeMT through this one function.
+    ``require_lengths`` (data prep): a configured length without its file stops the read (``open_safemt``);
+    the eval skips such a length (its K may name lengths a copy lacks).
     """
-    source = open_safemt(config.safemt, config.safemt_turns, config.safemt_images_root, config.safemt_revision)
-    wanted = set(config.safemt_turns)
+    source = open_safemt(
+        config.safemt,
+        config.safemt_turns,
+        config.safemt_images_root,
+        config.safemt_revision,
+        require_lengths=require_lengths,
+        max_file_mb=getattr(config, "safemt_max_file_mb", DEFAULT_MAX_FILE_MB),
+    )
+    wanted = set(source.lengths)
     seen: dict[tuple[str, int], dict[str, int]] = {}
     first_scenario: dict[str, tuple[str, str, int]] = {}  # id -> (scenario, file, index) first seen
+    first_question: dict[str, tuple[str, str, str, int]] = {}  # id -> (intent, question, file, index)
     candidates = []
     skipped = 0
     for item in source.records():
@@ -321,6 +429,18 @@ def read_safemt(config: Any, taxonomy: Any, ledger: Ledger) -> tuple[list, dict[
             )
             ledger.quarantine("safemt", item.file, item.index, record.id, "scenario", reason)
             continue
+        # One query, one intent: the target's intent is the question with whitespace collapsed, so only a
+        # difference that survives that trains a second intent for the id.
+        intent, question, first_file, first_index = first_question.setdefault(
+            record.id, (one_sentence(record.question), record.question, item.file, item.index)
+        )
+        if intent != one_sentence(record.question):
+            reason = (
+                f"question {record.question!r} differs from {question!r} of the same id in {first_file} "
+                f"(record #{first_index}); kept that one (one id, one intent)"
+            )
+            ledger.quarantine("safemt", item.file, item.index, record.id, "question", reason)
+            continue
         try:  # every link followed: a link inside images/ must not bring in a file from elsewhere
             resolve_inside(source.images_root, record.image_path, also_allowed=source.link_roots)
         except ImagePathError as exc:
@@ -329,5 +449,10 @@ def read_safemt(config: Any, taxonomy: Any, ledger: Ledger) -> tuple[list, dict[
         # The path as named (normalised), not the link target: a hub snapshot's target is a hash-named blob.
         image = Path(os.path.normpath(source.images_root / record.image_path))
         candidates.append((item, record, str(image)))
-    info = {"description": source.description, "images_root": str(source.images_root), "skipped_lengths": skipped}
+    info = {
+        "description": source.description,
+        "images_root": str(source.images_root),
+        "lengths": list(source.lengths),
+        "skipped_lengths": skipped,
+    }
     return candidates, info

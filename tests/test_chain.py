@@ -104,7 +104,9 @@ def test_shipped_recipes_run_end_to_end(tmp_path, tiny_model_dir, tiny_guards):
     run_stage(
         tmp_path,
         [python, "-m", "data_prep.build", "--config", DATA_RECIPE, "--processor", str(tiny_model_dir)]
-        + ["--benign_eval_size", str(BENIGN_EVAL_SIZE)],
+        + ["--benign_eval_size", str(BENIGN_EVAL_SIZE)]
+        # The sample has 1, 2 and 4 turns; the recipe asks for SafeMT's five lengths (a missing one stops it).
+        + ["--safemt_turns", "1", "2", "4"],
     )
     dataset = tmp_path / sft["dataset_path"]
     assert (dataset / "dataset" / "dataset_dict.json").is_file()

@@ -620,7 +620,11 @@ def test_a_rebuild_replaces_the_output_whole_with_paths_under_out(safemt_dir, tm
     out = tmp_path / "out"
     argv = ["--benign", str(BENIGN_FIXTURE), "--benign_ratio", "0.25", "--benign_eval_size", "2"]
     assert build(safemt_dir, out, *argv)[0] == 0
-    (tmp_path / "out.failed").mkdir()  # an earlier failure's report
+    from data_prep.build import REPORT_MARKER
+
+    (tmp_path / "out.failed").mkdir()  # an earlier failure's report, marked as data prep's
+    (tmp_path / "out.failed" / REPORT_MARKER).write_text("{}")
+    (tmp_path / "out.failed" / "stats.json").write_text("{}")
     first_images = set((out / "benign_images").iterdir())
     code, stats = build(safemt_dir, out, *argv, "--seed", "1")
     assert code == 0 and stats["dataset"] == str((out / "dataset").resolve())
