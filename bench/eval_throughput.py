@@ -121,7 +121,7 @@ def demo_overrides(paths: dict[str, Path], limit: int, skip_guards: bool) -> tup
     defences = []
     for defence in demo["defences"]:
         if defence["kind"] == "moderator":
-            defence = {**defence, "model": str(paths["base"])}
+            defence = {**defence, "model": str(paths["base"]), "verify": False}  # the tiny base: no export
         elif defence["kind"] == "guard":
             if skip_guards or defence.get("guard_kind") not in paths:
                 continue

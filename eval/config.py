@@ -9,14 +9,17 @@ them with their help). The nested parts (``targets`` and ``defences``, lists; ``
 written as in YAML still parse for top-level fields too: ``null`` unsets a field that may be null, and
 ``--turns "[1, 2]"`` equals ``--turns 1 2``. A field the config does not have, in the YAML or on the
 command line, is an error naming the file and field, so a typo cannot silently fall back to a default;
-abbreviated flags are refused for the same reason. API keys never appear here: the judge names the
-environment variable that holds one (``api_key_env``), so a dumped config is safe to share.
+abbreviated flags are refused for the same reason; a value that is not valid YAML is an error naming its
+flag. API keys never appear here: the judge names the environment variable that holds one
+(``api_key_env``), so a dumped config is safe to share, and the key goes only to the hosts in
+``api_key_hosts`` (default ``api.openai.com``) or loopback, never over plain http (``eval/endpoints.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from eval.endpoints import DEFAULT_KEY_HOSTS, EndpointError, check_endpoint
 from moderator.cli import UsageError, one_line
 from moderator.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from moderator.schema import TURN_COUNTS
@@ -36,6 +40,7 @@ REFUSAL_CHECKS = ("judge", "heuristic")
 TARGET_BACKENDS = ("hf", "vllm")
 TARGET_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class ConfigError(UsageError):
@@ -87,6 +92,12 @@ class DefenceConfig:
     mode: str = "policy"  # moderator: policy (inject the category's policy) | block (fixed refusal)
     max_new_tokens: int = 64  # moderator/guard verdict length
     options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for load_guard
+    # moderator only: pin the export. The sha256 (64 hex) of its manifest.json, as `python -m export` prints
+    # and the model card records: any other export at `model` is refused at load (eval exits 2).
+    expect_manifest_sha256: str | None = None
+    # moderator only: false loads a checkpoint without verifying it against a manifest (an unexported
+    # adapter or training checkpoint, for development); it cannot be combined with expect_manifest_sha256.
+    verify: bool = True
 
     @property
     def label(self) -> str:
@@ -104,8 +115,13 @@ class JudgeConfig:
     kind: str = "openai"  # openai (any OpenAI-compatible endpoint) | local (a HF model) | refusal_match (keywords)
     model: str = "gpt-4o-mini"
     name: str | None = None  # label in reports and cache keys; defaults to "<kind>:<model>"
-    base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1 for a local vLLM / transformers serve
-    api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable holding the key
+    # null: the openai client's ($OPENAI_BASE_URL, else https://api.openai.com/v1). https, or plain http only
+    # to a loopback host, e.g. http://127.0.0.1:8000/v1 for a local vLLM / transformers serve (eval/endpoints.py)
+    base_url: str | None = None
+    # name of the environment variable holding the key (ending in _API_KEY, _KEY or _TOKEN); null: send none
+    api_key_env: str | None = "OPENAI_API_KEY"
+    # the only hosts (exact names) the key is sent to, besides loopback; another base_url host is an error
+    api_key_hosts: list[str] = field(default_factory=lambda: list(DEFAULT_KEY_HOSTS))
     temperature: float = 0.0
     max_tokens: int = 8
     timeout_s: float = 60.0
@@ -238,6 +254,7 @@ class EvalConfig:
             if defence.kind == "moderator" and defence.threshold is not None and defence.threshold in (0.0, 1.0):
                 # The moderator refuses these at load (0 flags everything, 1 nothing): say so before any work.
                 fail(f"defences.{i}.threshold", f"a moderator threshold must be in (0, 1), got {defence.threshold}")
+            _validate_pinning(defence, f"defences.{i}", fail)
         names = [d.label for d in self.defences]
         if len(set(names)) != len(names):
             fail("defences", f"defence names must be unique, got {names} (set name: on repeats)")
@@ -247,6 +264,11 @@ class EvalConfig:
             fail("judge.refusal_check", f"{self.judge.refusal_check!r} is not one of {REFUSAL_CHECKS}")
         if self.judge.max_attempts < 1:
             fail("judge.max_attempts", "must be >= 1")
+        if self.judge.kind == "openai":  # the only judge that sends anything (and a key) over the network
+            try:
+                check_endpoint(self.judge.base_url, self.judge.api_key_env, self.judge.api_key_hosts)
+            except EndpointError as error:
+                fail(error.field, error.reason)
         if not self.turns or any(k not in TURN_COUNTS for k in self.turns):
             fail("turns", f"must be a non-empty subset of {list(TURN_COUNTS)}, got {self.turns}")
         if len(set(self.turns)) != len(self.turns):
@@ -279,6 +301,25 @@ class EvalConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain data for a config dump or W&B (holds no secret: only the API key's variable name)."""
         return dataclasses.asdict(self)
+
+
+def _validate_pinning(defence: DefenceConfig, where: str, fail: Callable[[str, str], None]) -> None:
+    """``expect_manifest_sha256`` (64 hex, stored lower-case) and ``verify`` (a bool): a moderator's only."""
+    pin = defence.expect_manifest_sha256
+    if pin is not None:
+        if not isinstance(pin, str) or not _SHA256_HEX.fullmatch(pin):
+            # YAML reads an all-digit digest as an int: quote it.
+            fail(f"{where}.expect_manifest_sha256", f"must be 64 hex characters (a quoted sha256) or null, got {pin!r}")
+        if defence.kind != "moderator":
+            fail(f"{where}.expect_manifest_sha256", f"pins a moderator export; a {defence.kind} defence has none")
+        defence.expect_manifest_sha256 = pin.lower()
+    if not isinstance(defence.verify, bool):  # a quoted "false" would otherwise count as true
+        fail(f"{where}.verify", f"must be true or false, got {defence.verify!r}")
+    if not defence.verify:
+        if defence.kind != "moderator":
+            fail(f"{where}.verify", f"only a moderator defence verifies an export; remove it from this {defence.kind}")
+        if pin is not None:
+            fail(f"{where}.expect_manifest_sha256", "a pinned export is verified: remove verify: false")
 
 
 VLLM_ONLY_DEFAULTS = {"max_model_len": None, "tensor_parallel_size": 1, "gpu_memory_utilization": 0.9}
@@ -343,8 +384,14 @@ def _build(cls: type, data: Any, where: str, source: str) -> Any:
 
 
 def apply_override(data: dict[str, Any], dotted_key: str, raw_value: str, source: str = "<cli>") -> None:
-    """Set ``a.b.0.c`` in nested dicts/lists; the value is parsed as YAML."""
-    value = yaml.safe_load(raw_value) if raw_value != "" else ""
+    """Set ``a.b.0.c`` in nested dicts/lists; the value is parsed as YAML (invalid YAML: a ConfigError naming it)."""
+    try:
+        value = yaml.safe_load(raw_value) if raw_value != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"{source}: --{dotted_key}: {raw_value!r} is not valid YAML ({_yaml_problem(exc)}); quote a string "
+            "that starts with [ or {"
+        ) from None
     parts = dotted_key.split(".")
     node: Any = data
     for depth, part in enumerate(parts):
@@ -420,7 +467,10 @@ def _yaml_compatible(convert: Callable[[str], Any], nullable: bool, is_list: boo
         if nullable and text.strip() in NULL_WORDS:
             return None
         if is_list and text.lstrip().startswith("["):
-            items = yaml.safe_load(text)
+            try:
+                items = yaml.safe_load(text)
+            except yaml.YAMLError as exc:  # argparse names the flag: "argument --turns: <this>"
+                raise argparse.ArgumentTypeError(f"{text!r} is not valid YAML ({_yaml_problem(exc)})") from None
             if not isinstance(items, list):
                 raise ValueError(text)
             return [convert(item) for item in items]
@@ -428,6 +478,12 @@ def _yaml_compatible(convert: Callable[[str], Any], nullable: bool, is_list: boo
 
     parse.__name__ = getattr(convert, "__name__", "value")  # argparse names it in "invalid int value: ..."
     return parse
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What a YAML parser error says, in a few words and one line (not its multi-line source excerpt)."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None)
+    return one_line(problem) if problem else type(exc).__name__
 
 
 def _nested_fields_help() -> str:

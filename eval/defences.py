@@ -315,6 +315,14 @@ def load_defence(config: Any, taxonomy: Taxonomy | None = None) -> Defence:
         from moderator.inference import Moderator
 
         # The eval's taxonomy supplies the injected policies; its category ids must be the model's.
-        moderator = Moderator.from_pretrained(config.model, threshold=config.threshold, taxonomy=taxonomy)
+        # verify=False (an unexported checkpoint) only when the config says so; a pinned export
+        # (expect_manifest_sha256) is refused unless its manifest.json has exactly that sha256.
+        moderator = Moderator.from_pretrained(
+            config.model,
+            threshold=config.threshold,
+            taxonomy=taxonomy,
+            verify=config.verify,
+            expect_manifest_sha256=config.expect_manifest_sha256,
+        )
         return ModeratorDefence(moderator, config.label, config.mode, config.max_new_tokens, defence_settings(config))
     raise ValueError(f"defence kind {config.kind!r} is not one of none, guard, moderator")

@@ -39,6 +39,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
+from eval.endpoints import DEFAULT_KEY_HOSTS, NO_KEY, check_endpoint
 from eval.metrics import CONTENT_FILTER, ERROR, ERROR_PREFIX, UNPARSED, label_outcome
 from moderator.contract import ROLE_NAMES, SAFE, UNSAFE
 from moderator.sanitize import neutralize_control_tokens, transcript_text
@@ -345,7 +346,11 @@ def _answer_of(response: Any) -> Answer:
 
 
 class OpenAIJudge(Judge):
-    """An OpenAI-compatible chat endpoint; the API key is read from the environment, never stored.
+    """An OpenAI-compatible chat endpoint; the API key is read from the environment, never stored or logged.
+
+    The key (the variable ``api_key_env`` names; None: no key) goes only to a host in ``api_key_hosts``
+    or a loopback host, and never over plain http to another host: :func:`eval.endpoints.check_endpoint`
+    runs before the client is built, so a bad setting raises before any request.
 
     Transient failures are retried by the ``openai`` client (``max_retries = max_attempts - 1``;
     exponential backoff, ``Retry-After`` honoured). After ``max_consecutive_errors`` calls in a row
@@ -363,7 +368,7 @@ class OpenAIJudge(Judge):
         self,
         model: str = "gpt-4o-mini",
         base_url: str | None = None,
-        api_key_env: str = "OPENAI_API_KEY",
+        api_key_env: str | None = "OPENAI_API_KEY",
         temperature: float = 0.0,
         max_tokens: int = 8,
         timeout_s: float = 60.0,
@@ -373,6 +378,7 @@ class OpenAIJudge(Judge):
         taxonomy: Taxonomy | None = None,
         max_consecutive_errors: int | None = None,
         probe_interval_s: float = 30.0,
+        api_key_hosts: Sequence[str] = DEFAULT_KEY_HOSTS,
     ):
         from openai import OpenAI
 
@@ -382,12 +388,15 @@ class OpenAIJudge(Judge):
             raise ValueError(f"judge: concurrency must be an int >= 1, got {concurrency!r}")
         settings = {"kind": "openai", "model": model, "base_url": base_url, "temperature": temperature}
         super().__init__(name or f"openai:{model}", {**settings, "max_tokens": max_tokens}, taxonomy)
-        api_key = os.environ.get(api_key_env)
+        url = check_endpoint(base_url, api_key_env, list(api_key_hosts))  # before the key is even read
+        api_key = os.environ.get(api_key_env) if api_key_env is not None else None
         if not api_key:
-            if base_url is None:
+            if base_url is None and api_key_env is not None:
                 raise RuntimeError(f"judge: set the environment variable {api_key_env} to an API key for {model}")
-            api_key = "EMPTY"  # a local OpenAI-compatible server does not check the key
-        self.client = OpenAI(api_key=api_key, base_url=base_url, timeout=timeout_s, max_retries=max_attempts - 1)
+            # No key: a local OpenAI-compatible server does not check it. Never None: the client would read
+            # OPENAI_API_KEY itself and send it to whatever host this is.
+            api_key = NO_KEY
+        self.client = OpenAI(api_key=api_key, base_url=url, timeout=timeout_s, max_retries=max_attempts - 1)
         self.model, self.temperature, self.max_tokens = model, temperature, max_tokens
         self.concurrency = concurrency
         self.max_consecutive_errors = max_consecutive_errors or max(8, 2 * concurrency)
@@ -583,6 +592,7 @@ def load_judge(config: Any, taxonomy: Taxonomy | None = None) -> Judge:
             model=config.model,
             base_url=config.base_url,
             api_key_env=config.api_key_env,
+            api_key_hosts=config.api_key_hosts,
             temperature=config.temperature,
             max_tokens=config.max_tokens,
             timeout_s=config.timeout_s,

@@ -28,11 +28,12 @@ from eval.config import ConfigError, eval_arg_parser, parse_eval_args
 from eval.judge import JudgeFailureError
 from eval.loop import EvalDataError, EvalRun, Shard, run_eval
 from moderator.cli import run_cli
+from moderator.inference import ModeratorConfigError
 from moderator.loading import ModelLoadError
 from moderator.manifest import ManifestError
 
 # Input problems the user fixes from the message alone: one line on stderr, exit 2 (traceback with SAFEMT_DEBUG=1).
-USER_ERRORS = (EvalDataError, CacheError, ModelLoadError, ManifestError)
+USER_ERRORS = (EvalDataError, CacheError, ModelLoadError, ManifestError, ModeratorConfigError)
 
 
 def _shard_flag(argv: Sequence[str]) -> str | None:

@@ -80,7 +80,7 @@ def choose_threshold(
     flagged_benign = sum(
         1
         for decision, score, benign in zip(validation, scores, validation_benign, strict=True)
-        if benign and (score >= threshold or decision.parse_error)
+        if benign and (not math.isfinite(score) or score >= threshold or decision.parse_error)  # as served: fail-closed
     )
     return ThresholdChoice(
         threshold=float(threshold),

@@ -91,8 +91,8 @@ def eval_inputs(safemt_dir, tmp_path):
 def _config(safemt_dir, benign, model_dir, out_dir, guard_dir=None) -> EvalConfig:
     defences = [
         DefenceConfig(kind="none"),
-        DefenceConfig(kind="moderator", model=str(model_dir), max_new_tokens=6),
-        DefenceConfig(kind="moderator", model=str(model_dir), mode="block", max_new_tokens=6),
+        DefenceConfig(kind="moderator", model=str(model_dir), max_new_tokens=6, verify=False),
+        DefenceConfig(kind="moderator", model=str(model_dir), mode="block", max_new_tokens=6, verify=False),
     ]
     if guard_dir is not None:
         defences.append(
@@ -638,7 +638,7 @@ def _stub_run(tmp_path, model_dir, target_fpr=0.25) -> EvalRun:
     config = EvalConfig(
         safemt_dir=str(tmp_path),
         targets=[TargetConfig(model="unused")],
-        defences=[DefenceConfig(kind="none"), DefenceConfig(kind="moderator", model=str(model_dir))],
+        defences=[DefenceConfig(kind="none"), DefenceConfig(kind="moderator", model=str(model_dir), verify=False)],
         target_fpr=target_fpr,
         out_dir=str(tmp_path / "eval"),
     ).validate()

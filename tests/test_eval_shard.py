@@ -40,8 +40,8 @@ def _write_config(path, safemt_dir, benign, model_dir, prepared):
         "targets": [{"model": str(model_dir), "name": "tiny-target"}],
         "defences": [
             {"kind": "none"},
-            {"kind": "moderator", "model": str(model_dir), "max_new_tokens": 2},
-            {"kind": "moderator", "model": str(model_dir), "mode": "block", "max_new_tokens": 2},
+            {"kind": "moderator", "model": str(model_dir), "max_new_tokens": 2, "verify": False},
+            {"kind": "moderator", "model": str(model_dir), "mode": "block", "max_new_tokens": 2, "verify": False},
         ],
         "judge": {"kind": "refusal_match", "refusal_check": "heuristic"},
     }

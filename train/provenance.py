@@ -18,7 +18,8 @@ from moderator.contract import PROMPT_FORMAT_VERSION
 from moderator.taxonomy import REPO_ROOT, Taxonomy
 
 PROVENANCE_FILE = "moderator_run.json"
-_SECRET_KEY = re.compile(r"(hub_token|api_key|apikey|secret|password|access_token|auth_token)", re.IGNORECASE)
+# Either spelling of a field or flag: ``hub_token`` and ``--hub-token`` (TrlParser accepts both).
+_SECRET_KEY = re.compile(r"(hub[_-]?token|api[_-]?key|secret|password|access[_-]?token|auth[_-]?token)", re.IGNORECASE)
 _SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{8,}|sk-[A-Za-z0-9_-]{8,}|wandb_[A-Za-z0-9]{8,})")
 REDACTED = "<redacted>"
 
@@ -35,8 +36,9 @@ def redact(value: Any, key: str = "") -> Any:
 
 
 def redact_argv(argv: list[str]) -> list[str]:
-    """``argv`` with the values of secret-named flags (``--hub_token X``, ``--api_key=X``) and token-like
-    values redacted: W&B records the process's command line with each run."""
+    """``argv`` with the values of secret-named flags (``--hub_token X``, ``--api_key=X``, and the dash
+    spellings ``--hub-token X``, ``--wandb-api-key=X``) and token-like values redacted: W&B records the
+    process's command line with each run."""
     out: list[str] = []
     redact_next = False
     for arg in argv:

@@ -10,6 +10,7 @@ padding for the guards that answer in text, one forward pass for ShieldGemma 2's
 from __future__ import annotations
 
 import importlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -236,7 +237,8 @@ class GenerativeGuard(Guard):
         """Attach the score; with ``threshold`` set the score decides the flag (unparseable answers stay flagged)."""
         flagged = parsed.flagged
         if self.threshold is not None and score is not None and not parsed.parse_error:
-            flagged = score >= self.threshold
+            # Fail-closed: a NaN or infinite score flags (``NaN >= t`` alone is False and would pass).
+            flagged = not math.isfinite(score) or score >= self.threshold
         return GuardResult(
             flagged=flagged,
             categories=parsed.categories if flagged else (),
