@@ -4,20 +4,26 @@ A session holds one conversation's turns and the key/value cache of its last pro
 (``moderator.inference.PrefixCache``). After each user turn it returns the verdict on the conversation
 so far, equal to ``moderator.moderate`` on it, running only the tokens the cache does not hold.
 
-Memory is bounded two ways (``SessionStore``):
+Memory is bounded three ways (``SessionStore``):
 
 * ``max_cached_tokens``: the KV-cached tokens of all sessions together. Past it, the least recently
   used sessions' caches are dropped (their turns are kept, so their next verdict is recomputed from
   scratch: slower, never different).
+* ``max_bytes``: the host memory all sessions hold (``held_bytes``: their turns' text, their images'
+  pixels, and their KV caches where these live in host memory, i.e. a model on CPU). Past it, the
+  least recently used sessions' caches are dropped first, then those sessions are forgotten.
 * ``max_sessions``: sessions kept at all. Past it, the least recently used session is forgotten
   entirely; ``session(id)`` then returns an empty one, and ``len(session)`` (turns held) tells the
   caller to feed the whole conversation again.
+
+Images are kept as given: the service hands sessions images already downscaled to the model's bounds.
 
 A conversation that is edited rather than extended (an earlier turn changed or removed, an image
 replaced) goes through ``session.reset(dialogue, images, image_turns)``: the verdict is recomputed on
 the edited conversation, reusing only the tokens its prompt shares with the cached one (up to the
 first changed token; a changed image's pixels are compared by digest, so a same-size replacement is
-not mistaken for the cached one). ``add_turn`` only ever appends.
+not mistaken for the cached one). ``add_turn`` only ever appends; ``extend`` appends several turns and
+computes one verdict, after the last (a long new conversation costs one verdict, not one per user turn).
 
 Not thread-safe: the model keeps per-call state, so one caller (e.g. the service's model thread) runs
 sessions at a time; the store's bookkeeping is locked so other threads may look sessions up.
@@ -40,6 +46,29 @@ DEFAULT_MAX_SESSIONS = 4096
 # 56 KiB of bf16 keys/values per token for Qwen2.5-VL-7B (28 layers x 4 KV heads x 128 dims x K, V x 2 bytes):
 # about 3.5 GiB at this cap.
 DEFAULT_MAX_CACHED_TOKENS = 65_536
+# Host memory of all sessions together. A session at the 7B recipe's bounds holds at most 4 images of
+# 401,408 pixels (6.1 MiB) plus its text: about 160 such sessions.
+DEFAULT_MAX_BYTES = 1024 * 1024 * 1024
+TURN_OVERHEAD_BYTES = 200  # a turn's dict and string objects, besides the text itself
+IMAGE_BYTES_PER_PIXEL = 4  # PIL keeps an 8-bit RGB pixel in 4 bytes
+
+
+def image_bytes(image: Any) -> int:
+    size = getattr(image, "size", None)
+    return size[0] * size[1] * IMAGE_BYTES_PER_PIXEL if size else 0
+
+
+def cache_host_bytes(prefix_cache: PrefixCache) -> int:
+    """Bytes of a prefix cache held in host memory: its token ids, and its keys/values on CPU."""
+    total = 0
+    tensors = [prefix_cache.input_ids]
+    for layer in getattr(prefix_cache.cache, "layers", None) or ():
+        tensors += [getattr(layer, "keys", None), getattr(layer, "values", None)]
+    for tensor in tensors:
+        device = getattr(tensor, "device", None)
+        if device is not None and device.type == "cpu":
+            total += tensor.nelement() * tensor.element_size()
+    return total
 
 
 class ModerationSession:
@@ -54,33 +83,72 @@ class ModerationSession:
         self.image_turns: list[int] = []
         self.prefix_cache: PrefixCache = PrefixCache()
         self._store = store
+        self._turn_bytes = 0  # text and images, recounted when they change
+        self._cache_bytes = 0  # the prefix cache's host bytes, counted by the store after each verdict
 
     def __len__(self) -> int:
         return len(self.dialogue)
+
+    @property
+    def held_bytes(self) -> int:
+        """Host memory this session holds (turns, images, a CPU prefix cache): what ``max_bytes`` bounds."""
+        return self._turn_bytes + self._cache_bytes
+
+    def _recount(self) -> None:
+        text = sum(len(m["content"].encode()) + TURN_OVERHEAD_BYTES for m in self.dialogue)
+        self._turn_bytes = text + sum(image_bytes(image) for image in self.images)
+
+    def _check_turn(self, index: int, role: Any, content: Any, has_images: bool) -> None:
+        if role not in ROLE_NAMES:
+            raise DialogueError(f"turn {index}: role {role!r} is not one of {sorted(ROLE_NAMES)}")
+        if not isinstance(content, str):
+            raise DialogueError(f"turn {index}: content must be a string, got {type(content).__name__}")
+        if has_images and role != "user":
+            raise DialogueError(f"turn {index}: images can only come with a user turn, not {role!r}")
 
     def add_turn(self, role: str, content: str, images: Sequence[Any] = ()) -> Verdict | None:
         """Append a turn; after a user turn, the verdict on the conversation so far (else None).
 
         A user turn whose moderation raises is taken back out, so the caller can send it again.
         """
-        if role not in ROLE_NAMES:
-            raise DialogueError(f"turn {len(self.dialogue)}: role {role!r} is not one of {sorted(ROLE_NAMES)}")
-        if not isinstance(content, str):
-            raise DialogueError(f"turn {len(self.dialogue)}: content must be a string, got {type(content).__name__}")
-        if images and role != "user":
-            raise DialogueError(f"turn {len(self.dialogue)}: images can only come with a user turn, not {role!r}")
-        index = len(self.dialogue)
-        self.dialogue.append({"role": role, "content": content})
+        return self.extend([{"role": role, "content": content}], images)
+
+    def extend(
+        self,
+        turns: Sequence[Mapping[str, Any]],
+        images: Sequence[Any] = (),
+        image_turns: Sequence[int] | None = None,
+    ) -> Verdict | None:
+        """Append ``turns``; if the last is a user turn, the verdict on the conversation so far (else None).
+
+        One verdict however many turns are appended. ``image_turns``: the conversation's turn index of
+        each image (default: the first appended turn). If the moderation raises, the turns are taken back
+        out, so the caller can send them again.
+        """
+        start = len(self.dialogue)
+        image_turns = [start] * len(images) if image_turns is None else list(image_turns)
+        if len(image_turns) != len(images):
+            raise DialogueError(f"{len(images)} images but {len(image_turns)} image_turns")
+        for index in image_turns:
+            if not start <= index < start + len(turns):
+                raise DialogueError(f"image_turns index {index} is not one of the turns appended")
+        for offset, turn in enumerate(turns):
+            self._check_turn(start + offset, turn.get("role"), turn.get("content"), start + offset in image_turns)
+        if not turns:
+            return None
+        self.dialogue += [{"role": turn["role"], "content": turn["content"]} for turn in turns]
         self.images += list(images)
-        self.image_turns += [index] * len(images)
-        if role != "user":
+        self.image_turns += image_turns
+        self._recount()
+        if self.dialogue[-1]["role"] != "user":
             return None
         try:
             return self._moderate()
         except Exception:
-            del self.dialogue[index:]
+            del self.dialogue[start:]
             del self.images[len(self.images) - len(images) :]
             del self.image_turns[len(self.image_turns) - len(images) :]
+            self._recount()
             raise
 
     def reset(
@@ -95,6 +163,7 @@ class ModerationSession:
             raise DialogueError(f"{len(images)} images but {len(image_turns)} image_turns")
         self.dialogue = [{"role": m.get("role"), "content": m.get("content")} for m in dialogue]
         self.images, self.image_turns = list(images), image_turns
+        self._recount()
         return self._moderate()
 
     def _moderate(self) -> Verdict:
@@ -110,7 +179,7 @@ class ModerationSession:
 
 
 class SessionStore:
-    """Sessions by conversation id, LRU-bounded in count and in KV-cached tokens (see the module doc)."""
+    """Sessions by conversation id, LRU-bounded in count, in KV-cached tokens and in bytes (see the module doc)."""
 
     def __init__(
         self,
@@ -118,11 +187,13 @@ class SessionStore:
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         max_cached_tokens: int = DEFAULT_MAX_CACHED_TOKENS,
         max_new_tokens: int = 64,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
-        if max_sessions < 1 or max_cached_tokens < 0:
-            raise ValueError("max_sessions must be >= 1 and max_cached_tokens >= 0")
+        if max_sessions < 1 or max_cached_tokens < 0 or max_bytes < 1:
+            raise ValueError("max_sessions and max_bytes must be >= 1 and max_cached_tokens >= 0")
         self.moderator = moderator
         self.max_sessions, self.max_cached_tokens = max_sessions, max_cached_tokens
+        self.max_bytes = max_bytes
         self.max_new_tokens = max_new_tokens
         self._sessions: OrderedDict[str, ModerationSession] = OrderedDict()
         self._lock = threading.Lock()
@@ -136,6 +207,10 @@ class SessionStore:
     @property
     def cached_tokens(self) -> int:
         return sum(session.prefix_cache.cached_tokens for session in self._sessions.values())
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(session.held_bytes for session in self._sessions.values())
 
     def get(self, conversation_id: str) -> ModerationSession:
         """The session of ``conversation_id`` (a new, empty one if unknown or forgotten)."""
@@ -153,15 +228,41 @@ class SessionStore:
             self._sessions.pop(conversation_id, None)
 
     def touched(self, session: ModerationSession) -> None:
-        """After a verdict: ``session`` is the most recent; caches are dropped, oldest first, past the cap."""
+        """After a verdict: ``session`` is the most recent; past a cap, the oldest caches are dropped, then
+        (past ``max_bytes``) the oldest sessions are forgotten."""
         with self._lock:
             if self._sessions.get(session.conversation_id) is session:
                 self._sessions.move_to_end(session.conversation_id)
+            session._cache_bytes = cache_host_bytes(session.prefix_cache)
             total = self.cached_tokens
             for other in list(self._sessions.values()):  # oldest first; the current session last
                 if total <= self.max_cached_tokens:
                     break
                 total -= other.prefix_cache.cached_tokens
-                other.prefix_cache.clear()
+                _drop_cache(other)
             if total > self.max_cached_tokens and session.prefix_cache.cached_tokens:
-                session.prefix_cache.clear()  # a session no longer in the store (forgotten meanwhile)
+                _drop_cache(session)  # a session no longer in the store (forgotten meanwhile)
+            self._bound_bytes(session)
+
+    def _bound_bytes(self, current: ModerationSession) -> None:
+        """Caches are cheaper to recompute than turns are to refeed: drop those first, oldest first."""
+        total = self.held_bytes
+        for other in list(self._sessions.values()):
+            if total <= self.max_bytes:
+                return
+            if other is not current:
+                total -= other._cache_bytes
+                _drop_cache(other)
+        for conversation_id, other in list(self._sessions.items()):
+            if total <= self.max_bytes:
+                return
+            if other is not current:
+                total -= other.held_bytes
+                del self._sessions[conversation_id]
+        if total > self.max_bytes:
+            _drop_cache(current)  # its turns stay: the conversation in progress needs them
+
+
+def _drop_cache(session: ModerationSession) -> None:
+    session.prefix_cache.clear()
+    session._cache_bytes = 0

@@ -451,3 +451,21 @@ def test_a_model_returning_the_wrong_number_of_verdicts_fails_the_batch_not_the_
         caller.join(timeout=20)
         assert answers and answers[0].status_code == 500  # answered, not left waiting
         assert test_client.post("/v1/moderate", json=VALID).status_code == 200  # the worker still runs
+
+
+def test_the_command_serves_only_the_export_its_manifest_digest_pins(tiny_export, monkeypatch):  # noqa: F811
+    import uvicorn
+
+    from moderator.cli import InputError
+    from moderator.manifest import manifest_sha256
+    from moderator.serve import main
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))
+    other = "0" * 64
+    with pytest.raises(InputError) as refused:
+        main([str(tiny_export), "--device", "cpu", "--port", "1", "--expect-manifest-sha256", other])
+    assert "\n" not in str(refused.value) and not served  # never listens
+    pinned = manifest_sha256(tiny_export)
+    assert main([str(tiny_export), "--device", "cpu", "--port", "1", "--expect-manifest-sha256", pinned]) == 0
+    assert len(served) == 1
