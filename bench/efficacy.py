@@ -219,16 +219,23 @@ class StageLog:
         command: Sequence[str],
         outputs: Sequence[Path],
         threads: int,
-        code: str | None = None,
+        inputs: Sequence[str] = (),
         run_flags: Sequence[str] = (),
     ) -> bool:
         """A stage that runs one entry point (:func:`run_command`); True when it ran.
 
-        ``code``: the stage's own module; an edit to it makes its earlier output stale. ``run_flags`` say how to
-        run this time (e.g. resume or start afresh), not what the output is: they are not part of the settings.
+        ``inputs``: files the command reads besides its arguments (its own module, its recipe); an edit to one
+        makes the earlier output stale. ``run_flags`` say how to run this time (e.g. resume or start afresh),
+        not what the output is: they are not part of the settings.
         """
-        settings = {"command": list(command), **({"code": _file_digest(REPO_ROOT / code)} if code else {})}
-        return self.run(name, settings, outputs, lambda: run_command(name, [*command, *run_flags], threads))
+        return self.run(
+            name, stage_settings(command, inputs), outputs, lambda: run_command(name, [*command, *run_flags], threads)
+        )
+
+
+def stage_settings(command: Sequence[str], inputs: Sequence[str] = ()) -> dict[str, Any]:
+    """What a command stage's output depends on: its command line and the contents of the files it reads."""
+    return {"command": list(command), "inputs": {path: _file_digest(REPO_ROOT / path) for path in inputs}}
 
 
 def run_command(stage: str, command: Sequence[str], threads: int) -> None:
@@ -1287,28 +1294,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     scores_dir = work / "scores"
 
     def command_stage(
-        name: str, command: list[str], outputs: list[Path], code: str | None = None, run_flags: Sequence[str] = ()
+        name: str, command: list[str], outputs: list[Path], inputs: Sequence[str] = (), run_flags: Sequence[str] = ()
     ) -> None:
-        log.command(name, command, outputs, threads, code=code, run_flags=run_flags)
+        log.command(name, command, outputs, threads, inputs=inputs, run_flags=run_flags)
 
     command_stage("base", [py, "-m", "moderator.bases", "smollm2", str(base)], [base / "config.json"])
     sets_cmd = [py, "-m", "bench.efficacy_data", "--out", str(sets)]
     if sizes.per_set is not None:
         sets_cmd += ["--per-set", str(sizes.per_set)]
-    command_stage("sets", sets_cmd, [sets / "stats.json"], code="bench/efficacy_data.py")
+    command_stage("sets", sets_cmd, [sets / "stats.json"], inputs=["bench/efficacy_data.py"])
     data_cmd = [py, "-m", "data_prep.build", "--config", DATA_CONFIG, "--out", str(data), "--safemt", str(sets / "safemt"),
                 "--benign", str(sets / "benign_train.jsonl"), "--processor", str(base),
                 "--matched_exclude", str(sets / "held_out_sources.json")]  # fmt: skip
-    command_stage("data", data_cmd, [data / "stats.json"])
+    command_stage("data", data_cmd, [data / "stats.json"], inputs=[DATA_CONFIG])
     sft_cmd = [py, "train/sft.py", "--config", SFT_CONFIG, "--model_name_or_path", str(base), "--dataset_path",
                str(data), "--output_dir", str(sft), *sizes.sft_overrides]  # fmt: skip
-    # A run killed mid-training resumes from its last complete checkpoint; any other rerun starts afresh.
+    # A run killed mid-training resumes from its last complete checkpoint (same command and recipe); any other
+    # rerun starts afresh. An edited recipe reruns the stage: its digest is part of the settings.
+    sft_settings = stage_settings(sft_cmd, [SFT_CONFIG])
     started_file = log.record_file("sft.started")
-    resume = started_file.is_file() and json.loads(started_file.read_text()) == sft_cmd and not log.rerun
-    if not log.done("sft", {"command": sft_cmd}, [sft / "adapter_config.json"]):
+    resume = started_file.is_file() and json.loads(started_file.read_text()) == sft_settings and not log.rerun
+    if not log.done("sft", sft_settings, [sft / "adapter_config.json"]):
         started_file.parent.mkdir(parents=True, exist_ok=True)
-        started_file.write_text(json.dumps(sft_cmd))
-    command_stage("sft", sft_cmd, [sft / "adapter_config.json"], run_flags=() if resume else ("--fresh_start", "true"))
+        started_file.write_text(json.dumps(sft_settings))
+    command_stage(
+        "sft",
+        sft_cmd,
+        [sft / "adapter_config.json"],
+        inputs=[SFT_CONFIG],
+        run_flags=() if resume else ("--fresh_start", "true"),
+    )
 
     # Thresholds on validation (never a test set): the trained checkpoint's is the one the export ships.
     thresholds_file = work / "thresholds.json"
@@ -1318,7 +1333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         chosen = {}
         for method, path in ((MODERATOR, sft), (ZERO_SHOT, base)):
-            moderator = Moderator.from_pretrained(path)
+            moderator = Moderator.from_pretrained(path, verify=False)  # checkpoints, not exports
             labels, scores = validation_scores(moderator, data, sizes.validation_limit, sizes.batch_size)
             chosen[method] = {
                 "threshold": shipped_threshold(labels, scores),
@@ -1349,7 +1364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         score_records(moderator, records, ScoreCache(scores_dir / "moderator.jsonl", cache_key),
                       batch_size=sizes.batch_size, max_new_tokens=sizes.max_new_tokens, label=MODERATOR)  # fmt: skip
         del moderator
-        base_moderator = Moderator.from_pretrained(base, threshold=thresholds[ZERO_SHOT]["threshold"])
+        base_moderator = Moderator.from_pretrained(base, threshold=thresholds[ZERO_SHOT]["threshold"], verify=False)
         by_set: dict[str, list[Mapping[str, Any]]] = {}
         for record in records:
             by_set.setdefault(record["set"], []).append(record)

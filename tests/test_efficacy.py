@@ -504,3 +504,18 @@ def test_a_command_stage_run_with_other_run_flags_is_still_complete(monkeypatch,
     again = StageLog(tmp_path)
     assert again.command("sft", ["train"], [out], 1) is False and again.skipped == ["sft"]
     assert StageLog(tmp_path).command("sft", ["train", "--max_steps", "2"], [out], 1) is True  # other settings
+
+
+def test_an_edited_recipe_reruns_its_stage(monkeypatch, tmp_path):
+    # The SFT command line names its recipe by path: editing the recipe (a new learning rate) must retrain, not
+    # report the old checkpoint's figures under the new recipe.
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("learning_rate: 5.0e-4\n")
+    out = tmp_path / "sft.out"
+    monkeypatch.setattr(efficacy, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(efficacy, "run_command", lambda stage, command, threads: out.write_text("x"))
+    command = ["train", "--config", "recipe.yaml"]
+    assert StageLog(tmp_path).command("sft", command, [out], 1, inputs=["recipe.yaml"]) is True
+    assert StageLog(tmp_path).command("sft", command, [out], 1, inputs=["recipe.yaml"]) is False
+    recipe.write_text("learning_rate: 2.0e-3\n")
+    assert StageLog(tmp_path).command("sft", command, [out], 1, inputs=["recipe.yaml"]) is True
