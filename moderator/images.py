@@ -1,16 +1,16 @@
-"""Pixel bounds shared by every model that reads images; placeholder images for SafeMT records (tests, demo)."""
+"""Pixel bounds shared by every model that reads images, and the deterministic placeholder image.
+
+``placeholder_image`` stands in for an image that cannot be used (data prep) or is not shipped (export's
+equivalence check); writing placeholder images for a whole SafeMT folder is ``tiny_models.images`` (tests, demo).
+"""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
-
-from moderator.schema import TURN_COUNTS, safemt_turn_file
 
 # One default for every model that reads images (targets, guards, the moderator, vLLM), equal to the
 # training recipes' bound: Qwen2-VL-style processors otherwise allow 12.8M pixels (16,384 image tokens)
@@ -98,52 +98,3 @@ def placeholder_image(key: str, size: tuple[int, int] = (64, 48)) -> Image.Image
     draw = ImageDraw.Draw(image)
     draw.rectangle([size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4], fill=tuple(digest[3:6]))
     return image
-
-
-def write_placeholder_images(safemt_dir: str | Path, size: tuple[int, int] = (64, 48)) -> int:
-    """Write a placeholder image at every ``image_path`` named by the ``<k>_turn.json`` files; return how many."""
-    safemt_dir = Path(safemt_dir)
-    written = set()
-    for k in TURN_COUNTS:
-        path = safemt_turn_file(safemt_dir, k)
-        if not path.exists():
-            continue
-        for record in json.loads(path.read_text()):
-            rel = record.get("image_path") if isinstance(record, dict) else None
-            if not isinstance(rel, str) or not rel or rel in written:
-                continue
-            target = safemt_dir / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fmt = {".png": "PNG"}.get(target.suffix.lower(), "JPEG")
-            placeholder_image(rel, size).save(target, format=fmt)
-            written.add(rel)
-    return len(written)
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import shutil
-
-    from moderator.cli import one_line_parser_errors
-
-    parser = argparse.ArgumentParser(
-        prog="python -m moderator.images", description="Copy SafeMT <k>_turn.json files and write placeholder images."
-    )
-    one_line_parser_errors(parser)
-    parser.add_argument("out_dir")
-    parser.add_argument("--copy-from", help="folder whose <k>_turn.json files are copied first")
-    args = parser.parse_args(argv)
-    out = Path(args.out_dir)
-    sources = sorted(Path(args.copy_from).glob("*_turn.json")) if args.copy_from else []
-    if args.copy_from and not sources:
-        parser.error(f"--copy-from {args.copy_from}: no <k>_turn.json files there (is it a SafeMT Data folder?)")
-    out.mkdir(parents=True, exist_ok=True)
-    for path in sources:
-        shutil.copy(path, out / path.name)
-    print(f"{write_placeholder_images(out)} placeholder images under {out}")
-
-
-if __name__ == "__main__":
-    from moderator.cli import run_cli
-
-    raise SystemExit(run_cli(main))

@@ -35,7 +35,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 def copy_sample_with_images(target: Path) -> Path:
     """``target``: the repo's real SafeMT sample records, in the GitHub layout, with placeholder images."""
-    from moderator.images import write_placeholder_images
+    from tiny_models.images import write_placeholder_images
 
     target.mkdir()
     for path in SAMPLE_DIR.glob("*_turn.json"):

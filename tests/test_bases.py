@@ -1,5 +1,5 @@
-"""The real small base (moderator.bases): SmolLM2-135M-Instruct's weights inside the Qwen2.5-VL shape,
-and the real Qwen tokenizer's processor; the assets they are built from (moderator.assets).
+"""The real small base (assets.bases): SmolLM2-135M-Instruct's weights inside the Qwen2.5-VL shape,
+and the real Qwen tokenizer's processor; the assets they are built from (assets.fetch).
 
 Needs the install step's assets (`make env` runs `make assets`); nothing is downloaded here.
 """
@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from moderator.assets import ASSETS_ENV, MissingAssetError, find_wheel, read_wheel_member, smollm2_checkpoint
-from moderator.bases import QWEN_IMAGE_BOUNDS, VISION_TOKENS, build_qwen_processor, build_smollm2_vlm, cli
+from assets.bases import QWEN_IMAGE_BOUNDS, VISION_TOKENS, build_qwen_processor, build_smollm2_vlm, cli
+from assets.fetch import ASSETS_ENV, MissingAssetError, find_wheel, read_wheel_member, smollm2_checkpoint
 from moderator.images import PIXELS_PER_IMAGE_TOKEN
 from moderator.loading import load_vlm
 

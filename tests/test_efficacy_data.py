@@ -304,7 +304,7 @@ def test_real_token_lengths_apply_the_recipes_pixel_bounds(tiny_model_dir, tmp_p
 
 
 def test_a_failed_build_leaves_the_previous_output_and_no_partial_folder(tmp_path, monkeypatch):
-    from moderator.assets import MissingAssetError
+    from assets.fetch import MissingAssetError
 
     previous = tmp_path / "sets"
     previous.mkdir()

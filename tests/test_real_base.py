@@ -1,6 +1,6 @@
 """With real pretrained weights, a few LoRA steps through the repository's own path teach the moderator.
 
-SmolLM2-135M-Instruct in the Qwen2.5-VL shape (``moderator.bases``), real SafeMT sample records (unsafe)
+SmolLM2-135M-Instruct in the Qwen2.5-VL shape (``assets.bases``), real SafeMT sample records (unsafe)
 and real chitchat-dataset conversations (benign, the ``real`` extra) prepared by ``data_prep.build``, trained by
 ``train.run.build_trainer`` (TRL's collator, the recipe's LoRA/PEFT set-up, ``--verdict_loss_weight``)
 and scored by ``Moderator`` from the saved adapter: on held-out dialogues, mean P(unsafe) rises on the

@@ -18,7 +18,7 @@ from PIL import Image
 from moderator.images import placeholder_image
 from moderator.inference import Moderator
 from moderator.manifest import HASH_CACHE_ENV
-from moderator.serve import ServeSettings, create_app
+from serve import ServeSettings, create_app
 from tests.conftest import REPO_ROOT
 from tests.test_manifest_verify import THRESHOLD, _flip_a_byte, tiny_export  # noqa: F401  (module fixture)
 
@@ -314,7 +314,7 @@ def test_a_tampered_export_refuses_to_start_with_one_line(tiny_export, tmp_path)
     export = tmp_path / "export"
     shutil.copytree(tiny_export, export)
     expected = _flip_a_byte(export)
-    command = [sys.executable, "-m", "moderator.serve", str(export), "--port", "1", "--device", "cpu"]
+    command = [sys.executable, "-m", "serve", str(export), "--port", "1", "--device", "cpu"]
     result = subprocess.run(command, cwd=REPO_ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
@@ -324,7 +324,7 @@ def test_a_tampered_export_refuses_to_start_with_one_line(tiny_export, tmp_path)
 
 def test_a_checkpoint_without_a_manifest_is_not_served_unless_verification_is_skipped(tiny_model_dir: Path):
     from moderator.cli import UsageError
-    from moderator.serve import main
+    from serve import main
 
     with pytest.raises(UsageError, match="not an export"):
         main([str(tiny_model_dir), "--port", "1"])
@@ -340,7 +340,7 @@ def test_the_command_serves_a_verified_export_on_loopback_and_loses_no_request(t
 
     port = _free_port()
     url = f"http://{LOOPBACK}:{port}"
-    command = [sys.executable, "-m", "moderator.serve", str(tiny_export), "--host", LOOPBACK, "--port", str(port)]
+    command = [sys.executable, "-m", "serve", str(tiny_export), "--host", LOOPBACK, "--port", str(port)]
     command += [
         "--device",
         "cpu",
@@ -384,14 +384,14 @@ def test_the_command_serves_a_verified_export_on_loopback_and_loses_no_request(t
 def test_no_verify_serves_a_changed_export_with_a_warning(tiny_export, tmp_path, monkeypatch, caplog):  # noqa: F811
     import uvicorn
 
-    from moderator import serve
+    import serve
 
     export = tmp_path / "export"
     shutil.copytree(tiny_export, export)
     _flip_a_byte(export)
     served = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append((app, kwargs)))
-    with caplog.at_level("WARNING", logger="moderator.serve"):
+    with caplog.at_level("WARNING", logger="serve"):
         assert serve.main([str(export), "--no-verify", "--device", "cpu", "--port", "8123", "--threshold", "0.3"]) == 0
     assert "WITHOUT checking its manifest" in caplog.text
     ((app, kwargs),) = served
@@ -458,7 +458,7 @@ def test_the_command_serves_only_the_export_its_manifest_digest_pins(tiny_export
 
     from moderator.cli import InputError
     from moderator.manifest import manifest_sha256
-    from moderator.serve import main
+    from serve import main
 
     served = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 
 from moderator.images import placeholder_image, processor_image_bounds
 from moderator.inference import Moderator
-from moderator.serve import ServeSettings, create_app
+from serve import ServeSettings, create_app
 from tests.conftest import LOOPBACK, REPO_ROOT, _free_port
 from tests.test_manifest_verify import tiny_export  # noqa: F401  (module fixture)
 from tests.test_serve import SUBPROCESS_ENV, _post_concurrently, png_base64
@@ -136,7 +136,7 @@ def test_sessions_are_bounded_in_bytes_not_only_in_count(served_moderator):
 def test_decoded_pixels_in_flight_stay_within_the_budget_and_the_excess_waits_or_gets_503(
     served_moderator, monkeypatch
 ):
-    from moderator import serve
+    from serve import request as serve_request
 
     budget = 2 * BIG[0] * BIG[1]  # a request decodes one image at a time: two requests decode at once
     settings = replace(SETTINGS, max_pixels_in_flight=budget, request_timeout_s=30)
@@ -148,14 +148,14 @@ def test_decoded_pixels_in_flight_stay_within_the_budget_and_the_excess_waits_or
         assert 0 < pixels.peak <= budget and pixels.in_use == 0
     # A request that cannot get its pixels before its deadline gets a 503 naming the limit.
     entered, release = threading.Event(), threading.Event()
-    real = serve.decode_image
+    real = serve_request.decode_image
 
     def held(*args, **kwargs):
         entered.set()
         assert release.wait(timeout=30)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(serve, "decode_image", held)
+    monkeypatch.setattr(serve_request, "decode_image", held)
     settings = replace(settings, max_pixels_in_flight=BIG[0] * BIG[1], request_timeout_s=1.0)
     with fastapi_testclient.TestClient(create_app(served_moderator, settings)) as client:
         answers: list = []
@@ -190,7 +190,8 @@ def test_a_request_over_the_token_limit_gets_413_naming_the_limit(served_moderat
             assert time.monotonic() - started < 5
     assert len(calls) == 1  # the refused requests never reached the model
     # Image tokens count too (16 per image at the bound here): four images tip a request near the limit over.
-    from moderator.serve import ImageFit, TokenCounter
+    from serve.limits import ImageFit
+    from serve.request import TokenCounter
 
     text_tokens = TokenCounter(served_moderator, ImageFit.for_moderator(served_moderator)).count(HELLO, [])
     image = png_base64(placeholder_image("tokens", (112, 112)))
@@ -291,7 +292,7 @@ def test_a_batch_wait_that_is_not_a_finite_bounded_number_is_refused(tiny_export
     import uvicorn
 
     from moderator.cli import UsageError
-    from moderator.serve import main
+    from serve import main
 
     served = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))  # never listen here
@@ -311,7 +312,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def loopback_server(tiny_export, tmp_path_factory):  # noqa: F811
-    """``python -m moderator.serve`` with its default limits on a loopback port (fresh if a test killed it)."""
+    """``python -m serve`` with its default limits on a loopback port (fresh if a test killed it)."""
     servers: list[Server] = []
     log_dir = tmp_path_factory.mktemp("serve-limits")
 
@@ -319,7 +320,7 @@ def loopback_server(tiny_export, tmp_path_factory):  # noqa: F811
         if servers and servers[-1].process.poll() is None:
             return servers[-1]
         port = _free_port()
-        command = [sys.executable, "-m", "moderator.serve", str(tiny_export), "--host", LOOPBACK, "--port", str(port)]
+        command = [sys.executable, "-m", "serve", str(tiny_export), "--host", LOOPBACK, "--port", str(port)]
         command += ["--device", "cpu", "--max-new-tokens", str(MAX_NEW_TOKENS), "--log-level", "warning"]
         with (log_dir / f"serve{len(servers)}.log").open("w") as log:
             process = subprocess.Popen(command, cwd=REPO_ROOT, env=SUBPROCESS_ENV, stdout=log, stderr=subprocess.STDOUT)
@@ -457,7 +458,7 @@ def test_a_non_finite_score_is_sent_as_null_and_flagged():
     import json
     from types import SimpleNamespace
 
-    from moderator.serve import verdict_response
+    from serve.worker import verdict_response
 
     verdict = SimpleNamespace(
         verdict="unsafe", category="unknown", intent="", p_unsafe=float("nan"), policy="", parse_error=False

@@ -5,8 +5,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from moderator.contract import render_moderator_messages
-from moderator.images import write_placeholder_images
 from tests.conftest import SAMPLE_DIR
+from tiny_models.images import write_placeholder_images
 from tiny_models.moderator import IMAGE_SIDE
 
 

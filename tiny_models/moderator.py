@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from moderator.bases import qwen2_5_vl_chat_template
+from assets.bases import qwen2_5_vl_chat_template
 from moderator.taxonomy import load_taxonomy
 
 # Qwen2's pre-tokenizer split pattern (from the hub tokenizer.json).

