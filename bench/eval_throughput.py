@@ -87,7 +87,7 @@ def _env(threads: int) -> dict[str, str]:
 
 def prepare(work: Path, base: Path | None, skip_guards: bool) -> dict[str, Path]:
     """The tiny models and the SafeMT sample with placeholder images; reused when already in ``work``."""
-    from moderator.images import write_placeholder_images
+    from tiny_models.images import write_placeholder_images
 
     paths = {"base": base or work / "models" / "base", "safemt": work / "safemt"}
     if not (paths["base"] / "config.json").is_file():
@@ -101,7 +101,7 @@ def prepare(work: Path, base: Path | None, skip_guards: bool) -> dict[str, Path]
             paths[kind] = work / "models" / kind
             if not (paths[kind] / "config.json").is_file():
                 getattr(tiny_models.guards, builder)(paths[kind])
-    if not paths["safemt"].is_dir():  # as `make demo` does: python -m moderator.images DIR --copy-from sample
+    if not paths["safemt"].is_dir():  # as `make demo` does: python -m tiny_models.images DIR --copy-from sample
         paths["safemt"].mkdir(parents=True)
         for source in SAFEMT_SAMPLE.glob("*_turn.json"):
             shutil.copy(source, paths["safemt"] / source.name)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import re
 import typing
 from collections.abc import Callable, Sequence
@@ -28,16 +29,21 @@ from typing import Any
 
 import yaml
 
+from eval.defences import DEFENCES
 from eval.endpoints import DEFAULT_KEY_HOSTS, EndpointError, check_endpoint
-from moderator.cli import UsageError, one_line
+from eval.judge import JUDGES
+from eval.targets import TARGETS
+from moderator.artefacts import ModeratorConfigError, check_threshold
+from moderator.cli import UsageError, one_line, parse_config
 from moderator.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from moderator.schema import TURN_COUNTS
 
-DEFENCE_KINDS = ("none", "guard", "moderator")
+# The kinds a config may name are the registered ones: a new kind is added to its registry only.
+DEFENCE_KINDS = tuple(DEFENCES)  # none, guard, moderator
 MODERATOR_MODES = ("policy", "block")
-JUDGE_KINDS = ("openai", "local", "refusal_match")
+JUDGE_KINDS = tuple(JUDGES)  # openai, local, refusal_match
 REFUSAL_CHECKS = ("judge", "heuristic")
-TARGET_BACKENDS = ("hf", "vllm")
+TARGET_BACKENDS = tuple(TARGETS)  # hf, vllm
 TARGET_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that."
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
@@ -86,7 +92,7 @@ class DefenceConfig:
     name: str | None = None  # defaults: "none", the guard kind, "moderator" / "moderator-block"
     model: str | None = None
     guard_kind: str | None = None  # for kind=guard: the adapter name passed to load_guard
-    # moderator: None reads the export's manifest (else 0.5); guard: flag when its score >= threshold
+    # moderator: None reads the export's serving config (else the default); guard: its score decides against it
     # (None: the guard's own text verdict decides)
     threshold: float | None = None
     mode: str = "policy"  # moderator: policy (inject the category's policy) | block (fixed refusal)
@@ -251,9 +257,12 @@ class EvalConfig:
                 fail(f"defences.{i}.mode", f"{defence.mode!r} is not one of {MODERATOR_MODES}")
             if defence.threshold is not None and not 0.0 <= defence.threshold <= 1.0:
                 fail(f"defences.{i}.threshold", f"must be in [0, 1], got {defence.threshold}")
-            if defence.kind == "moderator" and defence.threshold is not None and defence.threshold in (0.0, 1.0):
-                # The moderator refuses these at load (0 flags everything, 1 nothing): say so before any work.
-                fail(f"defences.{i}.threshold", f"a moderator threshold must be in (0, 1), got {defence.threshold}")
+            if defence.kind == "moderator" and defence.threshold is not None:
+                # The moderator refuses 0 and 1 at load (0 flags everything, 1 nothing): say so before any work.
+                try:
+                    check_threshold(defence.threshold, f"defences.{i}.threshold")
+                except ModeratorConfigError:
+                    fail(f"defences.{i}.threshold", f"a moderator threshold must be in (0, 1), got {defence.threshold}")
             _validate_pinning(defence, f"defences.{i}", fail)
         names = [d.label for d in self.defences]
         if len(set(names)) != len(names):
@@ -531,18 +540,6 @@ def eval_arg_parser(prog: str = "python -m eval.run", description: str | None = 
     return parser
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {one_line(exc)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return data
-
-
 def parse_eval_args(
     argv: Sequence[str], parser: argparse.ArgumentParser | None = None
 ) -> tuple[EvalConfig, argparse.Namespace]:
@@ -554,36 +551,40 @@ def parse_eval_args(
     """
     parser = parser or eval_arg_parser()
     argv = list(argv)
-    locate = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    locate.add_argument("--config")
-    locate.add_argument("-h", "--help", action="store_true")
-    located, _ = locate.parse_known_args(argv)
-    if located.help:
-        parser.parse_args(["--help"])  # prints the help and exits
-    if located.config is None:
+    if not any(arg in ("-h", "--help") or arg.split("=")[0] == "--config" for arg in argv):
         raise ConfigError(f"--config FILE.yaml is required (see {parser.prog} --help)")
-    source = located.config
-    data = _read_yaml(Path(source))
-    known = {f.name for f in dataclasses.fields(EvalConfig)}
-    unknown = sorted(set(data) - known)
+    try:
+        # The project's one convention (moderator.cli.parse_config): YAML sets the top-level fields, a flag
+        # overrides one; what is no top-level field comes back for the nested parts (targets, defences, judge).
+        arguments, rest = parse_config((), argv, parser=parser, rest=True)
+    except ConfigError:
+        raise
+    except UsageError as exc:
+        raise ConfigError(str(exc)) from None
+    source, see = rest.config, f"(see {parser.prog} --help)"
+    unknown = [key for key in rest.keys if key not in NESTED_FIELDS]
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {unknown}; known: {sorted(known)}")
-    scalars = {key: value for key, value in data.items() if key not in NESTED_FIELDS}
-    nested = {key: value for key, value in data.items() if key in NESTED_FIELDS}
-    parser.set_defaults_with_config(**scalars)  # TrlParser: the YAML's values become the flags' defaults
-    *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    arguments, options = parsed[0], (parsed[1] if len(parsed) > 1 else argparse.Namespace())
+        close = difflib.get_close_matches(str(unknown[0]), [f.name for f in dataclasses.fields(EvalConfig)], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close and len(unknown) == 1 else ""
+        raise ConfigError(
+            f"{source}: unknown key{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}{hint} {see}"
+        )
+    nested = {key: value for key, value in rest.keys.items() if key in NESTED_FIELDS}
     values = {f.name: getattr(arguments, f.name) for f in dataclasses.fields(arguments)}
     for name, value in values.items():
         if isinstance(value, list):  # "--turns [1, 2]" parsed into one list item
             values[name] = [x for item in value for x in (item if isinstance(item, list) else [item])]
     data = {**values, **nested}
-    for key, value in parse_overrides(remaining):
-        if key.split(".", 1)[0] not in NESTED_FIELDS:
-            raise ConfigError(
-                f"{source}: unknown field --{key} on the command line (see {parser.prog} --help for the fields)"
-            )
+    overrides = list(parse_overrides(rest.args))
+    stray = [f"--{key}" for key, _ in overrides if key.split(".", 1)[0] not in NESTED_FIELDS]
+    if stray:
+        close = difflib.get_close_matches(stray[0], sorted(parser._option_string_actions), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"unrecognized arguments: {' '.join(stray)}{hint} {see}")
+    for key, value in overrides:
         apply_override(data, key, value, source=source)
+    options = rest.options
+    options.config = source
     return _build(EvalConfig, data, "", source).validate(source), options
 
 

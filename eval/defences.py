@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from eval.registry import registered
+from eval.targets import DEFAULT_SYSTEM_PROMPT, release_memory
+from moderator.artefacts import MANIFEST_FILE, looks_like_export, resolve_threshold
+from moderator.manifest import manifest_sha256
 from moderator.taxonomy import UNKNOWN_CATEGORY, Taxonomy
 
 PASS, BLOCK, INJECT = "pass", "block", "inject"
@@ -58,8 +62,6 @@ class DefenceDecision:
 
 def policy_system_prompt(base: str | None, decision: DefenceDecision, taxonomy: Taxonomy) -> str:
     """The target's system prompt with the decision's policy appended (``base`` None: a plain default)."""
-    from eval.targets import DEFAULT_SYSTEM_PROMPT
-
     scenario = taxonomy.by_id.get(decision.category or "")
     label = scenario.label if scenario else "category not identified"
     notice = POLICY_NOTICE.format(label=label, policy=decision.policy or GENERIC_POLICY)
@@ -98,8 +100,6 @@ class Defence(ABC):
 
     def close(self) -> None:
         """Free the model the defence holds (defences are loaded one at a time)."""
-        from eval.targets import release_memory
-
         release_memory(self)
 
 
@@ -137,8 +137,6 @@ class GuardDefence(Defence):
         if callable(closer):
             closer()
         else:
-            from eval.targets import release_memory
-
             release_memory(self.guard)
         self.guard = None
 
@@ -219,8 +217,6 @@ class ModeratorDefence(Defence):
         self.settings = {**self.settings, "resolved_threshold": float(threshold)}
 
     def close(self) -> None:
-        from eval.targets import release_memory
-
         release_memory(self.moderator)
         self.moderator = None
 
@@ -243,9 +239,8 @@ def model_fingerprint(model: str) -> str | None:
     path = Path(model)
     if not path.is_dir():
         return None
-    manifest = path / "manifest.json"
-    if manifest.is_file():
-        return "manifest:" + hashlib.sha256(manifest.read_bytes()).hexdigest()
+    if looks_like_export(path) and (path / MANIFEST_FILE).is_file():
+        return "manifest:" + manifest_sha256(path)
     digest = hashlib.sha256()
     for name in ("adapter_config.json", "config.json"):
         if (path / name).is_file():
@@ -267,21 +262,7 @@ def defence_settings(config: Any, threshold: float | None = None) -> dict[str, A
     else the export's manifest; so a re-export to the same path or another threshold does not reuse
     stale cached decisions. It reads files: compute it once per run.
     """
-    settings = {"kind": config.kind}
-    if config.kind == "guard":
-        settings.update(model=config.model, guard_kind=config.guard_kind, options=guard_options(config))
-    elif config.kind == "moderator":
-        from moderator.inference import resolve_threshold
-
-        if threshold is None:
-            threshold = resolve_threshold(config.model, config.threshold)
-        settings.update(model=config.model, threshold=config.threshold, mode=config.mode)
-        settings.update(
-            max_new_tokens=config.max_new_tokens,
-            model_fingerprint=model_fingerprint(config.model),
-            resolved_threshold=float(threshold),
-        )
-    return settings
+    return {"kind": config.kind, **defence_kind(config.kind).settings(config, threshold)}
 
 
 def score_settings(config: Any) -> dict[str, Any]:
@@ -304,25 +285,76 @@ def model_pass_settings(config: Any) -> dict[str, Any]:
 
 def load_defence(config: Any, taxonomy: Taxonomy | None = None) -> Defence:
     """Build the defence named by a :class:`eval.config.DefenceConfig` (loads its model)."""
-    if config.kind == "none":
-        return NoDefence(config.label)
-    if config.kind == "guard":
-        from eval.guards import load_guard
+    return defence_kind(config.kind).build(config, taxonomy)
 
-        guard = load_guard(config.guard_kind, config.model, **guard_options(config))
-        return GuardDefence(guard, config.label, defence_settings(config))
-    if config.kind == "moderator":
-        from moderator.inference import Moderator
 
-        # The eval's taxonomy supplies the injected policies; its category ids must be the model's.
-        # verify=False (an unexported checkpoint) only when the config says so; a pinned export
-        # (expect_manifest_sha256) is refused unless its manifest.json has exactly that sha256.
-        moderator = Moderator.from_pretrained(
-            config.model,
-            threshold=config.threshold,
-            taxonomy=taxonomy,
-            verify=config.verify,
-            expect_manifest_sha256=config.expect_manifest_sha256,
-        )
-        return ModeratorDefence(moderator, config.label, config.mode, config.max_new_tokens, defence_settings(config))
-    raise ValueError(f"defence kind {config.kind!r} is not one of none, guard, moderator")
+# -- the defence kinds: one entry per kind in DEFENCES ------------------------------------------------
+
+
+def _no_settings(config: Any, threshold: float | None) -> dict[str, Any]:
+    return {}
+
+
+def _guard_settings(config: Any, threshold: float | None) -> dict[str, Any]:
+    return {"model": config.model, "guard_kind": config.guard_kind, "options": guard_options(config)}
+
+
+def _moderator_settings(config: Any, threshold: float | None) -> dict[str, Any]:
+    if threshold is None:
+        threshold = resolve_threshold(config.model, config.threshold)
+    return {
+        "model": config.model,
+        "threshold": config.threshold,
+        "mode": config.mode,
+        "max_new_tokens": config.max_new_tokens,
+        "model_fingerprint": model_fingerprint(config.model),
+        "resolved_threshold": float(threshold),
+    }
+
+
+def _build_none(config: Any, taxonomy: Taxonomy | None) -> Defence:
+    return NoDefence(config.label)
+
+
+def _build_guard(config: Any, taxonomy: Taxonomy | None) -> Defence:
+    from eval.guards import load_guard  # imports torch: only for a guard defence
+
+    guard = load_guard(config.guard_kind, config.model, **guard_options(config))
+    return GuardDefence(guard, config.label, defence_settings(config))
+
+
+def _build_moderator(config: Any, taxonomy: Taxonomy | None) -> Defence:
+    from moderator.inference import Moderator  # imports torch: only for a moderator defence
+
+    # The eval's taxonomy supplies the injected policies; its category ids must be the model's.
+    # verify=False (an unexported checkpoint) only when the config says so; a pinned export
+    # (expect_manifest_sha256) is refused unless its manifest.json has exactly that sha256.
+    moderator = Moderator.from_pretrained(
+        config.model,
+        threshold=config.threshold,
+        taxonomy=taxonomy,
+        verify=config.verify,
+        expect_manifest_sha256=config.expect_manifest_sha256,
+    )
+    return ModeratorDefence(moderator, config.label, config.mode, config.max_new_tokens, defence_settings(config))
+
+
+@dataclass(frozen=True)
+class DefenceKind:
+    """One kind of defence: how it is built, and the settings of its config that change its decisions."""
+
+    build: Callable[[Any, Taxonomy | None], Defence]  # (DefenceConfig, taxonomy) -> the loaded defence
+    settings: Callable[[Any, float | None], dict[str, Any]]  # (DefenceConfig, run threshold) -> settings
+
+
+# Every defence kind, by the name a config's ``kind`` gives (eval.config validates against these names).
+DEFENCES: dict[str, DefenceKind] = {
+    "none": DefenceKind(_build_none, _no_settings),
+    "guard": DefenceKind(_build_guard, _guard_settings),
+    "moderator": DefenceKind(_build_moderator, _moderator_settings),
+}
+
+
+def defence_kind(kind: str) -> DefenceKind:
+    """The registered defence kind ``kind``; an unknown one is an error naming the valid kinds."""
+    return registered(DEFENCES, kind, "defence kind")

@@ -34,13 +34,15 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
 from eval.endpoints import DEFAULT_KEY_HOSTS, NO_KEY, check_endpoint
 from eval.metrics import CONTENT_FILTER, ERROR, ERROR_PREFIX, UNPARSED, label_outcome
+from eval.registry import registered
+from eval.targets import ChatRequest, HFChatModel, release_memory
 from moderator.contract import ROLE_NAMES, SAFE, UNSAFE
 from moderator.sanitize import neutralize_control_tokens, transcript_text
 from moderator.taxonomy import Taxonomy, load_taxonomy
@@ -303,8 +305,6 @@ class Judge(ABC):
 
     def close(self) -> None:
         """Free what the judge holds (a model, a connection pool)."""
-        from eval.targets import release_memory
-
         release_memory(self)
 
 
@@ -508,16 +508,12 @@ class LocalJudge(Judge):
         trust_remote_code: bool = False,
         taxonomy: Taxonomy | None = None,
     ):
-        from eval.targets import HFChatModel
-
         settings = {"kind": "local", "model": model, "max_tokens": max_tokens}
         super().__init__(name or f"local:{model}", settings, taxonomy)
         self.chat_model = HFChatModel.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
         self.max_tokens, self.batch_size = max_tokens, batch_size
 
     def complete(self, conversations: Sequence[list[dict[str, str]]]) -> list[str]:
-        from eval.targets import ChatRequest
-
         requests = []
         for messages in conversations:
             system = next((m["content"] for m in messages if m["role"] == "system"), None)
@@ -575,43 +571,81 @@ class RefusalMatchJudge(Judge):
 
 def judge_settings(config: Any) -> dict[str, Any]:
     """What the judge of a :class:`eval.config.JudgeConfig` would report as ``settings`` (without building it)."""
-    if config.kind == "openai":
-        settings = {"kind": "openai", "model": config.model, "base_url": config.base_url}
-        settings.update(temperature=config.temperature, max_tokens=config.max_tokens)
-    elif config.kind == "refusal_match":
-        settings = {"kind": "refusal_match"}
-    else:
-        settings = {"kind": config.kind, "model": config.model, "max_tokens": config.max_tokens}
-    return {**settings, "prompt_version": JUDGE_PROMPT_VERSION}
+    return {**judge_kind(config.kind).settings(config), "prompt_version": JUDGE_PROMPT_VERSION}
 
 
 def load_judge(config: Any, taxonomy: Taxonomy | None = None) -> Judge:
     """Build the judge named by a :class:`eval.config.JudgeConfig`."""
-    if config.kind == "openai":
-        return OpenAIJudge(
-            model=config.model,
-            base_url=config.base_url,
-            api_key_env=config.api_key_env,
-            api_key_hosts=config.api_key_hosts,
-            temperature=config.temperature,
-            max_tokens=config.max_tokens,
-            timeout_s=config.timeout_s,
-            max_attempts=config.max_attempts,
-            concurrency=config.concurrency,
-            name=config.label,
-            taxonomy=taxonomy,
-        )
-    if config.kind == "local":
-        return LocalJudge(
-            config.model,
-            max_tokens=config.max_tokens,
-            batch_size=config.batch_size,
-            name=config.label,
-            taxonomy=taxonomy,
-        )
-    if config.kind == "refusal_match":
-        return RefusalMatchJudge(name=config.label, taxonomy=taxonomy)
-    raise ValueError(f"judge.kind {config.kind!r} is not one of openai, local, refusal_match")
+    return judge_kind(config.kind).build(config, taxonomy)
+
+
+# -- the judge kinds: one entry per kind in JUDGES ----------------------------------------------------
+
+
+def _openai_settings(config: Any) -> dict[str, Any]:
+    settings = {"kind": "openai", "model": config.model, "base_url": config.base_url}
+    settings.update(temperature=config.temperature, max_tokens=config.max_tokens)
+    return settings
+
+
+def _build_openai(config: Any, taxonomy: Taxonomy | None) -> Judge:
+    return OpenAIJudge(
+        model=config.model,
+        base_url=config.base_url,
+        api_key_env=config.api_key_env,
+        api_key_hosts=config.api_key_hosts,
+        temperature=config.temperature,
+        max_tokens=config.max_tokens,
+        timeout_s=config.timeout_s,
+        max_attempts=config.max_attempts,
+        concurrency=config.concurrency,
+        name=config.label,
+        taxonomy=taxonomy,
+    )
+
+
+def _local_settings(config: Any) -> dict[str, Any]:
+    return {"kind": config.kind, "model": config.model, "max_tokens": config.max_tokens}
+
+
+def _build_local(config: Any, taxonomy: Taxonomy | None) -> Judge:
+    return LocalJudge(
+        config.model,
+        max_tokens=config.max_tokens,
+        batch_size=config.batch_size,
+        name=config.label,
+        taxonomy=taxonomy,
+    )
+
+
+def _refusal_match_settings(config: Any) -> dict[str, Any]:
+    return {"kind": "refusal_match"}
+
+
+def _build_refusal_match(config: Any, taxonomy: Taxonomy | None) -> Judge:
+    return RefusalMatchJudge(name=config.label, taxonomy=taxonomy)
+
+
+@dataclass(frozen=True)
+class JudgeKind:
+    """One kind of judge: its class, how it is built, and its settings known before building it (cache keys)."""
+
+    judge_class: type[Judge]  # its ``streams_answers`` says how the eval hands it work
+    build: Callable[[Any, Taxonomy | None], Judge]  # (JudgeConfig, taxonomy) -> the judge
+    settings: Callable[[Any], dict[str, Any]]  # JudgeConfig -> what the built judge reports as settings
+
+
+# Every judge kind, by the name a config's ``judge.kind`` gives (eval.config validates against these names).
+JUDGES: dict[str, JudgeKind] = {
+    "openai": JudgeKind(OpenAIJudge, _build_openai, _openai_settings),
+    "local": JudgeKind(LocalJudge, _build_local, _local_settings),
+    "refusal_match": JudgeKind(RefusalMatchJudge, _build_refusal_match, _refusal_match_settings),
+}
+
+
+def judge_kind(kind: str) -> JudgeKind:
+    """The registered judge kind ``kind``; an unknown one is an error naming the valid kinds."""
+    return registered(JUDGES, kind, "judge.kind")
 
 
 # -- judge outcomes of report rows: retries and the failure gate ------------------------------------

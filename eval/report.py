@@ -60,6 +60,7 @@ from eval.metrics import (
     safety_index_result,
     si_interval,
 )
+from moderator.artefacts import report_thresholds, write_eval_report
 
 NO_DEFENCE = "none"
 NO_ATTACK_ROWS = "no attack reply (only benign dialogues were evaluated)"
@@ -150,13 +151,6 @@ def _group_summary(
     }
 
 
-def _check_thresholds(thresholds: Mapping[str, Any]) -> None:
-    for name, choice in thresholds.items():
-        value = choice.get("threshold") if isinstance(choice, Mapping) else None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"thresholds.{name}.threshold: expected a number, got {value!r}")
-
-
 def _check_turns_to_detection(summary: Mapping[str, Any]) -> None:
     """The shape the report renders, checked up front so a wrong summary is named, not a KeyError later."""
     by_length = summary.get("by_length") if isinstance(summary, Mapping) else None
@@ -192,7 +186,7 @@ def build_report(
     if turns_to_detection is not None:
         _check_turns_to_detection(turns_to_detection)
     if thresholds is not None:
-        _check_thresholds(thresholds)
+        report_thresholds(thresholds, "report")  # each a usable decision threshold (ModeratorConfigError)
     turns = tuple(turns)
     weights = length_weights(turns)
     groups: dict[str, dict[str, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
@@ -703,7 +697,7 @@ def write_report(
     out_dir = Path(out_dir)
     report = build_report(rows, turns, detection, title, thresholds, bootstrap, turns_to_detection)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_eval_report(out_dir, report)
     (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")
     image_path = out_dir / "asr_vs_turns.png"
     plot_asr_vs_turns(report, image_path)

@@ -26,7 +26,9 @@ from collections.abc import Sequence
 from eval.cache import CacheError, OutDirLockedError
 from eval.config import ConfigError, eval_arg_parser, parse_eval_args
 from eval.judge import JudgeFailureError
-from eval.loop import EvalDataError, EvalRun, Shard, run_eval
+from eval.loop import EvalRun, run_eval
+from eval.samples import EvalDataError
+from eval.shard import Shard
 from moderator.cli import run_cli
 from moderator.inference import ModeratorConfigError
 from moderator.loading import ModelLoadError

@@ -19,12 +19,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-from collections.abc import Mapping, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from moderator.images import DEFAULT_IMAGE_BOUNDS, ImageBounds, supports_pixel_bounds
+from eval.registry import registered
+from moderator.images import DEFAULT_IMAGE_BOUNDS, ImageBounds, bound_image_pixels, supports_pixel_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +59,18 @@ class ChatModel(Protocol):
     def close(self) -> None: ...
 
 
-class _ClosesOnExit:
+class _ClosesOnExit(ABC):
+    """A chat model that is also a context manager: leaving the ``with`` block frees it (:meth:`close`)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Free the model (and, for vLLM, its engine and GPU memory)."""
+
     def __enter__(self):
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        self.close()  # type: ignore[attr-defined]
+        self.close()
 
 
 def is_multimodal(path: str | Path, trust_remote_code: bool = False, revision: str | None = None) -> bool:
@@ -249,8 +257,6 @@ class VLLMChatModel(_ClosesOnExit):
             ) from exc
         from transformers import AutoProcessor, AutoTokenizer
 
-        from moderator.images import bound_image_pixels
-
         self.name = name or path
         self._sampling = SamplingParams
         self.multimodal = is_multimodal(path, trust_remote_code)
@@ -352,19 +358,13 @@ def release_memory(holder: Any) -> None:
 
 def load_target(config: Any) -> ChatModel:
     """Build the chat model named by a :class:`eval.config.TargetConfig` (a context manager; ``close()`` frees it)."""
-    bounds = ImageBounds(config.min_pixels, config.max_pixels)
-    if config.backend == "vllm":
-        return VLLMChatModel(
-            config.model,
-            dtype=config.dtype,
-            trust_remote_code=config.trust_remote_code,
-            name=config.label,
-            max_model_len=config.max_model_len,
-            tensor_parallel_size=config.tensor_parallel_size,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            limit_mm_per_prompt=config.limit_mm_per_prompt,
-            image_bounds=bounds,
-        )
+    return target_backend(config.backend).build(config)
+
+
+# -- the target backends: one entry per backend in TARGETS --------------------------------------------
+
+
+def _build_hf(config: Any) -> ChatModel:
     return HFChatModel.from_pretrained(
         config.model,
         dtype=config.dtype,
@@ -372,5 +372,39 @@ def load_target(config: Any) -> ChatModel:
         trust_remote_code=config.trust_remote_code,
         name=config.label,
         batch_size=config.batch_size or DEFAULT_BATCH_SIZE,
-        image_bounds=bounds,
+        image_bounds=ImageBounds(config.min_pixels, config.max_pixels),
     )
+
+
+def _build_vllm(config: Any) -> ChatModel:
+    return VLLMChatModel(
+        config.model,
+        dtype=config.dtype,
+        trust_remote_code=config.trust_remote_code,
+        name=config.label,
+        max_model_len=config.max_model_len,
+        tensor_parallel_size=config.tensor_parallel_size,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        limit_mm_per_prompt=config.limit_mm_per_prompt,
+        image_bounds=ImageBounds(config.min_pixels, config.max_pixels),
+    )
+
+
+@dataclass(frozen=True)
+class TargetBackend:
+    """One target backend: its chat model class and how a target config builds it."""
+
+    model_class: type  # its ``batches_internally`` says how the eval hands it work
+    build: Callable[[Any], ChatModel]  # TargetConfig -> the loaded chat model
+
+
+# Every target backend, by the name a target's ``backend`` gives (eval.config validates against these names).
+TARGETS: dict[str, TargetBackend] = {
+    "hf": TargetBackend(HFChatModel, _build_hf),
+    "vllm": TargetBackend(VLLMChatModel, _build_vllm),
+}
+
+
+def target_backend(backend: str) -> TargetBackend:
+    """The registered target backend ``backend``; an unknown one is an error naming the valid backends."""
+    return registered(TARGETS, backend, "target backend")

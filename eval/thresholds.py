@@ -13,6 +13,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from eval.metrics import threshold_for_fpr
+from moderator.artefacts import DEFAULT_THRESHOLD, flags, resolve_threshold, within_threshold_bounds
+
 if TYPE_CHECKING:
     from eval.defences import DefenceDecision
 
@@ -53,10 +56,8 @@ def choose_threshold(
     the smallest threshold whose FPR on the benign validation rows is <= ``target_fpr``
     (``eval.metrics.threshold_for_fpr`` on their P(unsafe)). Without validation data, or when only
     "flag nothing" meets the budget, the threshold the checkpoint records (``moderator_config.json``
-    / ``manifest.json``, else 0.5).
+    , else ``DEFAULT_THRESHOLD``).
     """
-    from eval.metrics import threshold_for_fpr
-    from moderator.inference import resolve_threshold
 
     if len(validation) != len(validation_benign):
         raise ValueError(f"{len(validation)} validation decisions for {len(validation_benign)} labels")
@@ -67,20 +68,21 @@ def choose_threshold(
         threshold, source, detail = float(config.threshold), "explicit", "set in the eval config"
     elif validation and n_benign:
         threshold = threshold_for_fpr([0 if b else 1 for b in validation_benign], scores, target_fpr)
+        threshold = threshold if math.isinf(threshold) else within_threshold_bounds(threshold)
         source, detail = "validation", f"smallest threshold with FPR <= {target_fpr} on the validation split"
         if math.isinf(threshold):
             threshold, source = resolve_threshold(config.model), "manifest"
             detail = (
                 f"no threshold keeps the validation FPR <= {target_fpr} (only flagging nothing does), so the "
-                "checkpoint's recorded threshold is used (0.5 when it records none)"
+                f"checkpoint's recorded threshold is used ({DEFAULT_THRESHOLD} when it records none)"
             )
     else:
         threshold, source = resolve_threshold(config.model), "manifest"
-        detail = "no validation data: the checkpoint's recorded threshold (0.5 when it records none)"
+        detail = f"no validation data: the checkpoint's recorded threshold ({DEFAULT_THRESHOLD} when it records none)"
     flagged_benign = sum(
         1
         for decision, score, benign in zip(validation, scores, validation_benign, strict=True)
-        if benign and (not math.isfinite(score) or score >= threshold or decision.parse_error)  # as served: fail-closed
+        if benign and flags(score, threshold, decision.parse_error)  # as served: fail-closed
     )
     return ThresholdChoice(
         threshold=float(threshold),

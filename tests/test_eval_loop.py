@@ -568,7 +568,7 @@ def test_moderator_detection_on_the_prepared_test_split(eval_inputs, tiny_model_
     assert config.restrict_to_split is None
     assert sorted({s.id for s in samples if not s.benign}) == sorted(IDS[:2])
     run.decide(samples)
-    detection = detection_results(run, samples)
+    detection = detection_results(run.ctx, run.inputs)
     metrics = detection["moderator"]
     assert metrics["data"] == "test split"
     assert (metrics["n"], metrics["n_unsafe"], metrics["n_benign"]) == (5, 4, 1)
@@ -647,11 +647,12 @@ def _stub_run(tmp_path, model_dir, target_fpr=0.25) -> EvalRun:
 
 def _cache_scores(run, rows_and_scores):
     from eval.defences import DefenceDecision
+    from eval.stages.decisions import decision_records
 
     moderator = run.config.defences[1]
     rows = [row for row, _ in rows_and_scores]
     decisions = [DefenceDecision(flagged=score >= 0.5, action=PASS, score=score) for _, score in rows_and_scores]
-    run.decisions.append(run._decision_records(moderator, rows, decisions))
+    run.ctx.caches.decisions.append(decision_records(run.ctx, moderator, rows, decisions))
 
 
 def test_threshold_is_chosen_on_validation_scores_for_the_target_fpr(tmp_path):
@@ -662,7 +663,7 @@ def test_threshold_is_chosen_on_validation_scores_for_the_target_fpr(tmp_path):
     # Validation: benign 0.1, 0.2, 0.3, 0.6; unsafe 0.5, 0.9. FPR <= 0.25 allows one benign flag:
     # at 0.5 only benign 0.6 is flagged (FPR 1/4), at 0.3 two are (2/4). Smallest threshold: 0.5.
     validation = [(0.1, True), (0.2, True), (0.3, True), (0.6, True), (0.5, False), (0.9, False)]
-    run.threshold_rows = [
+    run.inputs.threshold_rows = [
         SplitRow(i, f"v{i}", 1, benign, None, "validation") for i, (_, benign) in enumerate(validation)
     ]
     _cache_scores(run, [(r, score) for r, (score, _) in zip(run.threshold_rows, validation, strict=True)])
@@ -674,7 +675,7 @@ def test_threshold_is_chosen_on_validation_scores_for_the_target_fpr(tmp_path):
     # A budget nothing but "flag nothing" meets (a benign row scores highest): the checkpoint's threshold
     # (no manifest: 0.5), said so, never inf.
     run.config.target_fpr = 0.0
-    run.threshold_rows = run.threshold_rows[3:5]  # benign 0.6, unsafe 0.5
+    run.inputs.threshold_rows = run.threshold_rows[3:5]  # benign 0.6, unsafe 0.5
     choice = run.choose_threshold(moderator)
     assert (choice.threshold, choice.source) == (0.5, "manifest") and "no threshold keeps" in choice.detail
     assert choice.validation_fpr == 1.0  # and the report shows what that costs on validation
@@ -702,11 +703,12 @@ class ScoreStub:
 def test_a_changed_manifest_threshold_changes_the_cache_key_and_recomputes(eval_inputs, tiny_model_dir, tmp_path):
     from eval.cache import settings_digest
     from eval.defences import defence_settings, model_fingerprint
+    from eval.stages.keys import defence_sig
 
     safemt_dir, benign = eval_inputs
     model = tmp_path / "export"
     shutil.copytree(tiny_model_dir, model)
-    (model / "manifest.json").write_text(json.dumps({"decision_threshold": 0.5}))
+    (model / "moderator_config.json").write_text(json.dumps({"decision_threshold": 0.5}))
     config = _config(safemt_dir, benign, model, tmp_path / "eval")
     config.defences = config.defences[:2]
     config.turns = [1]
@@ -721,18 +723,18 @@ def test_a_changed_manifest_threshold_changes_the_cache_key_and_recomputes(eval_
     def decide():
         run = EvalRun(config, judge=FakeJudge(), defence_loader=stub_loader)
         run.decide(run.load_samples())
-        return run._defence_sig(config.defences[1])
+        return defence_sig(run.ctx, config.defences[1])
 
     first = decide()
     assert defence_settings(config.defences[1])["resolved_threshold"] == 0.5
     assert len(loads) == 1 and decide() == first and len(loads) == 1  # cached: not loaded again
     # Same path, same config, new manifest threshold: stale decisions must not be reused.
-    (model / "manifest.json").write_text(json.dumps({"decision_threshold": 0.7}))
+    (model / "moderator_config.json").write_text(json.dumps({"decision_threshold": 0.7}))
     assert defence_settings(config.defences[1])["resolved_threshold"] == 0.7
     second = decide()
     assert second != first and len(loads) == 2 and loads[-1].calls > 0
-    # Without a manifest, rewritten weights (new size/mtime) change the identity too.
-    (model / "manifest.json").unlink()
+    # Not an export, rewritten weights (new size/mtime) change the identity too.
+    (model / "moderator_config.json").unlink()
     before = model_fingerprint(str(model))
     weights = next(model.glob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))

@@ -21,9 +21,9 @@ import eval.run
 from eval.cache import JsonlCache
 from eval.config import load_config
 from eval.defences import GuardDefence
-from eval.detection_stage import TURN_FLAGS_FILE, TURN_FLAGS_KEY
 from eval.guards.base import GuardResult
 from eval.loop import EvalRun
+from eval.stages.context import TURN_FLAGS_FILE, TURN_FLAGS_KEY
 from tests.conftest import REPO_ROOT, copy_sample_with_images
 
 DEMO = REPO_ROOT / "configs" / "eval" / "demo.yaml"

@@ -321,12 +321,12 @@ def test_shieldgemma_2_parser_fails_closed(output):
 @pytest.mark.parametrize(
     ("dialogue", "images", "message"),
     [
-        (SHORT[:2], [], "dialogue 3: must end with a user turn"),
-        ([SHORT[0], SHORT[0]], [], "dialogue 3, message 1, field 'role'"),
-        ([{"role": "user", "content": None}], [], "dialogue 3, message 0, field 'content'"),
-        ([{"role": "user"}], [], "dialogue 3, message 0: expected a mapping"),
+        (SHORT[:2], [], "dialogue 3: field 'dialogue': does not end with a user turn"),
+        ([SHORT[0], SHORT[0]], [], r"dialogue 3: field 'dialogue\[1\].role'"),
+        ([{"role": "user", "content": None}], [], r"dialogue 3: field 'dialogue\[0\].content'"),
+        ([{"role": "user"}], [], r"dialogue 3: field 'dialogue\[0\]': expected an object"),
         (SHORT, [Image.new("RGB", (4, 4)), Image.new("RGB", (4, 4))], "dialogue 3: got 2 images"),
-        ([], [], "dialogue 3: expected a non-empty list"),
+        ([], [], "dialogue 3: field 'dialogue': expected a non-empty list"),
     ],
 )
 def test_bad_dialogues_are_rejected_with_their_index_and_field(dialogue, images, message):
@@ -335,7 +335,7 @@ def test_bad_dialogues_are_rejected_with_their_index_and_field(dialogue, images,
 
 
 def test_classify_batch_names_the_bad_dialogue_before_needing_a_model():
-    with pytest.raises(DialogueError, match="dialogue 1, message 1, field 'role'"):
+    with pytest.raises(DialogueError, match=r"dialogue 1: field 'dialogue\[1\].role'"):
         LlamaGuard3Vision().classify_batch([SHORT, [SHORT[0], SHORT[0]]], [[], []])
     with pytest.raises(RuntimeError, match="no model loaded"):
         LlamaGuard3Vision().classify_batch([SHORT], [[]])

@@ -161,7 +161,9 @@ def test_report_records_and_shows_the_threshold_its_moderator_rows_were_measured
     assert md.index("| moderator | 0.42 | validation | 0.050 | 0.040 | 50 | FPR <= 0.05 |") < md.index("ASR_1")
     write_report(ROWS, tmp_path / "b", turns=TURNS, thresholds={})
     assert "No moderator defence was evaluated." in (tmp_path / "b" / "report.md").read_text()
-    with pytest.raises(ValueError, match=r"thresholds\.moderator\.threshold: expected a number, got None"):
+    with pytest.raises(
+        ValueError, match=r"thresholds\.moderator\.threshold: decision threshold must be a number in \(0, 1\), got None"
+    ):
         write_report(ROWS, tmp_path / "c", turns=TURNS, thresholds={"moderator": {"source": "validation"}})
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from eval.config import ConfigError, DefenceConfig, EvalConfig, JudgeConfig, TargetConfig, load_config
 from eval.loop import EvalRun
+from eval.stages.keys import target_sig
 from eval.targets import ChatRequest, render_chat_prompt
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def test_a_text_only_target_with_images_false_gets_no_image_and_a_multimodal_rep
 def test_the_reply_cache_key_differs_between_images_true_and_false(safemt_dir, tmp_path):
     run = EvalRun(_config(safemt_dir, tmp_path / "eval", images=True))
     with_images, text_only = TargetConfig(model="m", images=True), TargetConfig(model="m", images=False)
-    assert run._target_sig(with_images) != run._target_sig(text_only)
+    assert target_sig(run.config, with_images) != target_sig(run.config, text_only)
 
 
 def test_the_shipped_smollm2_config_sends_its_text_only_target_no_image_and_images_must_be_a_bool(tmp_path):

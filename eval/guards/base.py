@@ -10,7 +10,6 @@ padding for the guards that answer in text, one forward pass for ShieldGemma 2's
 from __future__ import annotations
 
 import importlib
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,8 +19,12 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
+from moderator.artefacts import flags
+from moderator.contract import DialogueError
 from moderator.images import DEFAULT_IMAGE_BOUNDS, ImageBounds
 from moderator.loading import load_vlm, require_left_padding
+from moderator.schema import RecordError
+from moderator.schema import validate_dialogue as validate_record_dialogue
 
 # kind -> "module:Class"; modules are imported on demand so one guard's imports cannot break another.
 GUARD_KINDS: dict[str, str] = {
@@ -51,10 +54,6 @@ class GuardPrompt:
     policy: str | None = None  # ShieldGemma 2: the policy this prompt asks about
 
 
-class DialogueError(ValueError):
-    """A dialogue a guard cannot read; the message names the dialogue index and field."""
-
-
 def fail_closed(raw: str) -> GuardResult:
     """What every parser returns for output it cannot read: block, and say so."""
     return GuardResult(flagged=True, categories=(), score=None, parse_error=True, raw=raw)
@@ -63,31 +62,15 @@ def fail_closed(raw: str) -> GuardResult:
 def validate_dialogue(
     dialogue: Sequence[Mapping[str, Any]], images: Sequence[Image.Image], index: int = 0
 ) -> list[dict[str, str]]:
-    """Check the shape the guards rely on and return plain ``{"role", "content"}`` dicts.
-
-    Roles alternate user/assistant starting and ending with ``user``; content is a string (may be
-    empty: SafeMT has image-only turns); at most one image (it belongs to the first user turn).
-    """
+    """The record schema's dialogue check (``moderator.schema.validate_dialogue``: roles alternate from a
+    user turn and end on one, string contents), plus the guards' own rule: at most one image, a PIL image
+    (it belongs to the first user turn). ``DialogueError`` names the dialogue index and the field."""
     where = f"dialogue {index}"
-    if not isinstance(dialogue, Sequence) or isinstance(dialogue, str) or not dialogue:
-        raise DialogueError(f"{where}: expected a non-empty list of messages")
-    messages = []
-    for i, message in enumerate(dialogue):
-        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
-            raise DialogueError(f"{where}, message {i}: expected a mapping with 'role' and 'content'")
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise DialogueError(
-                f"{where}, message {i}, field 'role': got {message['role']!r}, expected {expected!r} "
-                "(roles alternate starting with user)"
-            )
-        if not isinstance(message["content"], str):
-            raise DialogueError(
-                f"{where}, message {i}, field 'content': expected a string, got {type(message['content']).__name__}"
-            )
-        messages.append({"role": message["role"], "content": message["content"]})
-    if messages[-1]["role"] != "user":
-        raise DialogueError(f"{where}: must end with a user turn (the one being moderated)")
+    plain = list(dialogue) if isinstance(dialogue, Sequence) and not isinstance(dialogue, str) else dialogue
+    try:
+        messages = validate_record_dialogue(plain, expected_turns=None)
+    except RecordError as exc:
+        raise DialogueError(f"{where}: {exc}") from None
     if len(images) > 1:
         raise DialogueError(f"{where}: got {len(images)} images; the guards take at most one (first user turn)")
     for image in images:
@@ -237,8 +220,7 @@ class GenerativeGuard(Guard):
         """Attach the score; with ``threshold`` set the score decides the flag (unparseable answers stay flagged)."""
         flagged = parsed.flagged
         if self.threshold is not None and score is not None and not parsed.parse_error:
-            # Fail-closed: a NaN or infinite score flags (``NaN >= t`` alone is False and would pass).
-            flagged = not math.isfinite(score) or score >= self.threshold
+            flagged = flags(score, self.threshold)  # fail-closed: a NaN or infinite score flags
         return GuardResult(
             flagged=flagged,
             categories=parsed.categories if flagged else (),

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from eval.guards.base import Guard, GuardPrompt, GuardResult, fail_closed, validate_dialogue
+from moderator.artefacts import DEFAULT_THRESHOLD, flags
 
 # Same keys and texts as transformers.models.shieldgemma2.processing_shieldgemma2.DEFAULT_SHIELDGEMMA2_POLICIES.
 SHIELDGEMMA2_POLICIES: dict[str, str] = {
@@ -80,7 +81,7 @@ class ShieldGemma2(Guard):
         max_new_tokens: int | None = None,  # accepted for a uniform load_guard call; this guard does not generate
     ):
         super().__init__(model, processor, name=name)
-        self.threshold = 0.5 if threshold is None else threshold
+        self.threshold = DEFAULT_THRESHOLD if threshold is None else threshold
         # The checkpoint's processor carries the policy texts it was released with; prefer those.
         self.policy_definitions = dict(getattr(processor, "policy_definitions", None) or SHIELDGEMMA2_POLICIES)
         self.policies = tuple(policies) if policies is not None else tuple(self.policy_definitions)
@@ -130,8 +131,8 @@ class ShieldGemma2(Guard):
                 return fail_closed(raw)  # also catches NaN, which fails both comparisons
             probabilities[policy] = float(value)
         score = max(probabilities.values())
-        flagged = score >= self.threshold
-        categories = tuple(p for p in self.policies if probabilities[p] >= self.threshold) if flagged else ()
+        flagged = flags(score, self.threshold)
+        categories = tuple(p for p in self.policies if flags(probabilities[p], self.threshold)) if flagged else ()
         return GuardResult(flagged=flagged, categories=categories, score=score, parse_error=False, raw=raw)
 
     def classify_batch(

@@ -1,4 +1,4 @@
-"""Eval inputs: SafeMT and benign dialogues (read by data prep's readers) and the prepared splits' rows.
+"""The eval's samples: SafeMT and benign dialogues (read by data prep's readers) and the prepared splits' rows.
 
 A bad input record is quarantined in a :class:`data_prep.quarantine.Ledger` as data prep does (or,
 ``strict``, raises :class:`EvalDataError` naming file, record and field). The prepared dataset's
@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from data_prep.benign import BenignDialogue, iter_candidates, materialize_image, read_candidate, source_name
 from data_prep.config import ConfigError, DataPrepConfig
 from data_prep.images import check_image, check_images
 from data_prep.quarantine import Ledger
 from data_prep.safemt import read_safemt
-from moderator.contract import SAFE, UNSAFE
+from moderator.contract import SAFE, UNSAFE, DialogueError, prompt_of_prepared_row
 from moderator.schema import RecordError, parse_row_id
 from moderator.taxonomy import Taxonomy
 
@@ -182,8 +184,6 @@ def _benign_image(dialogue: BenignDialogue, base_dir: Path | None, image_dir: Pa
 
 def open_images(samples: Sequence[EvalSample]) -> list[list[Any]]:
     """One image list per sample (empty without an image), decoded as RGB."""
-    from PIL import Image
-
     images = []
     for sample in samples:
         if sample.image_path is None:
@@ -223,7 +223,7 @@ class SplitRow:
 
 def load_detection_split(path: str | Path, split: str = "test") -> tuple[Any, list[SplitRow]]:
     """One split (``test`` by default) of a dataset written by ``data_prep.build`` and its rows' labels."""
-    from data_prep.io import load_prepared
+    from data_prep.io import load_prepared  # imports datasets: only a run with a detection_split pays for it
 
     try:
         splits = load_prepared(path)
@@ -258,6 +258,7 @@ def load_detection_split(path: str | Path, split: str = "test") -> tuple[Any, li
 
 def prompt_without_target(messages: list[dict[str, Any]], row_id: str) -> list[dict[str, Any]]:
     """A prepared row's messages without the target (assistant) turn: the moderator's rendered prompt."""
-    if not messages or messages[-1]["role"] != "assistant":
-        raise EvalDataError(f"test split row {row_id!r}: field 'messages' does not end with the target (assistant)")
-    return messages[:-1]
+    try:
+        return prompt_of_prepared_row(messages, row_id)
+    except DialogueError as exc:
+        raise EvalDataError(f"test split {exc}") from None
