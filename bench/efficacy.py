@@ -3,7 +3,7 @@
 The whole real-weights chain on CPU (#12), each stage through the repository's own entry point as a
 subprocess (as ``make demo`` does), then the measurements in this process:
 
-1. ``base``:    ``python -m moderator.bases smollm2 WORK/base`` (Qwen2.5-VL shape, SmolLM2-135M-Instruct's
+1. ``base``:    ``python -m assets.bases smollm2 WORK/base`` (Qwen2.5-VL shape, SmolLM2-135M-Instruct's
                 real language weights, a small random vision tower);
 2. ``sets``:    ``python -m bench.efficacy_data --out WORK/sets`` (SafeMT sample split by id with real
                 photos, benign training data, the test sets);
@@ -75,6 +75,8 @@ from eval.metrics import (
     threshold_for_fpr,
     wilson_interval,
 )
+from moderator.artefacts import MANIFEST_FILE, flags, stats_path, within_threshold_bounds
+from moderator.contract import prompt_of_prepared_row
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_CONFIG = "configs/data/smollm2_cpu.yaml"
@@ -300,7 +302,8 @@ def recall_at_fpr(
     if within.size == 0:
         return 0.0
     threshold = candidates[within[-1]]
-    return float(pos_w[pos >= threshold].sum() / w_pos)
+    flagged = np.fromiter((flags(p, threshold) for p in pos), dtype=bool, count=len(pos))
+    return float(pos_w[flagged].sum() / w_pos)
 
 
 def _weighted_rate(values: np.ndarray, weights: np.ndarray) -> float:
@@ -481,7 +484,7 @@ def set_metrics(
             reference_fpr=sum(i.flagged for i in reference) / len(reference),
             auroc=point["auroc"],
             auprc=point["auprc"],
-            recall_at_5fpr=sum(i.p_unsafe >= threshold for i in items) / len(items),
+            recall_at_5fpr=sum(flags(i.p_unsafe, threshold) for i in items) / len(items),
             recall=point["recall"],
             f1=point["f1"],
             category_accuracy=point["category_accuracy_all_unsafe"] if has_categories else None,
@@ -760,12 +763,6 @@ def _images(record: Mapping[str, Any]) -> list[Any]:
         return [image.convert("RGB")]
 
 
-def _without_target(messages: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    if not messages or messages[-1]["role"] != "assistant":
-        raise EfficacyError("a prepared row does not end with its assistant target")
-    return list(messages[:-1])
-
-
 # --------------------------------------------------------------------------- scoring
 
 
@@ -850,7 +847,7 @@ def score_records(
         rows = []
         for i, record in enumerate(batch):
             verdict = verdicts.get(i)
-            by_score = scores[i] >= moderator.threshold
+            by_score = flags(scores[i], moderator.threshold)
             flagged = verdict.flagged if (verdict is not None and decide == "verdict") else by_score
             parsed_category = verdict.category if verdict is not None and not verdict.parse_error else None
             rows.append(
@@ -891,12 +888,7 @@ def validation_scores(
     labels, scores = [], []
     for start in range(0, len(split), batch_size):
         rows = split.select(range(start, min(start + batch_size, len(split))))
-        texts = [
-            moderator.processor.apply_chat_template(
-                _without_target(row["messages"]), add_generation_prompt=True, tokenize=False
-            )
-            for row in rows
-        ]
+        texts = moderator.rendered_texts([prompt_of_prepared_row(row["messages"], row["id"]) for row in rows])
         images = [[image.convert("RGB") for image in row["images"]] for row in rows]
         scores += moderator.p_unsafe(texts, images)
         labels += [int(row["label"] == "unsafe") for row in rows]
@@ -907,9 +899,8 @@ def shipped_threshold(labels: Sequence[int], scores: Sequence[float]) -> float:
     """The threshold keeping the validation FPR on benign rows <= 5%, kept strictly inside (0, 1)."""
     if 0 not in labels:
         raise EfficacyError("the validation split has no benign row: no threshold can be chosen")
-    threshold = threshold_for_fpr(labels, scores, TARGET_FPR)
     # inf (only "flag nothing" is within budget) or a score of exactly 0/1: the moderator needs (0, 1).
-    return float(min(max(threshold, 1e-6), 1.0 - 1e-6))
+    return within_threshold_bounds(threshold_for_fpr(labels, scores, TARGET_FPR))
 
 
 # --------------------------------------------------------------------------- TF-IDF baseline
@@ -956,7 +947,7 @@ def tfidf_scores(data_dir: Path, records: Sequence[Mapping[str, Any]]) -> tuple[
             unsafe=r["label"] == "unsafe",
             category=r["category"],
             p_unsafe=s,
-            flagged=s >= threshold,
+            flagged=flags(s, threshold),
         )
         for r, s in zip(records, scores, strict=True)
     ], threshold
@@ -1123,7 +1114,7 @@ def measure_threads(candidates: Sequence[int], repeats: int = 2) -> dict[str, An
     import torch
     from transformers import AutoModelForCausalLM
 
-    from moderator.assets import smollm2_checkpoint
+    from assets.fetch import smollm2_checkpoint
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(), dtype=torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (1, 192), generator=torch.Generator().manual_seed(0))
@@ -1298,15 +1289,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) -> None:
         log.command(name, command, outputs, threads, inputs=inputs, run_flags=run_flags)
 
-    command_stage("base", [py, "-m", "moderator.bases", "smollm2", str(base)], [base / "config.json"])
+    command_stage("base", [py, "-m", "assets.bases", "smollm2", str(base)], [base / "config.json"])
     sets_cmd = [py, "-m", "bench.efficacy_data", "--out", str(sets)]
     if sizes.per_set is not None:
         sets_cmd += ["--per-set", str(sizes.per_set)]
-    command_stage("sets", sets_cmd, [sets / "stats.json"], inputs=["bench/efficacy_data.py"])
+    command_stage("sets", sets_cmd, [stats_path(sets)], inputs=["bench/efficacy_data.py"])
     data_cmd = [py, "-m", "data_prep.build", "--config", DATA_CONFIG, "--out", str(data), "--safemt", str(sets / "safemt"),
                 "--benign", str(sets / "benign_train.jsonl"), "--processor", str(base),
                 "--matched_exclude", str(sets / "held_out_sources.json")]  # fmt: skip
-    command_stage("data", data_cmd, [data / "stats.json"], inputs=[DATA_CONFIG])
+    command_stage("data", data_cmd, [stats_path(data)], inputs=[DATA_CONFIG])
     sft_cmd = [py, "train/sft.py", "--config", SFT_CONFIG, "--model_name_or_path", str(base), "--dataset_path",
                str(data), "--output_dir", str(sft), *sizes.sft_overrides]  # fmt: skip
     # A run killed mid-training resumes from its last complete checkpoint (same command and recipe); any other
@@ -1348,7 +1339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     export_cmd = [py, "-m", "export", "--checkpoint", str(sft), "--out", str(export), "--dataset", str(data),
                   "--threshold", repr(thresholds[MODERATOR]["threshold"]), "--equivalence_samples",
                   str(sizes.equivalence_samples), "--overwrite", "true"]  # fmt: skip
-    command_stage("export", export_cmd, [export / "manifest.json"])
+    command_stage("export", export_cmd, [export / MANIFEST_FILE])
 
     # Scoring: every test set by the export, the zero-shot base and TF-IDF.
     records = load_test_records(sets, sizes.score_limit)
@@ -1391,8 +1382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
 
     # The real target under attack, on the held-out SafeMT ids.
+    from assets.fetch import smollm2_checkpoint
     from eval.config import load_config
-    from moderator.assets import smollm2_checkpoint
     from moderator.taxonomy import load_taxonomy
 
     target_path = smollm2_checkpoint()

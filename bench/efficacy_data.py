@@ -54,6 +54,7 @@ from data_prep.sources import (
     TopicalItem,
     read_chatterbot,
 )
+from moderator.artefacts import stats_path, write_stats
 from moderator.schema import RecordError, safemt_turn_file, validate_dialogue
 from moderator.taxonomy import load_taxonomy
 
@@ -66,7 +67,6 @@ PHOTO_DIR = "photos"
 BENIGN_TRAIN_FILE = "benign_train.jsonl"
 TEST_DIR = "test_sets"
 SPLIT_FILE = "split.json"
-STATS_FILE = "stats.json"
 HELD_OUT_SOURCES_FILE = "held_out_sources.json"  # configs/data/smollm2_cpu.yaml matched_exclude
 
 SAFEMT_TURNS = (1, 2, 4)
@@ -75,8 +75,8 @@ SEED = 0
 # of the 7 scenarios with 3+ ids (see split_safemt_ids).
 TEST_FRACTION = 0.25
 MIN_TRAIN_IDS_PER_SCENARIO = 2  # data prep may take one of them for validation; one still trains
-# Budget for `make efficacy` (45 min on 2 cores): base ~1 min, data prep ~1 min, training ~17 min, export
-# ~1 min leave ~25 min for scoring and the target. Sets: 3 SafeMT (13 ids each) + 3 matched benign (13 twins
+# Budget for `make efficacy` (about 45 min on 2 idle cores; 43 min 10 s measured): base ~1 min, data prep
+# ~1 min, training ~17 min, export ~1 min leave ~25 min for scoring and the target. Sets: 3 SafeMT (13 ids each) + 3 matched benign (13 twins
 # + N each) + 6 out-of-distribution + chitchat = 78 + 10 x N dialogues; at N = 16 that is 238 dialogues,
 # scored by the trained moderator and the zero-shot base (one batched pass + a short verdict each).
 DEFAULT_PER_SET = 16
@@ -441,8 +441,10 @@ def build(
     if per_set < 1:
         raise EfficacyDataError(f"--per-set must be at least 1, got {per_set}")
     final = Path(out)
-    if final.exists() and not (final / STATS_FILE).is_file():
-        raise EfficacyDataError(f"{final} exists and is not an efficacy data folder (no {STATS_FILE}); not replaced")
+    if final.exists() and not stats_path(final).is_file():
+        raise EfficacyDataError(
+            f"{final} exists and is not an efficacy data folder (no {stats_path(final).name}); not replaced"
+        )
     # Built beside the target and moved into place at the end: a failed build leaves the previous one
     # (or nothing), never a half-written folder that a rerun would refuse to replace.
     out = final.parent / f".{final.name}.building"
@@ -690,7 +692,7 @@ def _build_into(
     unbalanced = [name for name, tally in tallies.items() if not tally.balanced]
     if unbalanced:
         raise AssertionError(f"source counts do not add up for {unbalanced}: {stats['sources']}")
-    (out / STATS_FILE).write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_stats(out, stats)
     return stats
 
 
@@ -717,7 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from moderator.assets import MissingAssetError
+    from assets.fetch import MissingAssetError
     from moderator.cli import run_cli
 
     sys.exit(run_cli(main, user_errors=(EfficacyDataError, MissingAssetError)))

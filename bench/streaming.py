@@ -12,7 +12,7 @@ directory; float32 on CPU unless the device says otherwise):
     A random model never writes the ``verdict: `` prefix, which would send the one pass back to the
     scoring pass; a forward hook adds a large logit to the prefix tokens only (as
     tests/test_inference.py does), so both paths generate the prefix and P(unsafe) is the model's own;
-(c) the service (``moderator.serve``'s app under uvicorn, in a thread, on 127.0.0.1 and a free port)
+(c) the service (``serve``'s app under uvicorn, in a thread, on 127.0.0.1 and a free port)
     serving a verified export of the same checkpoint (``python -m export``'s code path): N concurrent
     clients each send a fixed number of requests; every answer must be a 200 with a verdict.
 
@@ -282,14 +282,15 @@ class ServiceLoad:
 def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     """Export ``checkpoint`` with ``python -m export``'s code (manifest, card; no equivalence samples)."""
     from export.exporting import export, parse_export_args
+    from moderator.artefacts import read_run_record, write_run_record
     from moderator.contract import PROMPT_FORMAT_VERSION
     from moderator.taxonomy import load_taxonomy
 
-    if not (checkpoint / "moderator_run.json").exists():  # the offline tiny model was never trained
+    if read_run_record(checkpoint) is None:  # the offline tiny model was never trained
         copy = out.parent / "checkpoint"
         shutil.copytree(checkpoint, copy)
         record = {**load_taxonomy().provenance(), "prompt_format_version": PROMPT_FORMAT_VERSION, "config": {}}
-        (copy / "moderator_run.json").write_text(json.dumps(record))
+        write_run_record(copy, record)
         checkpoint = copy
     return export(parse_export_args(["--checkpoint", str(checkpoint), "--out", str(out), "--equivalence-samples", "0"]))
 
@@ -305,7 +306,7 @@ def serving(export_dir: Path, max_new_tokens: int, max_batch: int) -> Iterator[s
     """The service's app on a loopback port in a thread, serving the export verified at load."""
     import uvicorn
 
-    from moderator.serve import ServeSettings, create_app
+    from serve import ServeSettings, create_app
 
     moderator = Moderator.from_pretrained(export_dir, verify=True)  # ManifestError if it does not match
     settings = ServeSettings(max_new_tokens=max_new_tokens, max_batch=max_batch)

@@ -5,7 +5,7 @@ Writes ``<out>/dataset`` (a DatasetDict with train/validation/test, read back wi
 folder beside ``out`` that replaces it only when the build succeeded: a failed build leaves ``out`` as it
 was and puts its report in ``<out>.failed/`` (marked as data prep's: a ``<out>.failed/`` it did not write is
 never deleted or replaced; the report then goes to a new ``<out>.failed-<time>-<random>/``).
-Exit codes: 0 done; 1 ``--strict`` and something was quarantined (no dataset written); 2 bad
+Exit codes: 0 done; 3 ``--strict`` and something was quarantined (no dataset written); 2 bad
 configuration or input that stops the run (e.g. an example longer than ``max_length``).
 """
 
@@ -56,11 +56,13 @@ from data_prep.quarantine import Ledger
 from data_prep.safemt import read_safemt, unreadable_reason
 from data_prep.splits import SPLITS, assign_splits
 from data_prep.stats import TokenCounter, count_table, print_report, summarize
+from moderator.artefacts import STATS_FILE, write_stats
+from moderator.cli import CHECK_FAILED_EXIT_CODE, USER_ERROR_EXIT_CODE, run_cli
 from moderator.contract import PROMPT_FORMAT_VERSION
 from moderator.schema import RecordError
 from moderator.taxonomy import TaxonomyError, load_taxonomy
 
-EXIT_OK, EXIT_QUARANTINED, EXIT_ERROR = 0, 1, 2
+EXIT_OK, EXIT_QUARANTINED, EXIT_ERROR = 0, CHECK_FAILED_EXIT_CODE, USER_ERROR_EXIT_CODE
 BENIGN_IMAGE_DIR = "benign_images"
 # The held-out benign set for the eval's over-refusal rate (eval.loop.load_benign_samples reads it):
 # one JSON object per line, {"id", "messages", "image"}, image paths relative to the file's folder.
@@ -543,13 +545,13 @@ def _build_into(config: DataPrepConfig, out: Path, final: Path) -> BuildResult:
     lap("save")
     stats["timings"] = timings
     stats["wall_seconds"] = round(time.perf_counter() - started, 2)
-    (out / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_stats(out, stats)
     return result
 
 
 # What a data-prep output folder may hold: an existing --out with anything else is refused, never replaced.
 OUTPUT_NAMES = frozenset(
-    {DATASET_DIR, "stats.json", "quarantine.jsonl", BENIGN_IMAGE_DIR, BENIGN_EVAL_FILE, BENIGN_EVAL_IMAGE_DIR}
+    {DATASET_DIR, STATS_FILE, "quarantine.jsonl", BENIGN_IMAGE_DIR, BENIGN_EVAL_FILE, BENIGN_EVAL_IMAGE_DIR}
 )
 
 
@@ -675,19 +677,16 @@ def build(config: DataPrepConfig) -> BuildResult:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 bad configuration or input (one ``error:`` line), 3 ``--strict`` and quarantined."""
+    return run_cli(_main, argv, user_errors=(TaxonomyError, FileNotFoundError))
+
+
+def _main(argv: Sequence[str]) -> int:
+    config = parse_config(argv)  # a bad flag or recipe stops here, before datasets is set up
     import datasets
 
     datasets.disable_progress_bars()  # the report below says what happened; per-split bars are noise
-    try:
-        config = parse_config(argv)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    try:
-        result = build(config)
-    except (ConfigError, TaxonomyError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    result = build(config)
     print_report(result.stats)
     quarantined = result.stats["quarantined"]
     if quarantined:

@@ -1,4 +1,5 @@
-"""The data-prep recipe: one dataclass, read from a YAML file (``--config``) with every field overridable by a flag."""
+"""The data-prep recipe: one dataclass, read from a YAML file (``--config``) with every field overridable by a flag
+(the project's config convention, ``moderator.cli.parse_config``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from moderator import cli
 from moderator.schema import TURN_COUNTS
 
 NONE_VALUES = ("", "none", "null")
@@ -16,10 +18,11 @@ POOL_SAFEMT = "safemt"
 # A SafeMT <k>_turn.json is read whole. The real ones are a few MB (the sample's 52 records per length take
 # 24-107 KB): the limit stops what is not SafeMT (or is damaged) before it is read.
 DEFAULT_MAX_FILE_MB = 256.0
+PROG = "python -m data_prep.build"
 
 
-class ConfigError(ValueError):
-    """The recipe is inconsistent (a clear message, exit code 2)."""
+class ConfigError(cli.UsageError):
+    """The recipe or an input is unusable (one ``error:`` line, exit code 2; a ``ValueError``)."""
 
 
 @dataclass
@@ -244,10 +247,12 @@ class DataPrepConfig:
 
 
 def parse_config(argv: Sequence[str] | None = None) -> DataPrepConfig:
-    """``--config file.yaml`` sets the defaults, every other flag overrides them (``trl.TrlParser``)."""
-    from trl import TrlParser
-
-    parser = TrlParser(dataclass_types=[DataPrepConfig], description="Build the moderator's training dataset.")
-    (config,) = parser.parse_args_and_config(args=list(argv) if argv is not None else None)
-    config.validate()
+    """``--config file.yaml`` sets the fields, every flag overrides one; a problem is a one-line ``UsageError``."""
+    (config,) = cli.parse_config(
+        (DataPrepConfig,), argv, prog=PROG, description="Build the moderator's training dataset."
+    )
+    try:
+        config.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (see {PROG} --help)") from None
     return config

@@ -231,7 +231,7 @@ def render_model_card(
         "change it: your deployment config, a registry, this card on the Hub) names this export and no other. "
         "Refuse any other with `Moderator.from_pretrained(path, "
         f'expect_manifest_sha256="{MANIFEST_SHA256_PLACEHOLDER}")`, '
-        f"`python -m moderator.serve <dir> --expect-manifest-sha256 {MANIFEST_SHA256_PLACEHOLDER}`, the "
+        f"`python -m serve <dir> --expect-manifest-sha256 {MANIFEST_SHA256_PLACEHOLDER}`, the "
         "`expect_manifest_sha256` field of a moderator defence in an eval config, or "
         f"`python -m export verify <dir> --expect-manifest-sha256 {MANIFEST_SHA256_PLACEHOLDER}`.",
         "",

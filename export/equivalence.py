@@ -7,17 +7,18 @@ verdict texts must be identical.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from export.manifest import ExportError
+from moderator.cli import parse_config
 from moderator.taxonomy import REPO_ROOT, Taxonomy
 
 FLOAT32_TOLERANCE = 1e-3
@@ -96,9 +97,7 @@ def score_samples(
 
     samples_file = Path(samples_file)
     samples = json.loads(samples_file.read_text())
-    moderator = Moderator(
-        model, processor, threshold=0.5
-    )  # the threshold plays no part: raw scores and texts are compared
+    moderator = Moderator(model, processor)  # the threshold plays no part: raw scores and texts are compared
     p_unsafe: list[float] = []
     raw: list[str] = []
     for start in range(0, len(samples["prompts"]), batch_size):
@@ -237,17 +236,22 @@ def check_equivalence(
     return compare_scores(reference, candidate, resolved_tolerance)
 
 
+@dataclass
+class ScoreArguments:
+    """``python -m export _score``: what the fresh process of the equivalence check scores, and where to."""
+
+    model: str = field(metadata={"help": "Model directory to load (the export)."})
+    samples: str = field(metadata={"help": "samples.json written by write_equivalence_samples."})
+    out: str = field(metadata={"help": "JSON file the scores are written to."})
+    max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per verdict."})
+    dtype: str = field(default="float32", metadata={"help": "Load dtype."})
+    device: str = field(default="cpu", metadata={"help": "Device to score on."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the directory."})
+
+
 def score_main(argv: Sequence[str]) -> int:
     """``python -m export _score``: the fresh process of the equivalence check; writes JSON."""
-    parser = argparse.ArgumentParser(prog="python -m export _score")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--samples", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--trust-remote-code", action="store_true")
-    args = parser.parse_args(argv)
+    (args,) = parse_config((ScoreArguments,), argv, prog="python -m export _score")
     model, processor = load_for_scoring(args.model, args.dtype, args.device, args.trust_remote_code)
     scores = score_samples(model, processor, args.samples, args.max_new_tokens)
     Path(args.out).write_text(json.dumps(scores))

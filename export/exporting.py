@@ -27,7 +27,6 @@ so ``<out>`` never holds a half-written or unchecked model.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import math
@@ -55,13 +54,11 @@ from export.equivalence import (
     write_equivalence_samples,
 )
 from export.manifest import (
-    EVAL_REPORT_FILE,
     MANIFEST_FILE,
     MANIFEST_FORMAT,
     MANIFEST_SHA256_FIELD,
     MANIFEST_SHA256_PLACEHOLDER,
     MODEL_CARD_FILE,
-    MODERATOR_CONFIG_FILE,
     PICKLE_SUFFIXES,
     TAXONOMY_FILE,
     ExportError,
@@ -71,14 +68,29 @@ from export.manifest import (
     manifest_sha256,
     relative_files,
     verify_export,
+    write_manifest,
 )
-from moderator.cli import UsageError, one_line, one_line_parser_errors
+from moderator.artefacts import (
+    DEFAULT_THRESHOLD,
+    EXPORTED_EVAL_REPORT_FILE,
+    RUN_RECORD_FILE,
+    ModeratorConfigError,
+    bounds_record,
+    check_threshold,
+    measured_threshold,
+    read_eval_report,
+    read_run_record,
+    recorded_image_bounds,
+    ship_eval_report,
+    write_serving_config,
+)
+from moderator.cli import USER_ERROR_EXIT_CODE, parse_config
 from moderator.contract import PROMPT_FORMAT_VERSION
+from moderator.images import ImageBounds
 from moderator.taxonomy import REPO_ROOT, Taxonomy, load_taxonomy
-from train.provenance import PROVENANCE_FILE, git_commit, redact
+from train.provenance import git_commit, redact
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-DEFAULT_THRESHOLD = 0.5
 REPORT_KEYS = ("title", "turns", "si_weights", "results")
 
 
@@ -148,33 +160,23 @@ class ExportArguments:
 # Inputs: provenance, taxonomy, eval report, threshold
 
 
-def provenance_path(checkpoint: Path) -> Path:
-    """``moderator_run.json`` of a run dir; a ``checkpoint-N`` subdir falls back to its run dir's."""
-    candidates = [checkpoint / PROVENANCE_FILE]
-    if checkpoint.name.startswith("checkpoint-"):
-        candidates.append(checkpoint.parent / PROVENANCE_FILE)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise ExportError(
-        f"{candidates[0]}: missing. An export records the taxonomy and prompt format the model was trained "
-        "with; export the output_dir of `train/sft.py` (or one of its checkpoint-N)."
-    )
-
-
-def _read_json_object(path: Path, expected: str) -> dict[str, Any]:
+def _artefact(read: Any, *args: Any) -> Any:
+    """A ``moderator.artefacts`` reader's result, its refusal raised as an ``ExportError``."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ExportError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise ExportError(f"{path}: expected {expected}")
-    return value
+        return read(*args)
+    except ModeratorConfigError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def read_provenance(checkpoint: Path) -> tuple[dict[str, Any], Path]:
-    path = provenance_path(checkpoint)
-    provenance = _read_json_object(path, "a JSON object")
+    """The run record of a training output (``checkpoint-N`` falls back to its run dir's), checked."""
+    found = _artefact(read_run_record, checkpoint)
+    if found is None:
+        raise ExportError(
+            f"{checkpoint / RUN_RECORD_FILE}: missing. An export records the taxonomy and prompt format the model "
+            "was trained with; export the output_dir of `train/sft.py` (or one of its checkpoint-N)."
+        )
+    provenance, path = found
     for key in ("taxonomy_version", "taxonomy_sha256", "prompt_format_version"):
         if not provenance.get(key):
             raise ExportError(f"{path}: field {key!r} is missing")
@@ -209,11 +211,11 @@ def load_eval_report(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"{path}: eval report not found")
-    report = _read_json_object(path, "the JSON object written by eval.report.write_report")
+    report = _artefact(read_eval_report, path)
     missing = [key for key in REPORT_KEYS if key not in report]
     if missing:
         raise ExportError(f"{path}: not an eval report, missing field(s) {missing}")
-    threshold_from_report(report, path)  # names a bad thresholds field before the tables are rendered
+    _artefact(measured_threshold, report, path)  # names a bad thresholds field before the tables are rendered
     try:
         render_markdown(report)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -221,59 +223,16 @@ def load_eval_report(path: str | Path) -> dict[str, Any]:
     return report
 
 
-def _check_threshold(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ExportError(f"{where}: threshold must be a finite number in (0, 1), got {value!r}")
-    if not 0.0 < value < 1.0:  # 0 flags everything, 1 nothing: Moderator.from_pretrained refuses both
-        raise ExportError(f"{where}: threshold must be in (0, 1), got {value}")
-    return float(value)
-
-
-def threshold_from_report(report: Mapping[str, Any], report_path: str | Path) -> tuple[float, str] | None:
-    """``(threshold, where it came from)``: the one threshold the report's tables were measured at.
-
-    ``eval.loop`` records, per moderator defence, the threshold it fixed before the attack phase and
-    decided every row at (``thresholds.<defence>``). None when the eval ran no moderator. A report
-    without ``thresholds`` (an older eval, which attacked at the manifest threshold and only
-    recommended another) and one whose moderators ran at different thresholds are refused: no single
-    shipped threshold would match its tables.
-    """
-    thresholds = report.get("thresholds")
-    if thresholds is None:
-        raise ExportError(
-            f"{report_path}: no 'thresholds' field, so the threshold its tables were measured at is unknown "
-            "(written by an older eval); re-run `python -m eval.run` and export with the new report"
-        )
-    if not isinstance(thresholds, Mapping):
-        raise ExportError(f"{report_path}: thresholds: expected a mapping defence -> {{threshold, source}}")
-    values: dict[str, float] = {}
-    for name, choice in thresholds.items():
-        value = choice.get("threshold") if isinstance(choice, Mapping) else choice
-        values[name] = _check_threshold(value, f"{report_path}: thresholds.{name}.threshold")
-    if not values:
-        return None
-    if len(set(values.values())) > 1:
-        raise ExportError(
-            f"{report_path}: its moderator defences were measured at different thresholds {values}; export one "
-            "report whose moderator tables share the threshold to ship"
-        )
-    name = "moderator" if "moderator" in values else sorted(values)[0]
-    choice = thresholds[name]
-    source = choice.get("source") if isinstance(choice, Mapping) else None
-    where = f"eval report thresholds.{name}" + (f" ({source})" if source else "")
-    return values[name], where
-
-
-def choose_threshold(
+def threshold_to_ship(
     threshold: float | None, report: Mapping[str, Any] | None, report_path: str | None
 ) -> tuple[float, str]:
-    """``(threshold, where it came from)``: the eval report's, else --threshold, else 0.5.
+    """``(threshold, where it came from)``: the eval report's, else --threshold, else the default.
 
     With a report, the threshold shipped is the one its tables were measured at: a --threshold that
     differs from it is refused, so the model card never shows numbers of another threshold.
     """
-    explicit = _check_threshold(threshold, "--threshold") if threshold is not None else None
-    measured = threshold_from_report(report, report_path) if report is not None and report_path else None
+    explicit = _artefact(check_threshold, threshold, "--threshold") if threshold is not None else None
+    measured = _artefact(measured_threshold, report, report_path) if report is not None and report_path else None
     if measured is not None:
         value, where = measured
         if explicit is not None and not math.isclose(explicit, value, rel_tol=0.0, abs_tol=1e-9):
@@ -341,10 +300,6 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _json_dump(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-
-
 @dataclass
 class _ExportInputs:
     checkpoint: Path
@@ -356,6 +311,7 @@ class _ExportInputs:
     report: dict[str, Any] | None
     threshold: float
     threshold_source: str
+    image_bounds: ImageBounds | None
     adapter_config: dict[str, Any] | None
     base_model: str
     device: str
@@ -373,7 +329,7 @@ def _check_inputs(args: ExportArguments) -> _ExportInputs:
         raise ExportError(f"--adapter_only: {checkpoint} holds no adapter_config.json (it is a full checkpoint)")
     provenance, provenance_file = read_provenance(checkpoint)
     report = load_eval_report(args.eval_report) if args.eval_report else None
-    threshold, threshold_source = choose_threshold(args.threshold, report, args.eval_report)
+    threshold, threshold_source = threshold_to_ship(args.threshold, report, args.eval_report)
     adapter_config = redact(json.loads((checkpoint / "adapter_config.json").read_text())) if is_adapter else None
     model_config = (provenance.get("config") or {}).get("ModelConfig") or {}
     base_model = (adapter_config or {}).get("base_model_name_or_path") or model_config.get("model_name_or_path")
@@ -387,6 +343,7 @@ def _check_inputs(args: ExportArguments) -> _ExportInputs:
         report=report,
         threshold=threshold,
         threshold_source=threshold_source,
+        image_bounds=_artefact(recorded_image_bounds, provenance, provenance_file),
         adapter_config=adapter_config,
         base_model=str(base_model or checkpoint),
         device=args.device or default_device(),
@@ -421,8 +378,8 @@ def _write_model_files(args: ExportArguments, inputs: _ExportInputs, staging: Pa
         _release_memory()
 
         shutil.copyfile(inputs.taxonomy.path, staging / TAXONOMY_FILE)
-        _json_dump(
-            staging / MODERATOR_CONFIG_FILE,
+        write_serving_config(
+            staging,
             {
                 "export_type": inputs.export_type,
                 "prompt_format_version": PROMPT_FORMAT_VERSION,
@@ -430,10 +387,11 @@ def _write_model_files(args: ExportArguments, inputs: _ExportInputs, staging: Pa
                 "taxonomy_version": inputs.taxonomy.version,
                 "taxonomy_sha256": inputs.taxonomy.sha256,
                 "decision_threshold": inputs.threshold,
+                "image_bounds": bounds_record(inputs.image_bounds),
             },
         )
         if args.eval_report:
-            shutil.copyfile(args.eval_report, staging / EVAL_REPORT_FILE)
+            ship_eval_report(args.eval_report, staging)
         pickles = [name for name in relative_files(staging) if name.lower().endswith(PICKLE_SUFFIXES)]
         if pickles:
             raise ExportError(f"{staging}: pickle files {pickles} were written; exports hold safetensors only")
@@ -485,7 +443,9 @@ def _write_card_and_manifest(
             "git": {"training": inputs.provenance.get("git"), "export": git_commit()},
             "decision_threshold": inputs.threshold,
             "decision_threshold_source": inputs.threshold_source,
-            "eval_report": {"file": EVAL_REPORT_FILE, "source": str(args.eval_report)} if args.eval_report else None,
+            "eval_report": {"file": EXPORTED_EVAL_REPORT_FILE, "source": str(args.eval_report)}
+            if args.eval_report
+            else None,
             "equivalence": equivalence,
             "license": args.license,
         }
@@ -498,8 +458,7 @@ def _write_card_and_manifest(
     (staging / MODEL_CARD_FILE).write_text(card, encoding="utf-8")
     manifest[MANIFEST_SHA256_FIELD] = [MODEL_CARD_FILE]
     manifest["files"] = hash_directory(staging)
-    _json_dump(staging / MANIFEST_FILE, manifest)
-    digest = manifest_sha256(staging)
+    digest = write_manifest(staging, manifest)
     (staging / MODEL_CARD_FILE).write_text(card.replace(MANIFEST_SHA256_PLACEHOLDER, digest), encoding="utf-8")
     return verify_export(staging, expect_manifest_sha256=digest)
 
@@ -589,50 +548,51 @@ def log_wandb_artifact(directory: Path, name: str, project: str | None = None) -
 # Command line
 
 
-def parse_export_args(argv: Sequence[str] | None = None) -> ExportArguments:
-    """Parse the export flags; an unknown flag or bad value raises ``UsageError`` (one line, no usage block)."""
-    from transformers import HfArgumentParser
+EXPORT_PROG = "python -m export"
+VERIFY_PROG = "python -m export verify"
 
-    parser = HfArgumentParser(
-        ExportArguments,
-        prog="python -m export",
-        description="Export a trained moderator (merged or adapter-only) with a manifest, model card and an "
-        "equivalence check. `python -m export verify <dir>` checks an export against its manifest.",
+
+@dataclass
+class VerifyArguments:
+    directory: str = field(metadata={"help": "Export directory to check against its manifest.json."})
+    expect_manifest_sha256: str | None = field(
+        default=None,
+        metadata={
+            "help": "Pin the export: refuse it unless manifest.json's sha256 is this (printed by `python -m "
+            "export`, written in the model card)."
+        },
     )
-    one_line_parser_errors(parser)
-    try:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
-    except UsageError:
-        raise
-    except ValueError as exc:  # HfArgumentParser's "arguments are not used" and dataclass value checks
-        raise UsageError(f"{one_line(exc)} (see python -m export --help)") from exc
+
+    def __post_init__(self) -> None:
+        if self.expect_manifest_sha256 is not None:
+            self.expect_manifest_sha256 = check_sha256_hex(self.expect_manifest_sha256, "the manifest sha256")
+
+
+def parse_export_args(argv: Sequence[str] | None = None) -> ExportArguments:
+    """Parse the export's flags (``moderator.cli.parse_config``): a problem raises a one-line ``UsageError``."""
+    (args,) = parse_config(
+        (ExportArguments,),
+        argv,
+        prog=EXPORT_PROG,
+        description="Export a trained moderator (merged or adapter-only) with a manifest, model card and an "
+        f"equivalence check. `{VERIFY_PROG} DIR` checks an export against its manifest.",
+    )
     return args
 
 
-def _sha256_argument(value: str) -> str:
-    try:
-        return check_sha256_hex(value, "the manifest sha256")
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _verify_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export verify", description="Check an export's hashes.")
-    one_line_parser_errors(parser)
-    parser.add_argument("directory")
-    parser.add_argument(
-        "--expect-manifest-sha256",
-        type=_sha256_argument,
-        default=None,
-        help="pin the export: refuse it unless manifest.json's sha256 is this (printed by `python -m export`, "
-        "written in the model card)",
+    (args,) = parse_config(
+        (VerifyArguments,),
+        argv,
+        prog=VERIFY_PROG,
+        description="Check an export's files against the sha256 in its manifest.json.",
+        positional=("directory",),
     )
-    args = parser.parse_args(argv)
     try:
         manifest = verify_export(args.directory, expect_manifest_sha256=args.expect_manifest_sha256)
     except VerificationError as exc:
         print(exc, file=sys.stderr)
-        return 1
+        return USER_ERROR_EXIT_CODE
     pinned = ", as pinned" if args.expect_manifest_sha256 else ""
     print(
         f"{args.directory}: OK, {len(manifest['files'])} files match {MANIFEST_FILE} "
@@ -652,5 +612,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         export(args)
     except ExportError as exc:
         print(f"export failed: {exc}", file=sys.stderr)
-        return 1
+        return USER_ERROR_EXIT_CODE
     return 0

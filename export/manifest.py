@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moderator.contract import MODERATOR_CONFIG_FILE, TAXONOMY_FILE  # noqa: F401  (re-exported)
+from moderator.contract import TAXONOMY_FILE  # noqa: F401  (re-exported)
 from moderator.manifest import (  # noqa: F401  (re-exported for the export stage)
     MANIFEST_FILE,
     MANIFEST_SHA256_FIELD,
@@ -23,11 +23,11 @@ from moderator.manifest import (  # noqa: F401  (re-exported for the export stag
     relative_files,
     sha256_file,
     verify_manifest,
+    write_manifest,
 )
 
 MANIFEST_FORMAT = "safemt-moderator-export/1"
 MODEL_CARD_FILE = "README.md"
-EVAL_REPORT_FILE = "eval_report.json"
 
 
 class ExportError(RuntimeError):

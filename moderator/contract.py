@@ -26,9 +26,8 @@ from moderator.taxonomy import UNKNOWN_CATEGORY, Taxonomy, load_taxonomy
 # turn's continuation lines are indented (moderator.sanitize).
 PROMPT_FORMAT_VERSION = "2"
 SAFE, UNSAFE = "safe", "unsafe"
-# An exported moderator ships its taxonomy and this config (prompt format, taxonomy hash, threshold),
-# so the service renders and parses with what the model was trained on.
-MODERATOR_CONFIG_FILE = "moderator_config.json"
+# An exported moderator ships its taxonomy (and, in moderator.artefacts' serving config, its hash), so the
+# service renders and parses with what the model was trained on.
 TAXONOMY_FILE = "taxonomy.yaml"
 VERDICT_PREFIX = "verdict: "
 
@@ -51,6 +50,24 @@ ROLE_NAMES = {"user": "User", "assistant": "Assistant"}
 
 class DialogueError(ValueError):
     """A dialogue cannot be rendered (unknown role, image on a non-user turn, ...)."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    verdict: str
+    category: str | None
+    intent: str | None
+    p_unsafe: float
+    policy: str | None
+    parse_error: bool = False
+    raw: str = ""  # the greedy answer, as generated
+    # Where the score flagged an answer that said ``safe``: the forced answer (``FORCED_UNSAFE_PREFIX``
+    # and the model's continuation) that category and intent were parsed from; "" otherwise.
+    forced_raw: str = ""
+
+    @property
+    def flagged(self) -> bool:
+        return self.verdict == "unsafe"
 
 
 def system_prompt(taxonomy: Taxonomy | None = None) -> str:
@@ -130,6 +147,17 @@ def render_target(verdict: str, category: str | None = None, intent: str | None 
 
 def target_message(target: str) -> dict[str, Any]:
     return {"role": "assistant", "content": [{"type": "text", "text": target}]}
+
+
+def prompt_of_prepared_row(messages: Sequence[Mapping[str, Any]], row_id: str) -> list[Mapping[str, Any]]:
+    """A prepared row's messages without its target (the closing assistant turn): the moderator's prompt.
+
+    Data prep writes the rendered prompt followed by ``target_message``; training, eval and the benchmarks
+    moderate prepared rows through this, so none of them templates a row its own way.
+    """
+    if not messages or messages[-1].get("role") != "assistant":
+        raise DialogueError(f"prepared row {row_id!r}: field 'messages' does not end with the target (assistant)")
+    return list(messages[:-1])
 
 
 @dataclass(frozen=True)

@@ -13,23 +13,32 @@ for those rows only.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from moderator.artefacts import (  # noqa: F401  (check_threshold, resolve_threshold: re-exported)
+    DEFAULT_THRESHOLD,
+    SERVING_CONFIG_FILE,
+    ModeratorConfigError,
+    check_threshold,
+    flags,
+    read_run_record,
+    read_serving_config,
+    resolve_threshold,
+    trained_image_bounds,
+)
 from moderator.contract import (
-    MODERATOR_CONFIG_FILE,
     PROMPT_FORMAT_VERSION,
     SAFE,
     TAXONOMY_FILE,
     UNSAFE,
     DialogueError,
+    Verdict,
     parse_verdict,
     render_moderator_messages,
     render_target,
@@ -37,14 +46,17 @@ from moderator.contract import (
 )
 from moderator.images import ImageBounds
 from moderator.loading import ModelLoadError, ModelNotFoundError, load_vlm, looks_like_a_path, require_left_padding
-from moderator.manifest import MANIFEST_FILE, check_sha256_hex, refuse_special_files, start_verification
+from moderator.manifest import check_sha256_hex, refuse_special_files, start_verification
 from moderator.schema import SAFEMT_IMAGE_TURNS
+from moderator.session import (
+    VISION_PIXEL_INPUTS,
+    ModerationSession,
+    PrefixCache,
+    SessionStore,
+    common_prefix_length,
+    pixel_digest,
+)
 from moderator.taxonomy import UNKNOWN_CATEGORY, Taxonomy, load_taxonomy
-
-if TYPE_CHECKING:
-    from moderator.session import ModerationSession, SessionStore
-
-RUN_RECORD_FILE = "moderator_run.json"  # written by training (train/provenance.py)
 
 
 def _forced_unsafe_prefix() -> str:
@@ -61,24 +73,6 @@ def _forced_unsafe_prefix() -> str:
 FORCED_UNSAFE_PREFIX = _forced_unsafe_prefix()
 
 
-@dataclass(frozen=True)
-class Verdict:
-    verdict: str
-    category: str | None
-    intent: str | None
-    p_unsafe: float
-    policy: str | None
-    parse_error: bool = False
-    raw: str = ""  # the greedy answer, as generated
-    # Where the score flagged an answer that said ``safe``: the forced answer (``FORCED_UNSAFE_PREFIX``
-    # and the model's continuation) that category and intent were parsed from; "" otherwise.
-    forced_raw: str = ""
-
-    @property
-    def flagged(self) -> bool:
-        return self.verdict == "unsafe"
-
-
 def load_model_and_processor(
     path: str | Path,
     trust_remote_code: bool = False,
@@ -87,10 +81,6 @@ def load_model_and_processor(
 ) -> tuple[Any, Any]:
     """A merged checkpoint or a PEFT adapter directory with its processor, through the shared loader."""
     return load_vlm(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-
-
-class ModeratorConfigError(ValueError):
-    """A checkpoint was trained with another prompt format or taxonomy than the one it would be served with."""
 
 
 def serving_contract(path: str | Path, taxonomy: Taxonomy | None = None) -> tuple[Taxonomy, float | None]:
@@ -103,17 +93,19 @@ def serving_contract(path: str | Path, taxonomy: Taxonomy | None = None) -> tupl
     the moderator never sees them, so they can be edited without retraining.
     """
     path = Path(path)
-    config_file, run_file = path / MODERATOR_CONFIG_FILE, path / RUN_RECORD_FILE
-    source = config_file if config_file.is_file() else run_file if run_file.is_file() else None
-    if source is None:
-        return taxonomy or load_taxonomy(), None
-    recorded = _read_record(source)
     threshold = None
-    if source == config_file:
+    recorded = read_serving_config(path)
+    if recorded is not None:
+        source: Path = path / SERVING_CONFIG_FILE
         shipped = load_taxonomy(path / recorded.get("taxonomy_file", TAXONOMY_FILE))
         recorded = {**recorded, **shipped.provenance()}
         threshold = recorded.get("decision_threshold")
         taxonomy = taxonomy or shipped
+    else:
+        found = read_run_record(path)
+        if found is None:
+            return taxonomy or load_taxonomy(), None
+        recorded, source = found
     taxonomy = taxonomy or load_taxonomy()
     version = recorded.get("prompt_format_version")
     if version is not None and str(version) != PROMPT_FORMAT_VERSION:
@@ -126,65 +118,6 @@ def serving_contract(path: str | Path, taxonomy: Taxonomy | None = None) -> tupl
             "taxonomy it was trained on (policy texts may differ, category ids may not)"
         )
     return taxonomy, threshold
-
-
-def check_threshold(value: Any, where: str) -> float:
-    """A decision threshold strictly inside (0, 1): 0 flags everything and 1 nothing (the moderator is off)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ModeratorConfigError(f"{where}: decision threshold must be a number in (0, 1), got {value!r}")
-    if not 0.0 < value < 1.0:
-        raise ModeratorConfigError(f"{where}: decision threshold must be in (0, 1), got {value}")
-    return float(value)
-
-
-def _read_record(path: Path) -> dict[str, Any]:
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModeratorConfigError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(record, dict):
-        raise ModeratorConfigError(f"{path}: expected a JSON object")
-    return record
-
-
-def resolve_threshold(path: str | Path, threshold: float | None = None) -> float:
-    """Explicit threshold, else the one the checkpoint ships (moderator_config.json, manifest.json), else 0.5."""
-    if threshold is not None:
-        return check_threshold(threshold, "threshold argument")
-    path = Path(path)
-    for name in (MODERATOR_CONFIG_FILE, MANIFEST_FILE):
-        file = path / name
-        if file.is_file():
-            value = _read_record(file).get("decision_threshold")
-            if value is not None:
-                return check_threshold(value, f"{file}: field 'decision_threshold'")
-    return 0.5
-
-
-def trained_image_bounds(path: str | Path) -> ImageBounds | None:
-    """The pixel bounds the checkpoint was trained with, as training recorded them (None: not recorded).
-
-    A training output (or its ``checkpoint-N``) has ``moderator_run.json``; an export's manifest holds
-    the same training config. Serving with other bounds would show the model other image-token counts
-    than it learnt on.
-    """
-    path = Path(path)
-    candidates = [(path / RUN_RECORD_FILE, "config"), (path / MANIFEST_FILE, "training_config")]
-    if path.name.startswith("checkpoint-"):
-        candidates.append((path.parent / RUN_RECORD_FILE, "config"))
-    for file, key in candidates:
-        if not file.is_file():
-            continue
-        script_args = ((_read_record(file).get(key) or {}).get("ModeratorScriptArguments")) or {}
-        if not isinstance(script_args, dict):
-            continue
-        try:
-            bounds = ImageBounds(script_args.get("min_pixels"), script_args.get("max_pixels"))
-        except ValueError as exc:
-            raise ModeratorConfigError(f"{file}: {key}.ModeratorScriptArguments: {exc}") from None
-        if bounds.is_set:
-            return bounds
-    return None
 
 
 def local_checkpoint(path: str | Path, revision: str | None = None) -> Path:
@@ -257,65 +190,10 @@ def _name_after(exc: BaseException, private: Path, local: Path) -> None:
         exc.args = tuple(arg.replace(str(private), str(local)) for arg in exc.args)
 
 
-# Inputs that carry pixels, dropped when their image's tokens are already in a reused cache.
-_VISION_PIXEL_INPUTS = ("pixel_values", "pixel_values_videos")
-
-
-class PrefixCache:
-    """One conversation's prompt token ids and their key/value cache, for ``Moderator.moderate_extended``."""
-
-    def __init__(self) -> None:
-        self.input_ids: torch.Tensor | None = None
-        self.pixels = ""
-        self.cache: Any = None
-        self.reused_tokens = 0  # last call: tokens taken from the cache instead of being run
-        self.run_tokens = 0  # last call: prompt tokens run through the model
-
-    @property
-    def cached_tokens(self) -> int:
-        return 0 if self.cache is None else int(self.cache.get_seq_length())
-
-    def reusable_length(self, input_ids: torch.Tensor, pixels: str, image_token_ids: Sequence[int]) -> int:
-        """How many leading tokens of ``input_ids`` the cache can stand for (0: start over).
-
-        ``pixels`` is the digest of this prompt's pixel inputs (``pixel_digest``): other images behind
-        the same placeholder tokens (an edited image of the same size) make the cache stale.
-        """
-        if self.cache is None or self.input_ids is None or pixels != self.pixels:
-            return 0
-        common = common_prefix_length(self.input_ids.to(input_ids.device), input_ids)
-        vision_tokens = torch.tensor(image_token_ids, dtype=input_ids.dtype, device=input_ids.device)
-        if common == 0 or bool(torch.isin(input_ids[common:], vision_tokens).any()):
-            return 0
-        return common
-
-    def update(self, input_ids: torch.Tensor, pixels: str, cache: Any, reused: int) -> None:
-        self.input_ids, self.pixels, self.cache = input_ids.detach().cpu(), pixels, cache
-        self.reused_tokens, self.run_tokens = reused, len(input_ids) - reused
-
-    def clear(self) -> None:
-        self.input_ids, self.pixels, self.cache = None, "", None
-
-
-def common_prefix_length(cached_ids: torch.Tensor, input_ids: torch.Tensor) -> int:
-    """Leading tokens of ``input_ids`` equal to ``cached_ids``, leaving at least one token of it to run."""
-    limit = min(len(cached_ids), len(input_ids) - 1)
-    return int((cached_ids[:limit] == input_ids[:limit]).long().cumprod(0).sum())
-
-
-def pixel_digest(inputs: Mapping[str, Any]) -> str:
-    """SHA-256 of a prompt's pixel inputs and image grids (what its image placeholder tokens stand for)."""
-    digest = hashlib.sha256()
-    for key in (*_VISION_PIXEL_INPUTS, "image_grid_thw", "video_grid_thw"):
-        value = inputs.get(key)
-        if value is not None:
-            digest.update(key.encode())
-            digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 class Moderator:
-    def __init__(self, model: Any, processor: Any, taxonomy: Taxonomy | None = None, threshold: float = 0.5):
+    def __init__(
+        self, model: Any, processor: Any, taxonomy: Taxonomy | None = None, threshold: float = DEFAULT_THRESHOLD
+    ):
         # Batched scoring reads the last position and generation appends there. The loader sets left
         # padding; a processor from elsewhere (e.g. the trainer's, shared with its collator) is checked,
         # not silently changed.
@@ -448,14 +326,17 @@ class Moderator:
             image_turns = [SAFEMT_IMAGE_TURNS[: len(imgs)] for imgs in images]
         return self.moderate_texts(self.prompt_texts(dialogues, image_turns), images, max_new_tokens)
 
+    def rendered_texts(self, prompts: Sequence[Sequence[Mapping[str, Any]]]) -> list[str]:
+        """Chat-templated text of prompts already rendered by the contract (``prompt_of_prepared_row``)."""
+        return [
+            self.processor.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False) for p in prompts
+        ]
+
     def moderate_rendered(
         self, prompts: Sequence[Sequence[Mapping[str, Any]]], images: Sequence[Sequence[Any]], max_new_tokens: int = 64
     ) -> list[Verdict]:
         """Moderate prompts already rendered by the contract (e.g. a prepared dataset's messages minus the target)."""
-        texts = [
-            self.processor.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False) for p in prompts
-        ]
-        return self.moderate_texts(texts, images, max_new_tokens)
+        return self.moderate_texts(self.rendered_texts(prompts), images, max_new_tokens)
 
     def moderate_texts(
         self, texts: list[str], images: Sequence[Sequence[Any]], max_new_tokens: int = 64
@@ -538,18 +419,15 @@ class Moderator:
                 scores.append(None)
         return raws, scores, out, step_pairs
 
-    def _score_flags(self, score: float) -> bool:
-        """Whether P(unsafe) flags: at or above the threshold, or not a finite number (NaN, inf: fail-closed;
-        ``NaN >= threshold`` alone is False and would pass the dialogue)."""
-        return not math.isfinite(score) or score >= self.threshold
-
     def _needs_forced_answer(self, raw: str, score: float) -> bool:
         """The score flags, but the answer parses as ``verdict: safe``: it names no category or intent.
 
         Not for a non-finite score: it flags (fail-closed), but says nothing the forced answer could use.
         """
         parsed = parse_verdict(raw, self.taxonomy)
-        return math.isfinite(score) and score >= self.threshold and not parsed.parse_error and parsed.verdict == SAFE
+        return (
+            math.isfinite(score) and flags(score, self.threshold) and not parsed.parse_error and parsed.verdict == SAFE
+        )
 
     def _verdict(self, raw: str, score: float, forced_raw: str | None = None) -> Verdict:
         """``forced_raw``: the forced unsafe answer, for a row where ``_needs_forced_answer`` holds."""
@@ -557,7 +435,7 @@ class Moderator:
         # The calibrated score decides the flag; the text supplies category and intent. An
         # unparseable answer, or a score that is not a finite number, flags regardless (fail-closed);
         # parse_error reports the former, p_unsafe keeps the latter as computed.
-        flagged = self._score_flags(score) or parsed.parse_error
+        flagged = flags(score, self.threshold, parsed.parse_error)
         if flagged and forced_raw is not None:
             # The greedy answer said safe: category and intent are what the model says under an unsafe
             # verdict. A forced answer that does not parse leaves the category unknown.
@@ -590,8 +468,6 @@ class Moderator:
     def sessions(self) -> SessionStore:
         """This moderator's conversation sessions (created on first use; bounds in ``moderator.session``)."""
         if self._sessions is None:
-            from moderator.session import SessionStore
-
             self._sessions = SessionStore(self)
         return self._sessions
 
@@ -687,7 +563,7 @@ class Moderator:
             if surplus:
                 cache.crop(-surplus)  # transformers 5: a negative count of tokens to drop
             # The vision inputs are in the cache already; the grid sizes stay for the 3D (mrope) positions.
-            inputs = {key: value for key, value in inputs.items() if key not in _VISION_PIXEL_INPUTS}
+            inputs = {key: value for key, value in inputs.items() if key not in VISION_PIXEL_INPUTS}
             kwargs["past_key_values"] = cache
             # Qwen-VL keeps the last call's rope offset on the model and would reuse it when a cache is
             # passed; without it, generate computes this prompt's positions from the whole input.

@@ -53,11 +53,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from moderator.contract import MODERATOR_CONFIG_FILE, TAXONOMY_FILE
+from moderator.artefacts import MANIFEST_FILE, SERVING_CONFIG_FILE, looks_like_export  # noqa: F401  (re-exported)
+from moderator.contract import TAXONOMY_FILE
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FILE = "manifest.json"
 # Pickle-based weight/state formats: loading one can run arbitrary code, so an export never holds one.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 # Serving fields the manifest (not hashed itself) must agree on with the hashed moderator_config.json.
@@ -126,6 +126,13 @@ def sha256_descriptor(fd: int) -> str:
         digest.update(chunk)
         offset += len(chunk)
     return digest.hexdigest()
+
+
+def write_manifest(export_dir: str | Path, manifest: Mapping[str, Any]) -> str:
+    """Write an export's ``manifest.json`` (keys sorted); return its sha256, the digest that pins the export."""
+    path = Path(export_dir) / MANIFEST_FILE
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    return manifest_sha256(export_dir)
 
 
 def manifest_sha256(export_dir: str | Path) -> str:
@@ -555,20 +562,20 @@ class _Inspection:
     def _config_disagreements(self) -> list[str]:
         """The manifest is not hashed (it holds the hashes): its serving fields must agree with hashed files."""
         manifest = self.manifest or {}
-        if MODERATOR_CONFIG_FILE not in self.files:
-            return [f"missing file: {MODERATOR_CONFIG_FILE}"]
-        config, error = _parse_json(self.files[MODERATOR_CONFIG_FILE], MODERATOR_CONFIG_FILE)
+        if SERVING_CONFIG_FILE not in self.files:
+            return [f"missing file: {SERVING_CONFIG_FILE}"]
+        config, error = _parse_json(self.files[SERVING_CONFIG_FILE], SERVING_CONFIG_FILE)
         if error:
             return [error]
         if not isinstance(config, dict):
-            return [f"{MODERATOR_CONFIG_FILE}: expected a JSON object"]
+            return [f"{SERVING_CONFIG_FILE}: expected a JSON object"]
         recorded = {
             "decision_threshold": manifest.get("decision_threshold"),
             "prompt_format_version": manifest.get("prompt_format_version"),
             "taxonomy_sha256": (manifest.get("taxonomy") or {}).get("sha256"),
         }
         problems = [
-            f"{MANIFEST_FILE}: {key} is {recorded[key]!r} but {MODERATOR_CONFIG_FILE} says {config.get(key)!r}"
+            f"{MANIFEST_FILE}: {key} is {recorded[key]!r} but {SERVING_CONFIG_FILE} says {config.get(key)!r}"
             for key in SERVING_FIELDS
             if config.get(key) != recorded[key]
         ]
@@ -576,7 +583,7 @@ class _Inspection:
         taxonomy = self.files.get(taxonomy_name)
         if taxonomy is not None and hashlib.sha256(taxonomy).hexdigest() != config.get("taxonomy_sha256"):
             problems.append(
-                f"{Path(taxonomy_name).name}: sha256 differs from the taxonomy_sha256 in {MODERATOR_CONFIG_FILE}"
+                f"{Path(taxonomy_name).name}: sha256 differs from the taxonomy_sha256 in {SERVING_CONFIG_FILE}"
             )
         return problems
 
@@ -735,9 +742,3 @@ def start_verification(
         cache.save()
         raise ManifestError(directory, inspection.problems or ["unreadable manifest"])
     return PendingVerification(inspection)
-
-
-def looks_like_export(directory: str | Path) -> bool:
-    """Whether a directory is (or was) an export: exports, not training outputs, ship these files."""
-    directory = Path(directory)
-    return (directory / MANIFEST_FILE).is_file() or (directory / MODERATOR_CONFIG_FILE).is_file()

@@ -1,7 +1,7 @@
 """Incremental moderation for serving: ``moderator.session(conversation_id).add_turn(role, content, images)``.
 
 A session holds one conversation's turns and the key/value cache of its last prompt
-(``moderator.inference.PrefixCache``). After each user turn it returns the verdict on the conversation
+(``PrefixCache``, below). After each user turn it returns the verdict on the conversation
 so far, equal to ``moderator.moderate`` on it, running only the tokens the cache does not hold.
 
 Memory is bounded three ways (``SessionStore``):
@@ -31,16 +31,16 @@ sessions at a time; the store's bookkeeping is locked so other threads may look 
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from moderator.contract import ROLE_NAMES, DialogueError
+import torch
+
+from moderator.contract import ROLE_NAMES, DialogueError, Verdict
 from moderator.schema import SAFEMT_IMAGE_TURNS
-
-if TYPE_CHECKING:
-    from moderator.inference import Moderator, PrefixCache, Verdict
 
 DEFAULT_MAX_SESSIONS = 4096
 # 56 KiB of bf16 keys/values per token for Qwen2.5-VL-7B (28 layers x 4 KV heads x 128 dims x K, V x 2 bytes):
@@ -51,6 +51,63 @@ DEFAULT_MAX_CACHED_TOKENS = 65_536
 DEFAULT_MAX_BYTES = 1024 * 1024 * 1024
 TURN_OVERHEAD_BYTES = 200  # a turn's dict and string objects, besides the text itself
 IMAGE_BYTES_PER_PIXEL = 4  # PIL keeps an 8-bit RGB pixel in 4 bytes
+
+
+# Inputs that carry pixels, dropped when their image's tokens are already in a reused cache.
+VISION_PIXEL_INPUTS = ("pixel_values", "pixel_values_videos")
+
+
+class PrefixCache:
+    """One conversation's prompt token ids and their key/value cache, for ``Moderator.moderate_extended`` and sessions."""
+
+    def __init__(self) -> None:
+        self.input_ids: torch.Tensor | None = None
+        self.pixels = ""
+        self.cache: Any = None
+        self.reused_tokens = 0  # last call: tokens taken from the cache instead of being run
+        self.run_tokens = 0  # last call: prompt tokens run through the model
+
+    @property
+    def cached_tokens(self) -> int:
+        return 0 if self.cache is None else int(self.cache.get_seq_length())
+
+    def reusable_length(self, input_ids: torch.Tensor, pixels: str, image_token_ids: Sequence[int]) -> int:
+        """How many leading tokens of ``input_ids`` the cache can stand for (0: start over).
+
+        ``pixels`` is the digest of this prompt's pixel inputs (``pixel_digest``): other images behind
+        the same placeholder tokens (an edited image of the same size) make the cache stale.
+        """
+        if self.cache is None or self.input_ids is None or pixels != self.pixels:
+            return 0
+        common = common_prefix_length(self.input_ids.to(input_ids.device), input_ids)
+        vision_tokens = torch.tensor(image_token_ids, dtype=input_ids.dtype, device=input_ids.device)
+        if common == 0 or bool(torch.isin(input_ids[common:], vision_tokens).any()):
+            return 0
+        return common
+
+    def update(self, input_ids: torch.Tensor, pixels: str, cache: Any, reused: int) -> None:
+        self.input_ids, self.pixels, self.cache = input_ids.detach().cpu(), pixels, cache
+        self.reused_tokens, self.run_tokens = reused, len(input_ids) - reused
+
+    def clear(self) -> None:
+        self.input_ids, self.pixels, self.cache = None, "", None
+
+
+def common_prefix_length(cached_ids: torch.Tensor, input_ids: torch.Tensor) -> int:
+    """Leading tokens of ``input_ids`` equal to ``cached_ids``, leaving at least one token of it to run."""
+    limit = min(len(cached_ids), len(input_ids) - 1)
+    return int((cached_ids[:limit] == input_ids[:limit]).long().cumprod(0).sum())
+
+
+def pixel_digest(inputs: Mapping[str, Any]) -> str:
+    """SHA-256 of a prompt's pixel inputs and image grids (what its image placeholder tokens stand for)."""
+    digest = hashlib.sha256()
+    for key in (*VISION_PIXEL_INPUTS, "image_grid_thw", "video_grid_thw"):
+        value = inputs.get(key)
+        if value is not None:
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def image_bytes(image: Any) -> int:
@@ -75,8 +132,6 @@ class ModerationSession:
     """One conversation being moderated turn by turn (made by ``SessionStore.get``)."""
 
     def __init__(self, store: SessionStore, conversation_id: str) -> None:
-        from moderator.inference import PrefixCache
-
         self.conversation_id = conversation_id
         self.dialogue: list[dict[str, str]] = []
         self.images: list[Any] = []
@@ -183,7 +238,7 @@ class SessionStore:
 
     def __init__(
         self,
-        moderator: Moderator,
+        moderator: Any,  # a moderator.inference.Moderator (which imports this module, so not named here)
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         max_cached_tokens: int = DEFAULT_MAX_CACHED_TOKENS,
         max_new_tokens: int = 64,

@@ -98,7 +98,7 @@ def test_shipped_recipes_run_end_to_end(tmp_path, tiny_model_dir, tiny_guards):
     python = sys.executable
 
     # The data source: the SafeMT sample, with placeholder images, where the data recipe reads SafeMT.
-    run_stage(tmp_path, [python, "-m", "moderator.images", data["safemt"], "--copy-from", str(SAMPLE_DIR)])
+    run_stage(tmp_path, [python, "-m", "tiny_models.images", data["safemt"], "--copy-from", str(SAMPLE_DIR)])
 
     # 1. data prep
     run_stage(

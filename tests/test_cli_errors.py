@@ -86,13 +86,14 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], Path, str]]:
         "sft_misspelt_flag": (
             [SFT, "--config", TINY_RECIPE, "--learnig_rate", "1e-4"],
             REPO_ROOT,
-            "error: Some specified arguments are not used by the HfArgumentParser: ['--learnig_rate', '1e-4']",
+            "error: unrecognized arguments: --learnig_rate 1e-4; did you mean --learning_rate? "
+            "(see train/sft.py --help)",
         ),
         "sft_misspelt_config_field": (
             [SFT, "--config", str(misspelt_config)],
             REPO_ROOT,
-            "error: Unknown arguments from config file: ['--learnig_rate', '0.0001']. Please remove them, add "
-            "them to the dataclass, or set `fail_with_unknown_args=False`.",
+            f"error: {misspelt_config}: unknown key 'learnig_rate'; did you mean 'learning_rate'? "
+            "(see train/sft.py --help)",
         ),
         # TRL used to fail on this with a bare StopIteration.
         "sft_empty_training_split": (
@@ -103,8 +104,7 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], Path, str]]:
         "export_unknown_flag": (
             ["-m", "export", "--checkpoint", str(tmp), "--out", str(tmp / "out"), "--bogus"],
             REPO_ROOT,
-            "error: Some specified arguments are not used by the HfArgumentParser: ['--bogus'] "
-            "(see python -m export --help)",
+            "error: unrecognized arguments: --bogus (see python -m export --help)",
         ),
         "export_missing_required_flag": (
             ["-m", "export", "--out", str(tmp / "out")],
@@ -149,10 +149,10 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], Path, str]]:
         ),
         # Used to print "0 placeholder images" and exit 0.
         "images_copy_from_missing": (
-            ["-m", "moderator.images", str(tmp / "images"), "--copy-from", str(tmp / "nope")],
+            ["-m", "tiny_models.images", str(tmp / "images"), "--copy-from", str(tmp / "nope")],
             REPO_ROOT,
             f"error: --copy-from {tmp / 'nope'}: no <k>_turn.json files there (is it a SafeMT Data folder?) "
-            "(see python -m moderator.images --help)",
+            "(see python -m tiny_models.images --help)",
         ),
     }
 

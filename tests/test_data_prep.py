@@ -525,7 +525,8 @@ def test_token_lengths_follow_the_training_pixel_bounds(safemt_dir, tmp_path, ti
     from PIL import Image
     from transformers import AutoProcessor
 
-    from moderator.images import bound_image_pixels, write_placeholder_images
+    from moderator.images import bound_image_pixels
+    from tiny_models.images import write_placeholder_images
 
     write_placeholder_images(safemt_dir, size=(224, 224))  # larger than both bounds below
     common = ["--benign", "none", "--safemt_turns", "1", "--processor", str(tiny_model_dir)]
@@ -561,12 +562,15 @@ def test_pixel_bounds_without_a_processor_or_out_of_order_are_config_errors(safe
     assert "min_pixels must not exceed max_pixels" in capsys.readouterr().err
 
 
-def test_the_real_data_config_uses_the_sft_pixel_bounds():
+def test_the_image_bounds_are_set_once_in_the_data_recipes_and_training_takes_them_from_there():
     import yaml
 
-    data = yaml.safe_load((REPO_ROOT / "configs/data/safemt.yaml").read_text())
-    sft = yaml.safe_load((REPO_ROOT / "configs/sft/qwen2_5_vl_7b_lora.yaml").read_text())
-    assert (data["min_pixels"], data["max_pixels"]) == (sft["min_pixels"], sft["max_pixels"]) == (3136, 401408)
+    for name in ("safemt", "smollm2_cpu"):
+        data = yaml.safe_load((REPO_ROOT / f"configs/data/{name}.yaml").read_text())
+        assert data["min_pixels"] and data["max_pixels"], name
+    for recipe in (REPO_ROOT / "configs/sft").glob("*.yaml"):
+        sft = yaml.safe_load(recipe.read_text())
+        assert "min_pixels" not in sft and "max_pixels" not in sft, f"{recipe}: bounds belong to the data recipe"
 
 
 # -- a build replaces its output only when it succeeded ----------------------------------------------
@@ -601,7 +605,7 @@ def test_a_failed_build_leaves_the_previous_output_byte_identical(safemt_dir, tm
     records[0]["scenario"] = "Space Piracy"
     edit_path.write_text(json.dumps(records))
     code, stats = build(safemt_dir, out, *argv, "--strict", "true")
-    assert code == 1 and stats["quarantined"] == 1 and stats["dataset"] is None
+    assert code == 3 and stats["quarantined"] == 1 and stats["dataset"] is None
     assert "out.failed" in capsys.readouterr().err
     assert (tmp_path / "out.failed" / "quarantine.jsonl").read_text().count("\n") == 1
     assert snapshot(out) == before and leftovers(tmp_path) == []

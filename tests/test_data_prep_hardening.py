@@ -104,7 +104,7 @@ def test_a_failed_build_keeps_a_failed_folder_it_did_not_write_and_reports_elsew
     records = json.loads((safemt_dir / "1_turn.json").read_text())
     records[0]["scenario"] = "Space Piracy"
     (safemt_dir / "1_turn.json").write_text(json.dumps(records))
-    assert run(safemt_dir, tmp_path / "out", "--safemt_turns", "1", "--strict", "true") == 1
+    assert run(safemt_dir, tmp_path / "out", "--safemt_turns", "1", "--strict", "true") == 3
     assert sorted(p.name for p in foreign.iterdir()) == ["precious.txt"]  # before: replaced by the report
     reports = [p for p in tmp_path.iterdir() if p.name.startswith("out.failed-")]
     assert len(reports) == 1 and str(reports[0] / "quarantine.jsonl") in capsys.readouterr().err
@@ -122,10 +122,10 @@ def test_a_failed_build_replaces_its_own_earlier_report_and_a_success_removes_it
     records[0]["scenario"] = "Space Piracy"
     (safemt_dir / "1_turn.json").write_text(json.dumps(records))
     argv = ("--safemt_turns", "1", "--strict", "true")
-    assert run(safemt_dir, out, *argv) == 1 and report(failed)[0]["quarantined"] == 1
+    assert run(safemt_dir, out, *argv) == 3 and report(failed)[0]["quarantined"] == 1
     records[1]["scenario"] = "Space Piracy"
     (safemt_dir / "1_turn.json").write_text(json.dumps(records))
-    assert run(safemt_dir, out, *argv) == 1 and report(failed)[0]["quarantined"] == 2  # replaced in place
+    assert run(safemt_dir, out, *argv) == 3 and report(failed)[0]["quarantined"] == 2  # replaced in place
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("out.failed-")]
     assert run(safemt_dir, out, "--safemt_turns", "2") == 0
     assert not failed.exists() and (out / "dataset").is_dir()
@@ -136,7 +136,7 @@ def test_a_report_folder_someone_added_a_file_to_is_no_longer_removed(safemt_dir
     records = json.loads((safemt_dir / "1_turn.json").read_text())
     records[0]["scenario"] = "Space Piracy"
     (safemt_dir / "1_turn.json").write_text(json.dumps(records))
-    assert run(safemt_dir, out, "--safemt_turns", "1", "--strict", "true") == 1
+    assert run(safemt_dir, out, "--safemt_turns", "1", "--strict", "true") == 3
     (failed / "notes.txt").write_text("my analysis of the failure")
     assert run(safemt_dir, out, "--safemt_turns", "2") == 0
     assert (failed / "notes.txt").read_text() == "my analysis of the failure"
@@ -220,6 +220,6 @@ def test_a_question_conflict_fails_a_strict_build(safemt_dir, tmp_path):
     records = json.loads((safemt_dir / "2_turn.json").read_text())
     records[3]["question"] += " And then some."
     (safemt_dir / "2_turn.json").write_text(json.dumps(records, indent=4))
-    assert run(safemt_dir, tmp_path / "out", "--strict", "true") == 1
+    assert run(safemt_dir, tmp_path / "out", "--strict", "true") == 3
     stats, entries = report(tmp_path / "out.failed")
     assert [(e["index"], e["field"]) for e in entries] == [(3, "question")] and stats["converted"] == 155

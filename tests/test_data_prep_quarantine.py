@@ -224,7 +224,7 @@ def test_truncated_json_file_names_line_column_and_record(safemt_dir, tmp_path):
 def test_strict_mode_exits_non_zero_and_writes_no_dataset(safemt_dir, tmp_path, capsys):
     edit(safemt_dir, 1, lambda r: r[0].update(scenario="Space Piracy"))
     code, stats, entries = run(safemt_dir, tmp_path, "--strict")
-    assert code == 1 and len(entries) == 1 and stats["dataset"] is None
+    assert code == 3 and len(entries) == 1 and stats["dataset"] is None
     assert not (tmp_path / "out" / "dataset").exists()
     assert "--strict: 1 record(s) quarantined" in capsys.readouterr().err
 

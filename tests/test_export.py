@@ -21,12 +21,13 @@ from trl import ModelConfig, SFTConfig, TrlParser
 from export.equivalence import EquivalenceError, check_equivalence, compare_scores, write_equivalence_samples
 from export.exporting import ExportError, export, main, parse_export_args
 from export.manifest import MANIFEST_FILE, verify_export
+from moderator.artefacts import RUN_RECORD_FILE
 from moderator.contract import PROMPT_FORMAT_VERSION, render_moderator_messages
 from moderator.taxonomy import DEFAULT_TAXONOMY_PATH, UNKNOWN_CATEGORY, load_taxonomy
 from tests.conftest import REPO_ROOT, SAMPLE_DIR, tiny_recipe_args
 from tests.wandb_offline import read_offline_run
 from train.config import ModeratorScriptArguments
-from train.provenance import PROVENANCE_FILE, REDACTED
+from train.provenance import REDACTED
 from train.run import train
 
 FAKE_TOKEN = "hf_FAKEexportTOKEN1234567890"
@@ -60,10 +61,10 @@ def trained_adapter(tiny_model_dir, prepared_data_dir, tmp_path_factory) -> Path
     )  # fmt: skip
     assert train(*TrlParser((ModeratorScriptArguments, SFTConfig, ModelConfig)).parse_args_and_config(args=argv)) == 0
     # A run recorded by an older, unredacted version could hold a token: the export must not pass it on.
-    provenance = json.loads((out / PROVENANCE_FILE).read_text())
+    provenance = json.loads((out / RUN_RECORD_FILE).read_text())
     provenance["config"]["SFTConfig"]["hub_token"] = FAKE_TOKEN
     provenance["data"]["uploaded_with"] = FAKE_TOKEN
-    (out / PROVENANCE_FILE).write_text(json.dumps(provenance))
+    (out / RUN_RECORD_FILE).write_text(json.dumps(provenance))
     return out
 
 
@@ -152,7 +153,7 @@ def test_merged_export_holds_safetensors_and_every_serving_file_and_its_manifest
     assert json.loads((merged_export / "moderator_config.json").read_text())["prompt_format_version"] == (
         PROMPT_FORMAT_VERSION
     )
-    provenance = json.loads((trained_adapter / PROVENANCE_FILE).read_text())
+    provenance = json.loads((trained_adapter / RUN_RECORD_FILE).read_text())
     assert manifest["base_model"] == str(tiny_model_dir)
     assert manifest["adapter_config"]["r"] == 16 and manifest["adapter_config"]["modules_to_save"] == ["lm_head"]
     assert manifest["training_config"]["SFTConfig"]["learning_rate"] == 1e-2
@@ -390,7 +391,7 @@ def test_full_checkpoint_is_re_saved_as_is(trained_adapter, tiny_model_dir, tmp_
 
     full = tmp_path / "full-checkpoint"
     shutil.copytree(tiny_model_dir, full)
-    shutil.copy(trained_adapter / PROVENANCE_FILE, full / PROVENANCE_FILE)
+    shutil.copy(trained_adapter / RUN_RECORD_FILE, full / RUN_RECORD_FILE)
     out = tmp_path / "full-export"
     export(parse_export_args(["--checkpoint", str(full), "--out", str(out), "--equivalence-samples", "0"]))
     manifest = verify_export(out)
@@ -404,7 +405,7 @@ def test_full_checkpoint_is_re_saved_as_is(trained_adapter, tiny_model_dir, tmp_
 
 def _adapter_copy(trained_adapter: Path, directory: Path) -> Path:
     directory.mkdir()
-    for name in ("adapter_config.json", "adapter_model.safetensors", PROVENANCE_FILE):
+    for name in ("adapter_config.json", "adapter_model.safetensors", RUN_RECORD_FILE):
         shutil.copy(trained_adapter / name, directory / name)
     return directory
 
@@ -414,7 +415,7 @@ def test_export_refuses_a_report_measured_at_another_threshold_than_it_ships(
 ):
     out = tmp_path / "never"
     argv = ["--checkpoint", str(trained_adapter), "--out", str(out), "--eval-report", str(eval_report)]
-    assert main([*argv, "--threshold", "0.7"]) == 1
+    assert main([*argv, "--threshold", "0.7"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()  # one line, naming the report and both values
     assert line.startswith(f"export failed: {eval_report}: ") and "0.3" in line and "--threshold 0.7" in line
     assert not out.exists()
@@ -425,7 +426,7 @@ def test_export_refuses_a_report_measured_at_another_threshold_than_it_ships(
     legacy["detection"]["moderator"]["threshold"] = 0.3
     legacy_path = tmp_path / "legacy-report.json"
     legacy_path.write_text(json.dumps(legacy))
-    assert main(["--checkpoint", str(trained_adapter), "--out", str(out), "--eval-report", str(legacy_path)]) == 1
+    assert main(["--checkpoint", str(trained_adapter), "--out", str(out), "--eval-report", str(legacy_path)]) == 2
     assert f"{legacy_path}: no 'thresholds' field" in capsys.readouterr().err
 
     # Two moderators measured at different thresholds: no single shipped threshold matches both tables.
@@ -433,22 +434,22 @@ def test_export_refuses_a_report_measured_at_another_threshold_than_it_ships(
     split["thresholds"]["moderator-block"] = {**split["thresholds"]["moderator"], "threshold": 0.6}
     split_path = tmp_path / "split-report.json"
     split_path.write_text(json.dumps(split))
-    assert main(["--checkpoint", str(trained_adapter), "--out", str(out), "--eval-report", str(split_path)]) == 1
+    assert main(["--checkpoint", str(trained_adapter), "--out", str(out), "--eval-report", str(split_path)]) == 2
     assert "measured at different thresholds" in capsys.readouterr().err
 
 
 def test_threshold_choice_and_card_follow_the_reports_threshold():
     from export.card import render_model_card
-    from export.exporting import choose_threshold
+    from export.exporting import threshold_to_ship
 
     report = {"thresholds": THRESHOLDS}
-    assert choose_threshold(None, report, "r.json") == (0.3, "eval report thresholds.moderator (validation)")
-    assert choose_threshold(0.3, report, "r.json")[0] == 0.3  # the same value given twice is fine
-    assert choose_threshold(0.7, None, None) == (0.7, "--threshold given to the export")
-    assert choose_threshold(0.7, {"thresholds": {}}, "r.json")[0] == 0.7  # an eval without a moderator
-    assert choose_threshold(None, None, None)[0] == 0.5
+    assert threshold_to_ship(None, report, "r.json") == (0.3, "eval report thresholds.moderator (validation)")
+    assert threshold_to_ship(0.3, report, "r.json")[0] == 0.3  # the same value given twice is fine
+    assert threshold_to_ship(0.7, None, None) == (0.7, "--threshold given to the export")
+    assert threshold_to_ship(0.7, {"thresholds": {}}, "r.json")[0] == 0.7  # an eval without a moderator
+    assert threshold_to_ship(None, None, None)[0] == 0.5
     with pytest.raises(ExportError, match=r"^r\.json: its tables were measured at threshold 0\.3 .* --threshold 0\.7"):
-        choose_threshold(0.7, report, "r.json")
+        threshold_to_ship(0.7, report, "r.json")
 
     # The card itself never prints tables of another threshold than the one it describes.
     from eval.report import build_report
@@ -474,13 +475,13 @@ def test_export_refuses_bad_inputs_with_a_clear_message(trained_adapter, eval_re
 
     no_record = tmp_path / "no-record"
     shutil.copytree(trained_adapter, no_record)
-    (no_record / PROVENANCE_FILE).unlink()
-    assert f"{no_record / PROVENANCE_FILE}: missing" in refused(no_record)
+    (no_record / RUN_RECORD_FILE).unlink()
+    assert f"{no_record / RUN_RECORD_FILE}: missing" in refused(no_record)
 
     other_taxonomy = _adapter_copy(trained_adapter, tmp_path / "other-taxonomy")
-    provenance = json.loads((other_taxonomy / PROVENANCE_FILE).read_text())
+    provenance = json.loads((other_taxonomy / RUN_RECORD_FILE).read_text())
     provenance["taxonomy_sha256"] = "0" * 64
-    (other_taxonomy / PROVENANCE_FILE).write_text(json.dumps(provenance))
+    (other_taxonomy / RUN_RECORD_FILE).write_text(json.dumps(provenance))
     message = refused(other_taxonomy)
     assert "taxonomy sha256" in message and "0" * 64 in message and str(DEFAULT_TAXONOMY_PATH) in message
 
@@ -492,8 +493,10 @@ def test_export_refuses_bad_inputs_with_a_clear_message(trained_adapter, eval_re
 
     assert "would overwrite the checkpoint" in refused(trained_adapter, "--overwrite", out=trained_adapter)
     assert "would overwrite the base model" in refused(trained_adapter, "--overwrite", out=tiny_model_dir)
-    assert "--threshold: threshold must be in (0, 1), got 1.5" in refused(trained_adapter, "--threshold", "1.5")
-    assert "--threshold: threshold must be in (0, 1), got 1.0" in refused(trained_adapter, "--threshold", "1")
+    assert "--threshold: decision threshold must be in (0, 1), got 1.5" in refused(
+        trained_adapter, "--threshold", "1.5"
+    )
+    assert "--threshold: decision threshold must be in (0, 1), got 1" in refused(trained_adapter, "--threshold", "1")
 
     bad_report = tmp_path / "bad-report.json"
     report = json.loads(eval_report.read_text())
@@ -503,6 +506,6 @@ def test_export_refuses_bad_inputs_with_a_clear_message(trained_adapter, eval_re
     del report["results"]
     bad_report.write_text(json.dumps(report))
     assert "missing field(s) ['results']" in refused(trained_adapter, "--eval-report", str(bad_report))
-    assert main(["--checkpoint", str(no_record), "--out", str(tmp_path / "never")]) == 1
-    assert f"export failed: {no_record / PROVENANCE_FILE}: missing" in capsys.readouterr().err
+    assert main(["--checkpoint", str(no_record), "--out", str(tmp_path / "never")]) == 2
+    assert f"export failed: {no_record / RUN_RECORD_FILE}: missing" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()

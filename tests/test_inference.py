@@ -184,7 +184,8 @@ def test_checkpoint_is_served_with_its_categories_and_prompt_format(tiny_model_d
     import json
     import shutil
 
-    from moderator.contract import MODERATOR_CONFIG_FILE, PROMPT_FORMAT_VERSION, TAXONOMY_FILE
+    from moderator.artefacts import SERVING_CONFIG_FILE as MODERATOR_CONFIG_FILE
+    from moderator.contract import PROMPT_FORMAT_VERSION, TAXONOMY_FILE
     from moderator.inference import ModeratorConfigError, serving_contract
     from moderator.taxonomy import DEFAULT_TAXONOMY_PATH, load_taxonomy
 

@@ -307,7 +307,7 @@ def test_a_fifo_in_an_export_is_refused_by_verify_and_by_load_in_one_line(export
         [sys.executable, "-m", "export", "verify", str(export_copy)],
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
     )  # fmt: skip
-    assert result.returncode == 1 and name in result.stderr and "FIFO" in result.stderr, result
+    assert result.returncode == 2 and name in result.stderr and "FIFO" in result.stderr, result
 
 
 def test_an_error_in_a_verified_export_names_the_export_not_the_private_copy_loaded(export_copy):

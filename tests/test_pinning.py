@@ -103,7 +103,7 @@ def test_a_pinned_load_refuses_an_export_whose_manifest_was_rewritten_naming_bot
     assert pinned in message and forged in message and "\n" not in message
     assert message.startswith(str(export_copy))
 
-    assert export_main(["verify", str(export_copy), "--expect-manifest-sha256", pinned]) == 1
+    assert export_main(["verify", str(export_copy), "--expect-manifest-sha256", pinned]) == 2
     stderr = capsys.readouterr().err
     assert pinned in stderr and forged in stderr
 

@@ -8,20 +8,24 @@ from pathlib import Path
 
 import pytest
 import yaml
-from trl import ModelConfig, SFTConfig, TrlParser
+from trl import ModelConfig, SFTConfig
 
+from moderator.cli import parse_config
 from tests.conftest import REPO_ROOT
 from train.config import LM_LINEAR_REGEX, ModeratorScriptArguments
-from train.run import check_full_finetune_precision, deepspeed_keeps_fp32_master
+from train.preflight import check_full_finetune_precision, data_recipe_writing, deepspeed_keeps_fp32_master
 
 RECIPES = sorted((REPO_ROOT / "configs" / "sft").glob("*.yaml"))
 ACCELERATE = sorted((REPO_ROOT / "configs" / "accelerate").glob("*.yaml"))
 
 
 def parse(recipe: Path, *overrides: str):
+    """The recipe parsed as train/sft.py parses it (``moderator.cli.parse_config``)."""
     # bf16 is refused at parse time on a machine without a GPU; the YAML's own value is checked below.
-    return TrlParser((ModeratorScriptArguments, SFTConfig, ModelConfig)).parse_args_and_config(
-        args=["--config", str(recipe), "--bf16", "false", *overrides]
+    return parse_config(
+        (ModeratorScriptArguments, SFTConfig, ModelConfig),
+        ["--config", str(recipe), "--bf16", "false", *overrides],
+        prog="train/sft.py",
     )
 
 
@@ -53,7 +57,11 @@ def test_real_recipes_train_in_bf16_with_wandb_and_bounded_images():
         assert training_args.activation_checkpointing
         assert training_args.lr_scheduler_type == "cosine"
         assert "wandb" in training_args.report_to
-        assert script_args.max_pixels and model_args.dtype == "bfloat16"
+        assert model_args.dtype == "bfloat16"
+        # Images are bounded once, in the data recipe that writes the training data; training takes its record.
+        data_recipe = data_recipe_writing(script_args.dataset_path)
+        assert script_args.max_pixels is None and data_recipe is not None
+        assert yaml.safe_load(data_recipe.read_text())["max_pixels"] == 401408
         assert script_args.moderation_eval_generate is False  # one scoring pass per eval dialogue
 
 
@@ -85,7 +93,7 @@ _UNDER_ACCELERATE = """
 import os, sys
 from trl import ModelConfig, SFTConfig, TrlParser
 from train.config import ModeratorScriptArguments
-from train.run import check_full_finetune_precision
+from train.preflight import check_full_finetune_precision
 for precision in ("bf16", "no"):
     os.environ["ACCELERATE_MIXED_PRECISION"] = precision
     parsed = TrlParser((ModeratorScriptArguments, SFTConfig, ModelConfig)).parse_args_and_config(args=sys.argv[1:])

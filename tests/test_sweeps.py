@@ -25,7 +25,7 @@ from wandb.sdk.launch.sweeps import utils as sweep_utils
 
 from tests.conftest import REPO_ROOT
 from train.config import ModeratorScriptArguments
-from train.run import check_pixel_bounds
+from train.preflight import training_image_bounds
 from train.trainer import moderation_metrics
 
 SWEEPS = sorted((REPO_ROOT / "configs" / "sweeps").glob("*.yaml"))
@@ -143,7 +143,7 @@ def test_sweep_stays_within_the_pixel_bounds_the_data_lengths_were_checked_at(sw
     default = (TINY_MIN_PIXELS, TINY_MAX_PIXELS) if data["processor"] == "runs/demo/base" else (None, None)
     assert stats["tokens"]["max_pixels"] or default[1], f"{sweep.stem}: no bound to check against"
     for max_pixels in load(sweep)["parameters"]["max_pixels"]["values"]:
-        check_pixel_bounds(SWEEP_DATA[sweep.stem], stats, (data.get("min_pixels"), max_pixels), default)
+        training_image_bounds(SWEEP_DATA[sweep.stem], stats, (data.get("min_pixels"), max_pixels), default)
 
 
 @pytest.mark.parametrize("sweep", SWEEPS, ids=[s.stem for s in SWEEPS])

@@ -14,13 +14,16 @@ from pathlib import Path
 import pytest
 from trl import ModelConfig, SFTConfig, TrlParser
 
+from moderator.artefacts import RUN_RECORD_FILE, trained_image_bounds
+from moderator.images import ImageBounds
 from moderator.inference import Moderator, Verdict
 from moderator.taxonomy import load_taxonomy
 from tests.conftest import REPO_ROOT, tiny_recipe_args
 from tests.wandb_offline import read_offline_run
 from train.checkpoints import checkpoint_problem
 from train.config import ModeratorScriptArguments
-from train.provenance import PROVENANCE_FILE, REDACTED, redact
+from train.preflight import processor_pixel_bounds, training_image_bounds
+from train.provenance import REDACTED, redact
 from train.run import PREEMPTED_EXIT_CODE, build_trainer, planned_evaluations, resume_checkpoint, train
 from train.trainer import moderation_metrics, moderation_shard
 
@@ -74,13 +77,30 @@ def test_lora_wraps_only_the_language_model_and_records_provenance(trainer):
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert not any("visual" in n for n in trainable)
     assert any("lm_head" in n for n in trainable)  # modules_to_save
-    record = json.loads((Path(trainer.args.output_dir) / PROVENANCE_FILE).read_text())
+    record = json.loads((Path(trainer.args.output_dir) / RUN_RECORD_FILE).read_text())
     taxonomy = load_taxonomy()
     assert record["taxonomy_sha256"] == taxonomy.sha256 and record["taxonomy_version"] == taxonomy.version
     assert len(record["git"]["commit"]) in (40, len("unknown"))
     assert record["data"]["train"] and record["data"]["stats_sha256"]
     assert record["config"]["SFTConfig"]["learning_rate"] == trainer.args.learning_rate
     assert record["config"]["ModeratorScriptArguments"]["dataset_path"]
+    # The bounds images were resized into are a field of their own, read back without any config class name.
+    min_pixels, max_pixels = processor_pixel_bounds(trainer.processing_class)
+    assert record["image_bounds"] == {"min_pixels": min_pixels, "max_pixels": max_pixels}
+    assert trained_image_bounds(trainer.args.output_dir) == ImageBounds(min_pixels, max_pixels)
+
+
+def test_a_recipe_without_image_bounds_takes_the_ones_data_prep_counted_lengths_at():
+    stats = {"tokens": {"min_pixels": 3136, "max_pixels": 12544}}
+    assert training_image_bounds("data", stats, (None, None), (56 * 56, 28 * 28 * 1280)) == (3136, 12544)
+    assert training_image_bounds("data", stats, (None, 6272), (None, None)) == (3136, 6272)  # a sweep's smaller max
+    with pytest.raises(ValueError, match=r"data/stats.json: token lengths were checked at max_pixels=12544"):
+        training_image_bounds("data", stats, (None, 50176), (None, None))
+    # Data prep that counted at the processor's default: the default stays, and a larger bound is refused.
+    default = {"tokens": {"min_pixels": None, "max_pixels": None}}
+    assert training_image_bounds("data", default, (None, None), (3136, 12544)) == (None, None)
+    with pytest.raises(ValueError, match=r"max_pixels=12544 \(the processor's default\)"):
+        training_image_bounds("data", default, (None, 50176), (3136, 12544))
 
 
 def test_secrets_are_redacted_from_recorded_configs():
@@ -389,10 +409,10 @@ def test_deepspeed_zero3_two_processes_trains_and_writes_a_loadable_checkpoint(
 
 
 def test_data_rendered_with_another_contract_is_refused(prepared_data_dir, tmp_path):
-    from train.run import check_dataset_contract
+    from train.preflight import check_dataset_contract, load_dataset_stats
 
     taxonomy = load_taxonomy()
-    check_dataset_contract(prepared_data_dir, taxonomy)  # the real build passes
+    check_dataset_contract(prepared_data_dir, load_dataset_stats(prepared_data_dir), taxonomy)  # the real build passes
     stats = json.loads((prepared_data_dir / "stats.json").read_text())
     other_ids = {**taxonomy.provenance(), "taxonomy_ids": ["scams", *taxonomy.ids[1:]]}
     for field, value in (("prompt_format_version", "0"), ("taxonomy", other_ids)):
@@ -400,7 +420,7 @@ def test_data_rendered_with_another_contract_is_refused(prepared_data_dir, tmp_p
         stale.mkdir()
         (stale / "stats.json").write_text(json.dumps({**stats, field: value}))
         with pytest.raises(ValueError, match="stats.json: data (rendered with prompt format|built with other)"):
-            check_dataset_contract(stale, taxonomy)
+            check_dataset_contract(stale, load_dataset_stats(stale), taxonomy)
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 5, 16, 17, 512])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moderator.artefacts import DEFAULT_THRESHOLD
+
 # LoRA on the language model's linear layers only: the vision tower also has gate/up/down_proj,
 # so a plain list of module names would silently wrap it too.
 LM_LINEAR_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -22,9 +24,15 @@ class ModeratorScriptArguments:
     taxonomy_path: str | None = field(
         default=None, metadata={"help": "Taxonomy YAML; default configs/policies/safemt.yaml."}
     )
-    min_pixels: int | None = field(default=None, metadata={"help": "Lower bound on image pixels for the processor."})
+    min_pixels: int | None = field(
+        default=None,
+        metadata={"help": "Lower bound on image pixels (default: the bound data prep counted lengths at)."},
+    )
     max_pixels: int | None = field(
-        default=None, metadata={"help": "Upper bound on image pixels (bounds image tokens)."}
+        default=None,
+        metadata={
+            "help": "Upper bound on image pixels, bounding image tokens (default: the bound data prep counted lengths at)."
+        },
     )
     freeze_vision_tower: bool = field(default=True, metadata={"help": "Keep the vision tower frozen (full FT)."})
     lora_target_regex: str | None = field(
@@ -57,7 +65,8 @@ class ModeratorScriptArguments:
         default=48, metadata={"help": "Tokens generated per eval verdict (with moderation_eval_generate)."}
     )
     moderation_eval_threshold: float = field(
-        default=0.5, metadata={"help": "P(unsafe) threshold for the thresholded eval metrics (not for AUPRC)."}
+        default=DEFAULT_THRESHOLD,
+        metadata={"help": "P(unsafe) threshold for the thresholded eval metrics (not for AUPRC)."},
     )
     fresh_start: bool = field(
         default=False,

@@ -10,7 +10,6 @@ from peft import LoraConfig
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from trl import ModelConfig
 
-from moderator.images import bound_image_pixels
 from moderator.loading import parse_dtype
 from train.config import ModeratorScriptArguments
 
@@ -23,16 +22,13 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(path.resolve()) if path.is_dir() else name_or_path
 
 
-def build_processor(
-    model_args: ModelConfig, script_args: ModeratorScriptArguments, trust_remote_code: bool = False
-) -> Any:
-    processor = AutoProcessor.from_pretrained(
+def build_processor(model_args: ModelConfig, trust_remote_code: bool = False) -> Any:
+    """The base model's processor with its own image bounds (``train.run`` sets the training bounds once)."""
+    return AutoProcessor.from_pretrained(
         resolve_model_path(model_args.model_name_or_path),
         revision=model_args.model_revision,
         trust_remote_code=trust_remote_code,
     )
-    bound_image_pixels(processor, script_args.min_pixels, script_args.max_pixels)
-    return processor
 
 
 def build_model(

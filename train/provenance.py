@@ -6,18 +6,16 @@ Secrets never reach these records: token/key-like fields and values are redacted
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import re
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from moderator.artefacts import stats_sha256
 from moderator.contract import PROMPT_FORMAT_VERSION
 from moderator.taxonomy import REPO_ROOT, Taxonomy
 
-PROVENANCE_FILE = "moderator_run.json"
 # Either spelling of a field or flag: ``hub_token`` and ``--hub-token`` (TrlParser accepts both).
 _SECRET_KEY = re.compile(r"(hub[_-]?token|api[_-]?key|secret|password|access[_-]?token|auth[_-]?token)", re.IGNORECASE)
 _SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{8,}|sk-[A-Za-z0-9_-]{8,}|wandb_[A-Za-z0-9]{8,})")
@@ -65,9 +63,9 @@ def git_commit(repo: Path = REPO_ROOT) -> dict[str, Any]:
 def data_fingerprint(dataset_path: str | Path, datasets: Mapping[str, Any]) -> dict[str, Any]:
     """Fingerprints of the splits used, plus the sha256 of data prep's stats.json when present."""
     out: dict[str, Any] = {name: getattr(ds, "_fingerprint", None) for name, ds in datasets.items() if ds is not None}
-    stats = Path(dataset_path) / "stats.json"
-    if stats.exists():
-        out["stats_sha256"] = hashlib.sha256(stats.read_bytes()).hexdigest()
+    stats_digest = stats_sha256(dataset_path)
+    if stats_digest is not None:
+        out["stats_sha256"] = stats_digest
     out["rows"] = {name: len(ds) for name, ds in datasets.items() if ds is not None}
     return out
 
@@ -79,21 +77,23 @@ def _as_dict(config: Any) -> dict[str, Any]:
 
 
 def run_provenance(
-    taxonomy: Taxonomy, dataset_path: str | Path, datasets: Mapping[str, Any], *configs: Any
+    taxonomy: Taxonomy,
+    dataset_path: str | Path,
+    datasets: Mapping[str, Any],
+    image_bounds: tuple[int | None, int | None],
+    *configs: Any,
 ) -> dict[str, Any]:
+    """The run record (``moderator.artefacts.write_run_record``): what export and serving read of a run.
+
+    ``image_bounds``: the (min, max) pixels the processor resized images to, recorded as a field of its own.
+    """
     return redact(
         {
             **taxonomy.provenance(),
             "prompt_format_version": PROMPT_FORMAT_VERSION,
+            "image_bounds": {"min_pixels": image_bounds[0], "max_pixels": image_bounds[1]},
             "data": data_fingerprint(dataset_path, datasets),
             "git": git_commit(),
             "config": {type(c).__name__: _as_dict(c) for c in configs},
         }
     )
-
-
-def write_provenance(output_dir: str | Path, provenance: Mapping[str, Any]) -> Path:
-    path = Path(output_dir) / PROVENANCE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(provenance, indent=2, default=str))
-    return path

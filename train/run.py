@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -18,19 +17,27 @@ from transformers.trainer_utils import IntervalStrategy
 from trl import ModelConfig, SFTConfig
 
 from data_prep.io import load_prepared
-from moderator.cli import InputError, MissingInputError, UsageError, one_line
-from moderator.contract import PROMPT_FORMAT_VERSION
+from moderator.artefacts import write_run_record
+from moderator.cli import PREEMPTED_EXIT_CODE, InputError, MissingInputError, UsageError
 from moderator.images import bound_image_pixels
-from moderator.taxonomy import REPO_ROOT, Taxonomy, load_taxonomy
+from moderator.taxonomy import load_taxonomy
 from train.checkpoints import TORN_PREFIX, checkpoint_problem, find_resume_checkpoint, set_aside
 from train.config import ModeratorScriptArguments
 from train.loss import VerdictLossWeight
 from train.modeling import build_model, build_peft_config, build_processor
-from train.provenance import run_provenance, write_provenance
-from train.trainer import ModeratorSFTTrainer, NoTruncationCollator, PreemptionCallback, ProvenanceCallback
+from train.preflight import (
+    check_dataset_contract,
+    check_full_finetune_precision,
+    check_verdict_loss_weight,
+    load_dataset_stats,
+    missing_model_message,
+    processor_pixel_bounds,
+    training_image_bounds,
+)
+from train.provenance import run_provenance
+from train.trainer import ModeratorSFTTrainer, PreemptionCallback, ProvenanceCallback
 
 logger = logging.getLogger(__name__)
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: the run is not finished; rerun the same command to resume
 
 
 def resume_checkpoint(training_args: SFTConfig, fresh_start: bool) -> str | None:
@@ -65,155 +72,6 @@ def resume_checkpoint(training_args: SFTConfig, fresh_start: bool) -> str | None
         )
         logger.warning("skipping torn checkpoint %s: %s%s; %s", path, problem, moved, instead)
     return str(checkpoint) if checkpoint else None
-
-
-def data_recipe_writing(dataset_path: str | Path) -> Path | None:
-    """The data recipe (``configs/data/*.yaml``) whose ``out`` is ``dataset_path``, if one is."""
-    import yaml
-
-    wanted = Path(dataset_path).resolve()
-    for recipe in sorted((REPO_ROOT / "configs" / "data").glob("*.yaml")):
-        try:
-            out = (yaml.safe_load(recipe.read_text()) or {}).get("out")
-        except (yaml.YAMLError, OSError, AttributeError):
-            continue
-        if out and wanted in (Path(out).resolve(), (REPO_ROOT / out).resolve()):
-            return recipe
-    return None
-
-
-def missing_dataset_hint(dataset_path: str | Path) -> str:
-    """Which command builds ``dataset_path``: the data recipe that writes it, else data prep with ``--out``."""
-    recipe = data_recipe_writing(dataset_path)
-    if recipe is None:
-        return (
-            f"build it first with `python -m data_prep.build --config configs/data/<recipe>.yaml --out {dataset_path}`"
-        )
-    command = f"`python -m data_prep.build --config {recipe.relative_to(REPO_ROOT)}`"
-    if recipe.name == "demo.yaml":  # the demo data also needs the tiny model and images make demo creates
-        return f"run `make demo` or {command} first"
-    return f"run {command} first"
-
-
-DEMO_BASE_MODEL = "runs/demo/base"  # the tiny default configs/sft/tiny_cpu.yaml trains
-
-
-def missing_model_message(name_or_path: str, error: BaseException) -> str:
-    """One line for a model that would not load: which command builds the tiny default, else why."""
-    if Path(name_or_path).resolve() in (Path(DEMO_BASE_MODEL).resolve(), (REPO_ROOT / DEMO_BASE_MODEL).resolve()):
-        return f"{name_or_path} not found: run `make demo` or `python -m tiny_models.moderator {DEMO_BASE_MODEL}` first"
-    if not Path(name_or_path).exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
-        return f"{name_or_path} not found (no such folder, and not a Hugging Face Hub id)"
-    return f"model {name_or_path!r} could not be loaded: {one_line(error)}"
-
-
-def load_dataset_stats(dataset_path: str | Path) -> dict[str, Any]:
-    """Data prep's ``stats.json`` for a prepared dataset folder."""
-    stats_file = Path(dataset_path) / "stats.json"
-    if not Path(dataset_path).is_dir():
-        raise MissingInputError(f"{dataset_path} not found: {missing_dataset_hint(dataset_path)}")
-    if not stats_file.is_file():
-        raise MissingInputError(
-            f"{stats_file}: missing; was {dataset_path} written by python -m data_prep.build? "
-            f"{missing_dataset_hint(dataset_path)}"
-        )
-    try:
-        return json.loads(stats_file.read_text())
-    except ValueError as exc:
-        raise InputError(f"{stats_file}: not valid JSON ({exc}); rebuild the dataset") from exc
-
-
-def check_dataset_contract(dataset_path: str | Path, taxonomy: Taxonomy) -> None:
-    """Refuse data rendered with another prompt format or taxonomy than the code trains and serves with."""
-    stats_file = Path(dataset_path) / "stats.json"
-    stats = load_dataset_stats(dataset_path)
-    version = stats.get("prompt_format_version")
-    if str(version) != PROMPT_FORMAT_VERSION:
-        raise InputError(
-            f"{stats_file}: data rendered with prompt format {version}, this code uses {PROMPT_FORMAT_VERSION}; "
-            "rebuild the dataset"
-        )
-    if not taxonomy.matches(stats.get("taxonomy") or {}):
-        raise InputError(
-            f"{stats_file}: data built with other taxonomy categories than {taxonomy.path}; "
-            "rebuild the dataset or pass --taxonomy_path"
-        )
-
-
-PixelBounds = tuple[int | None, int | None]  # (min_pixels, max_pixels); None: the processor's default
-
-
-def processor_pixel_bounds(processor: Any) -> PixelBounds:
-    """The (min, max) pixel bounds a Qwen2-VL-style processor resizes images into; None where it has none."""
-    size = getattr(getattr(processor, "image_processor", None), "size", None) or {}
-    return size.get("shortest_edge"), size.get("longest_edge")
-
-
-def check_pixel_bounds(
-    dataset_path: str | Path, stats: Mapping[str, Any], training: PixelBounds, processor_default: PixelBounds
-) -> None:
-    """Refuse image bounds under which images become longer than data prep counted them.
-
-    Data prep records the bounds its token lengths assume (``stats.json`` ``tokens.min_pixels/max_pixels``,
-    None for the processor's default). A larger ``max_pixels`` keeps more of a large image, a larger
-    ``min_pixels`` enlarges small ones: either makes rows longer than the checked lengths, which the
-    collator would only catch mid-run (or never, with ``max_length: null``).
-    """
-    tokens = stats.get("tokens")
-    if not tokens:
-        return  # data prep counted no lengths (no processor): there is no checked bound to leave
-    for position, name in enumerate(("min_pixels", "max_pixels")):
-        prepared = tokens.get(name) if tokens.get(name) is not None else processor_default[position]
-        trained = training[position] if training[position] is not None else processor_default[position]
-        if prepared is None or trained is None or trained <= prepared:
-            continue
-        default = " (the processor's default)"
-        raise InputError(
-            f"{Path(dataset_path) / 'stats.json'}: token lengths were checked at {name}={prepared}"
-            f"{default if tokens.get(name) is None else ''}, but training would use {name}={trained}"
-            f"{default if training[position] is None else ''}: images would be longer than checked. "
-            f"Pass --{name} {prepared} or less, or rebuild the data with --{name} {trained}."
-        )
-
-
-def deepspeed_keeps_fp32_master(ds_config: Mapping[str, Any] | None, bf16: bool, fp16: bool) -> bool:
-    """Whether a DeepSpeed config trains 16-bit weights against fp32 master weights in its optimizer.
-
-    DeepSpeed in bf16 or fp16 mode keeps an fp32 copy of the weights (ZeRO's fp32 partitions, or
-    BF16_Optimizer at stage 0) unless ``*_master_weights_and_grads`` asks for 16-bit masters.
-    "auto" sections take the training flags, as the HF integration fills them.
-    """
-    if not ds_config:
-        return False
-    for section, flag in (("bf16", bf16), ("fp16", fp16)):
-        settings = ds_config.get(section) or {}
-        enabled = settings.get("enabled", False)
-        enabled = flag if enabled == "auto" else str(enabled).lower() == "true"
-        if enabled and not settings.get(f"{section}_master_weights_and_grads", False):
-            return True
-    return False
-
-
-def check_full_finetune_precision(model_args: ModelConfig, training_args: TrainingArguments) -> None:
-    """Refuse a full fine-tune whose trained weights would be 16-bit with no fp32 master copy.
-
-    AdamW on bf16 weights rounds most updates away at full-fine-tune learning rates (a 1e-5 step
-    is below bf16's resolution for weights of magnitude > ~1e-3). LoRA is exempt: PEFT keeps
-    adapter weights in fp32 over a 16-bit base.
-    """
-    if model_args.use_peft or model_args.dtype == "float32":
-        return
-    plugin = getattr(training_args, "deepspeed_plugin", None)  # set by --deepspeed or an accelerate DeepSpeed config
-    ds_config = getattr(plugin, "deepspeed_config", None)
-    if deepspeed_keeps_fp32_master(ds_config, bool(training_args.bf16), bool(training_args.fp16)):
-        return
-    where = "a DeepSpeed config without bf16/fp16 mixed precision" if ds_config else "no DeepSpeed config"
-    raise UsageError(
-        f"full fine-tune (use_peft false) with dtype={model_args.dtype} and {where}: the optimizer would update "
-        "16-bit weights with no fp32 master copy and round most updates away. Load the weights with "
-        "--dtype float32 and train with --bf16 true (mixed precision), or launch under a DeepSpeed config "
-        "with bf16 enabled (configs/accelerate/zero3.yaml)."
-    )
 
 
 def planned_evaluations(
@@ -281,24 +139,13 @@ def _first(dataset, n: int | None, flag: str):
     return dataset.select(range(min(n, len(dataset)))) if dataset is not None and n is not None else dataset
 
 
-def check_verdict_loss_weight(weight: float, training_args: SFTConfig) -> None:
-    if weight <= 0:
-        raise UsageError(f"--verdict_loss_weight must be > 0, got {weight}")
-    # The verdict term is added to TRL's plain NLL; with label smoothing TRL's per-token log-probs carry no
-    # gradient, and DFT reweights tokens its own way.
-    if weight != 1 and (training_args.label_smoothing_factor > 0 or training_args.loss_type != "nll"):
-        raise UsageError(
-            f"--verdict_loss_weight {weight} works with the plain NLL loss only: got label_smoothing_factor "
-            f"{training_args.label_smoothing_factor} and loss_type {training_args.loss_type!r}"
-        )
-
-
 def build_trainer(
     script_args: ModeratorScriptArguments, training_args: SFTConfig, model_args: ModelConfig
 ) -> tuple[ModeratorSFTTrainer, PreemptionCallback]:
     check_verdict_loss_weight(script_args.verdict_loss_weight, training_args)
     taxonomy = load_taxonomy(script_args.taxonomy_path)
-    check_dataset_contract(script_args.dataset_path, taxonomy)
+    stats = load_dataset_stats(script_args.dataset_path)
+    check_dataset_contract(script_args.dataset_path, stats, taxonomy)
     check_full_finetune_precision(model_args, training_args)  # before loading a multi-GB model
     try:
         datasets = load_prepared(script_args.dataset_path)
@@ -326,19 +173,18 @@ def build_trainer(
             "data prep with --processor set to the model you train, or use --train_sampling_strategy random"
         )
 
-    # Unbounded first, to learn the processor's own bounds (what data prep's "None" bounds meant).
-    unbounded = dataclasses.replace(script_args, min_pixels=None, max_pixels=None)
     try:
-        processor = build_processor(model_args, unbounded, training_args.trust_remote_code)
+        processor = build_processor(model_args, training_args.trust_remote_code)
     except OSError as exc:  # transformers' "not a folder, not a Hub repo (or offline)" errors
         raise MissingInputError(missing_model_message(model_args.model_name_or_path, exc)) from exc
-    check_pixel_bounds(
+    min_pixels, max_pixels = training_image_bounds(
         script_args.dataset_path,
-        load_dataset_stats(script_args.dataset_path),
+        stats,
         (script_args.min_pixels, script_args.max_pixels),
         processor_pixel_bounds(processor),
     )
-    bound_image_pixels(processor, script_args.min_pixels, script_args.max_pixels)
+    script_args = dataclasses.replace(script_args, min_pixels=min_pixels, max_pixels=max_pixels)
+    bound_image_pixels(processor, min_pixels, max_pixels)
     _log_evaluation_plan(training_args, len(train_dataset))
     model = build_model(
         model_args, script_args, training_args.activation_checkpointing, training_args.trust_remote_code
@@ -347,12 +193,13 @@ def build_trainer(
         taxonomy,
         script_args.dataset_path,
         {"train": train_dataset, "eval": eval_dataset},
+        processor_pixel_bounds(processor),
         script_args,
         training_args,
         model_args,
     )
     if training_args.process_index == 0:
-        write_provenance(training_args.output_dir, provenance)
+        write_run_record(training_args.output_dir, provenance)
 
     preemption = PreemptionCallback()
     trainer = ModeratorSFTTrainer(
@@ -370,7 +217,6 @@ def build_trainer(
         moderation_eval_threshold=script_args.moderation_eval_threshold,
         verdict_loss=verdict_loss(script_args.verdict_loss_weight, processor),
     )
-    trainer.data_collator = NoTruncationCollator(trainer.data_collator, training_args.max_length)
     return trainer, preemption
 
 

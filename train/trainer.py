@@ -15,6 +15,8 @@ from sklearn.metrics import accuracy_score, average_precision_score, f1_score, p
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
+from moderator.artefacts import DEFAULT_THRESHOLD, flags
+from moderator.contract import prompt_of_prepared_row
 from moderator.inference import Moderator, Verdict
 from moderator.taxonomy import Taxonomy
 from train.loss import VerdictLossWeight
@@ -121,8 +123,8 @@ def moderation_metrics(
     """
     y_true = [int(label == "unsafe") for label in labels]
     # Generated verdicts flag as the service does (fail-closed on parse errors); else the score decides.
-    flags = [v.flagged for v in verdicts] if verdicts is not None else [score >= threshold for score in scores]
-    y_pred = [int(flag) for flag in flags]
+    flagged = [v.flagged for v in verdicts] if verdicts is not None else [flags(score, threshold) for score in scores]
+    y_pred = [int(flag) for flag in flagged]
     metrics = {
         # Average precision: the area under the precision-recall curve, as sklearn defines it.
         "unsafe_auprc": average_precision_score(y_true, scores) if any(y_true) else 0.0,
@@ -160,7 +162,12 @@ def moderation_shard(n: int, num_processes: int, process_index: int) -> tuple[li
 
 
 class ModeratorSFTTrainer(SFTTrainer):
-    """SFTTrainer whose ``evaluate`` also reports moderation metrics, usable for best-checkpoint selection."""
+    """SFTTrainer whose ``evaluate`` also reports moderation metrics, usable for best-checkpoint selection.
+
+    Its collator is TRL's own VLM collator (built by ``SFTTrainer`` with the training chat template and
+    pad token it sets up) behind ``NoTruncationCollator``, installed as the trainer is built: a trainer
+    never exists that would truncate a row.
+    """
 
     def __init__(
         self,
@@ -169,11 +176,13 @@ class ModeratorSFTTrainer(SFTTrainer):
         moderation_eval_samples: int = 64,
         moderation_eval_generate: bool = False,
         moderation_eval_max_new_tokens: int = 48,
-        moderation_eval_threshold: float = 0.5,
+        moderation_eval_threshold: float = DEFAULT_THRESHOLD,
         verdict_loss: VerdictLossWeight | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
+        if not isinstance(self.data_collator, NoTruncationCollator):
+            self.data_collator = NoTruncationCollator(self.data_collator, self.args.max_length)
         self.verdict_loss = verdict_loss
         self.taxonomy = taxonomy
         self.moderation_eval_samples = moderation_eval_samples
@@ -246,12 +255,8 @@ class ModeratorSFTTrainer(SFTTrainer):
             for start in range(0, len(indices), batch_size):
                 batch = list(indices[start : start + batch_size])
                 rows = subset[batch]
-                # The prepared messages are the contract's rendering; the last one is the target verdict.
-                # Same templating as Moderator.moderate_rendered.
-                texts = [
-                    self.processing_class.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-                    for messages in rows["messages"]
-                ]
+                prompts = [prompt_of_prepared_row(m, i) for m, i in zip(rows["messages"], rows["id"], strict=True)]
+                texts = moderator.rendered_texts(prompts)
                 images = [[image.convert("RGB") for image in imgs] for imgs in rows["images"]]
                 if self.moderation_eval_generate:
                     verdicts = moderator.moderate_texts(texts, images, self.moderation_eval_max_new_tokens)
