@@ -14,6 +14,7 @@ import yaml
 from bench import efficacy_data as ed
 from data_prep import forms
 from data_prep import sources as src
+from moderator.artefacts import STATS_FILE
 from moderator.schema import safemt_turn_file
 from moderator.taxonomy import load_taxonomy
 from tests.conftest import REPO_ROOT
@@ -142,7 +143,7 @@ def test_every_test_set_validates_with_its_label(built):
 
 
 def test_counts_add_up_per_source_and_per_set(built):
-    stats = json.loads((built / ed.STATS_FILE).read_text())
+    stats = json.loads((built / STATS_FILE).read_text())
     for name, tally in stats["sources"].items():
         assert tally["read"] == sum(tally["converted"].values()) + sum(tally["skipped"].values()), name
     for name, path in ed.find_test_sets(built).items():
@@ -284,7 +285,7 @@ def test_recipes_chain_efficacy_data_to_data_prep_to_training():
     assert data["test_fraction"] < 0.1  # the test ids never reach data prep; its own test split is a stub
     assert Path(data["matched_exclude"]) == sets / ed.HELD_OUT_SOURCES_FILE  # nor do the benign/OOD test items
     assert Path(sft["dataset_path"]) == Path(data["out"]) and data["processor"] == sft["model_name_or_path"]
-    assert (sft["min_pixels"], sft["max_pixels"]) == (data["min_pixels"], data["max_pixels"])
+    assert data["max_pixels"] == 12544 and "max_pixels" not in sft  # training takes data prep's recorded bounds
     assert "lm_head" not in (sft.get("lora_modules_to_save") or [])  # real weights: the output layer stays
     assert sft["learning_rate"] < 5e-3
 
@@ -308,9 +309,9 @@ def test_a_failed_build_leaves_the_previous_output_and_no_partial_folder(tmp_pat
 
     previous = tmp_path / "sets"
     previous.mkdir()
-    (previous / ed.STATS_FILE).write_text('{"previous": true}')
+    (previous / STATS_FILE).write_text('{"previous": true}')
     monkeypatch.setenv("SAFEMT_ASSETS", str(tmp_path / "no-assets"))  # the harmful-prompt wheels are missing
     with pytest.raises(MissingAssetError, match="make assets"):
         ed.build(previous, per_set=2)
-    assert json.loads((previous / ed.STATS_FILE).read_text()) == {"previous": True}
+    assert json.loads((previous / STATS_FILE).read_text()) == {"previous": True}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sets"]  # a rerun is not refused for a half-written folder

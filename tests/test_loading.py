@@ -176,7 +176,7 @@ def test_targets_guards_and_the_moderator_get_their_pixel_bounds(tiny_model_dir,
     record = {
         **load_taxonomy().provenance(),
         "prompt_format_version": PROMPT_FORMAT_VERSION,
-        "config": {"ModeratorScriptArguments": {"min_pixels": 784, "max_pixels": 3136}},
+        "image_bounds": {"min_pixels": 784, "max_pixels": 3136},  # a field of its own, whatever the config class
     }
     (run / "moderator_run.json").write_text(json.dumps(record))
     assert Moderator.from_pretrained(run, verify=False).processor.image_processor.size == {
