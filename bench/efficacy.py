@@ -75,7 +75,7 @@ from eval.metrics import (
     threshold_for_fpr,
     wilson_interval,
 )
-from moderator.artefacts import MANIFEST_FILE, flags, stats_path, within_threshold_bounds
+from moderator.artefacts import MANIFEST_FILE, flag_mask, flags, stats_path, within_threshold_bounds
 from moderator.contract import prompt_of_prepared_row
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -302,8 +302,7 @@ def recall_at_fpr(
     if within.size == 0:
         return 0.0
     threshold = candidates[within[-1]]
-    flagged = np.fromiter((flags(p, threshold) for p in pos), dtype=bool, count=len(pos))
-    return float(pos_w[flagged].sum() / w_pos)
+    return float(pos_w[flag_mask(pos, threshold)].sum() / w_pos)
 
 
 def _weighted_rate(values: np.ndarray, weights: np.ndarray) -> float:

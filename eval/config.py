@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import re
 import typing
 from collections.abc import Callable, Sequence
@@ -556,31 +555,18 @@ def parse_eval_args(
     try:
         # The project's one convention (moderator.cli.parse_config): YAML sets the top-level fields, a flag
         # overrides one; what is no top-level field comes back for the nested parts (targets, defences, judge).
-        arguments, rest = parse_config((), argv, parser=parser, rest=True)
+        arguments, rest = parse_config((), argv, parser=parser, nested=NESTED_FIELDS)
     except ConfigError:
         raise
     except UsageError as exc:
         raise ConfigError(str(exc)) from None
-    source, see = rest.config, f"(see {parser.prog} --help)"
-    unknown = [key for key in rest.keys if key not in NESTED_FIELDS]
-    if unknown:
-        close = difflib.get_close_matches(str(unknown[0]), [f.name for f in dataclasses.fields(EvalConfig)], n=1)
-        hint = f"; did you mean {close[0]!r}?" if close and len(unknown) == 1 else ""
-        raise ConfigError(
-            f"{source}: unknown key{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}{hint} {see}"
-        )
-    nested = {key: value for key, value in rest.keys.items() if key in NESTED_FIELDS}
+    source = rest.config
     values = {f.name: getattr(arguments, f.name) for f in dataclasses.fields(arguments)}
     for name, value in values.items():
         if isinstance(value, list):  # "--turns [1, 2]" parsed into one list item
             values[name] = [x for item in value for x in (item if isinstance(item, list) else [item])]
-    data = {**values, **nested}
-    overrides = list(parse_overrides(rest.args))
-    stray = [f"--{key}" for key, _ in overrides if key.split(".", 1)[0] not in NESTED_FIELDS]
-    if stray:
-        close = difflib.get_close_matches(stray[0], sorted(parser._option_string_actions), n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        raise ConfigError(f"unrecognized arguments: {' '.join(stray)}{hint} {see}")
+    data = {**values, **rest.keys}
+    overrides = parse_overrides(rest.args)
     for key, value in overrides:
         apply_override(data, key, value, source=source)
     options = rest.options

@@ -20,7 +20,7 @@ from typing import Any
 
 from eval.registry import registered
 from eval.targets import DEFAULT_SYSTEM_PROMPT, release_memory
-from moderator.artefacts import MANIFEST_FILE, looks_like_export, resolve_threshold
+from moderator.artefacts import MANIFEST_FILE, resolve_threshold
 from moderator.manifest import manifest_sha256
 from moderator.taxonomy import UNKNOWN_CATEGORY, Taxonomy
 
@@ -239,7 +239,7 @@ def model_fingerprint(model: str) -> str | None:
     path = Path(model)
     if not path.is_dir():
         return None
-    if looks_like_export(path) and (path / MANIFEST_FILE).is_file():
+    if (path / MANIFEST_FILE).is_file():
         return "manifest:" + manifest_sha256(path)
     digest = hashlib.sha256()
     for name in ("adapter_config.json", "config.json"):

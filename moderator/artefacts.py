@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from moderator.images import ImageBounds
 
 STATS_FILE = "stats.json"
@@ -65,6 +67,11 @@ def flags(score: float | None, threshold: float, parse_error: bool = False) -> b
     if parse_error or score is None:
         return True
     return not math.isfinite(score) or score >= threshold
+
+
+def flag_mask(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """``flags`` over an array of scores at once (no parse errors here): a non-finite score flags too."""
+    return ~np.isfinite(scores) | (scores >= threshold)
 
 
 def within_threshold_bounds(value: float) -> float:
@@ -222,7 +229,7 @@ def read_run_record(checkpoint: str | Path) -> tuple[dict[str, Any], Path] | Non
 
 
 def recorded_image_bounds(record: Mapping[str, Any], where: str | Path) -> ImageBounds | None:
-    """The bounds a run record (or a manifest's copy of it) holds in its ``image_bounds`` field."""
+    """The bounds a run record holds in its ``image_bounds`` field (None: not recorded)."""
     return _bounds_from(record.get("image_bounds"), f"{where}: image_bounds")
 
 
@@ -261,9 +268,7 @@ def trained_image_bounds(path: str | Path) -> ImageBounds | None:
 
 
 def write_eval_report(out_dir: str | Path, report: Mapping[str, Any]) -> Path:
-    path = Path(out_dir) / EVAL_REPORT_FILE
-    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return path
+    return write_json(Path(out_dir) / EVAL_REPORT_FILE, report)
 
 
 def read_eval_report(path: str | Path) -> dict[str, Any]:

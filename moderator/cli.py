@@ -43,7 +43,7 @@ import difflib
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -99,7 +99,8 @@ CONFIG_FLAG = "--config"
 
 @dataclasses.dataclass
 class ConfigRest:
-    """What :func:`parse_config` left to its caller (``rest=True``): YAML keys and flags that are no field.
+    """What :func:`parse_config` left to its caller (``nested``): YAML keys and ``--part.key value`` flags of
+    the nested parts it named, in order.
 
     ``options`` holds the values of flags the caller added to its own ``parser``.
     """
@@ -115,6 +116,27 @@ def _closest(name: str, known: Sequence[str]) -> str | None:
     bare = {option.lstrip("-"): option for option in known}
     close = difflib.get_close_matches(name.lstrip("-"), bare, n=1)
     return bare[close[0]] if close else None
+
+
+def _nested_flags(args: Sequence[str], nested: Collection[str]) -> tuple[list[str], list[str]]:
+    """``(flags of the nested parts with their values, everything else)`` from argparse's leftover ``args``.
+
+    A nested flag is ``--part.key value`` or ``--part.key=value`` whose ``part`` is one of ``nested``.
+    """
+    kept: list[str] = []
+    other: list[str] = []
+    i = 0
+    while i < len(args):
+        name, equals, _ = args[i].partition("=")
+        part = name[2:].replace("-", "_").split(".", 1)[0] if name.startswith("--") else None
+        if part in nested and "." in name:
+            width = 1 if equals or i + 1 == len(args) else 2
+            kept += args[i : i + width]
+            i += width
+        else:
+            other.append(args[i])
+            i += 1
+    return kept, other
 
 
 def _read_yaml_config(path: str, see: str) -> dict[str, Any]:
@@ -140,7 +162,7 @@ def parse_config(
     *,
     positional: Sequence[str] = (),
     parser: argparse.ArgumentParser | None = None,
-    rest: bool = False,
+    nested: Collection[str] = (),
 ) -> tuple[Any, ...]:
     """Parse ``argv`` into one instance of each dataclass in ``types``: the project's one config convention.
 
@@ -156,8 +178,10 @@ def parse_config(
     :class:`UsageError` with one line ending ``(see PROG --help)``; ``run_cli`` prints it, exit code 2.
 
     ``parser``: a ``TrlParser`` the caller built (over the dataclasses it parses; ``types`` is then
-    ignored), e.g. with flags of its own or its own ``error`` method. ``rest=True``: YAML keys and flags that are no field are not
-    errors but come back, after the dataclasses, as a :class:`ConfigRest` for the caller to check.
+    ignored), e.g. with flags of its own or its own ``error`` method. ``nested``: names of nested parts the caller parses itself
+    (eval's ``targets``, ``defences``, ``judge``): their YAML keys and their dotted flags (``--judge.kind x``)
+    are not errors but come back, after the dataclasses, as a :class:`ConfigRest`; anything else unknown is
+    the same one-line error as always.
     """
     from trl import TrlParser
 
@@ -193,7 +217,9 @@ def parse_config(
         os.environ.update({str(key): str(value) for key, value in data.pop("env").items()})
     dests = sorted({action.dest for action in parser._actions} - {"help", "config"})
     unknown = {key: value for key, value in data.items() if key not in dests}
-    if unknown and not rest:
+    rest_keys = {key: value for key, value in unknown.items() if key in nested}
+    unknown = {key: value for key, value in unknown.items() if key not in nested}
+    if unknown:
         close = _closest(str(next(iter(unknown))), dests)
         hint = f"; did you mean {close!r}?" if close and len(unknown) == 1 else ""
         keys = ", ".join(repr(key) for key in unknown)
@@ -203,7 +229,8 @@ def parse_config(
         action.default = argparse.SUPPRESS  # a YAML value lives in the flag's default
 
     namespace, remaining = parser.parse_known_args(argv)
-    if remaining and not rest:
+    rest_args, remaining = _nested_flags(remaining, nested)
+    if remaining:
         flag = next((arg.split("=")[0] for arg in remaining if arg.startswith("--")), "")
         close = _closest(flag, sorted(parser._option_string_actions)) if flag else None
         hint = f"; did you mean {close}?" if close else ""
@@ -221,9 +248,9 @@ def parse_config(
             parsed.append(cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if f.init}))
         except ValueError as exc:  # __post_init__ refusing a value (a UsageError too)
             raise UsageError(f"{one_line(exc)} {see}") from exc
-    if rest:
+    if nested:
         options = {key: value for key, value in vars(namespace).items() if key not in fields and key != "config"}
-        parsed.append(ConfigRest(config, unknown, remaining, argparse.Namespace(**options)))
+        parsed.append(ConfigRest(config, rest_keys, rest_args, argparse.Namespace(**options)))
     return tuple(parsed)
 
 
