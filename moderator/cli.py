@@ -100,7 +100,7 @@ CONFIG_FLAG = "--config"
 @dataclasses.dataclass
 class ConfigRest:
     """What :func:`parse_config` left to its caller (``nested``): YAML keys and ``--part.key value`` flags of
-    the nested parts it named, in order.
+    the nested parts it named (``--part value``, ``--part.key value``), in order.
 
     ``options`` holds the values of flags the caller added to its own ``parser``.
     """
@@ -121,7 +121,8 @@ def _closest(name: str, known: Sequence[str]) -> str | None:
 def _nested_flags(args: Sequence[str], nested: Collection[str]) -> tuple[list[str], list[str]]:
     """``(flags of the nested parts with their values, everything else)`` from argparse's leftover ``args``.
 
-    A nested flag is ``--part.key value`` or ``--part.key=value`` whose ``part`` is one of ``nested``.
+    A nested flag is ``--part value`` (the whole part) or ``--part.key value`` (``=value`` too) whose ``part``
+    is one of ``nested``.
     """
     kept: list[str] = []
     other: list[str] = []
@@ -129,7 +130,7 @@ def _nested_flags(args: Sequence[str], nested: Collection[str]) -> tuple[list[st
     while i < len(args):
         name, equals, _ = args[i].partition("=")
         part = name[2:].replace("-", "_").split(".", 1)[0] if name.startswith("--") else None
-        if part in nested and "." in name:
+        if part in nested:
             width = 1 if equals or i + 1 == len(args) else 2
             kept += args[i : i + width]
             i += width
