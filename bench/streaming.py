@@ -4,9 +4,12 @@ Three measurements on one moderator (default: the offline tiny Qwen2.5-VL, built
 directory; float32 on CPU unless the device says otherwise):
 
 (a) per-turn moderation of one 8-user-turn dialogue (a SafeMT sample dialogue extended with its own
-    turns, image on the first turn; the verdict prefix forced as in (b)): ``Moderator.moderate_turns`` (each turn continues the previous
-    prompt's KV cache) against ``moderate()`` on every prefix (recomputed from scratch): wall time
-    and prompt tokens prefilled;
+    turns, image on the first turn; the verdict prefix forced as in (b)): ``Moderator.moderate_turns``
+    (each turn continues the previous prompt's KV cache), once with the whole answer decoded
+    (``answer="full"``) and once with the decision alone (``answer="decision"``, the default: no text
+    decoded), against ``moderate()`` on every prefix (the full answer recomputed from scratch): wall time
+    and prompt tokens prefilled; then the latency of each turn's verdict (p50/p95 over the turns, and
+    at the last turn) for the decision against the full answer, both continuing the cache;
 (b) one pass against two passes per decision on the same batch: ``moderate_batch`` (P(unsafe) read
     from the generate call) against the old path (``p_unsafe`` scoring forward, then ``generate``).
     A random model never writes the ``verdict: `` prefix, which would send the one pass back to the
@@ -16,8 +19,12 @@ directory; float32 on CPU unless the device says otherwise):
     serving a verified export of the same checkpoint (``python -m export``'s code path): N concurrent
     clients each send a fixed number of requests; every answer must be a 200 with a verdict.
 
-Prints one table, then ``one-pass speed-up = Y×`` and, last, ``per-turn cost ratio at 8 turns = X``
-(issue 14 targets: X <= 0.35, Y >= 1.8). Timings are the best of ``--repeats`` runs after a warm-up,
+Prints one table, then ``decision latency at turn 8 = L × the full answer's``,
+``decision-only per-turn cost ratio at 8 turns = D``, ``one-pass speed-up = Y×`` and, last,
+``per-turn cost ratio at 8 turns = X`` (targets: X <= 0.35 and Y >= 1.8, issue 14; D <= 0.25 and
+L <= 0.3, issue 26). A random model (the defaults) never writes the answer format, so its decision
+fails closed after the one prefill and is never asked for a category: for those figures use a trained
+moderator (``--model``). Timings are the best of ``--repeats`` runs after a warm-up,
 the two sides of a comparison taking turns.
 Not a test (tests/test_bench_streaming.py runs ``--quick``).
 """
@@ -45,7 +52,8 @@ from typing import Any
 
 from PIL import Image
 
-from moderator.inference import Moderator
+from moderator.contract import DECISION, FULL_ANSWER
+from moderator.inference import Moderator, PrefixCache
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO_ROOT / "tests" / "data" / "safemt_sample"
@@ -200,10 +208,40 @@ def verdict_prefix_forced(moderator: Moderator, prompt_end_token: int) -> Iterat
 @dataclass
 class PerTurn:
     turns: int
-    reuse_s: float
-    recompute_s: float
+    reuse_s: float  # moderate_turns, the full answer
+    recompute_s: float  # moderate() on every prefix, the full answer
     reuse_tokens: int
     recompute_tokens: int
+    decision_s: float  # moderate_turns, the decision alone
+    decision_tokens: int
+    decision_latencies_s: list[float]  # per turn, best of the repeats
+    full_latencies_s: list[float]
+    flagged: int  # turns the decision flagged
+
+    @property
+    def decision_ratio(self) -> float:
+        return self.decision_s / self.recompute_s
+
+    @property
+    def last_turn_ratio(self) -> float:
+        return self.decision_latencies_s[-1] / self.full_latencies_s[-1]
+
+
+def percentile(values: Sequence[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def turn_latencies(
+    moderator: Moderator, dialogue: list[dict[str, str]], images: list[Any], answer: str, max_new_tokens: int
+) -> list[float]:
+    """Wall time of each user turn's verdict, each turn continuing the previous one's cache (a session)."""
+    prefix_cache, times = PrefixCache(), []
+    for end, message in enumerate(dialogue):
+        if message["role"] == "user":
+            start = time.perf_counter()
+            moderator.moderate_extended(prefix_cache, dialogue[: end + 1], images, [0], max_new_tokens, answer=answer)
+            times.append(time.perf_counter() - start)
+    return times
 
 
 def bench_per_turn(moderator: Moderator, user_turns: int, max_new_tokens: int, repeats: int) -> PerTurn:
@@ -211,7 +249,10 @@ def bench_per_turn(moderator: Moderator, user_turns: int, max_new_tokens: int, r
     ends = [i for i, m in enumerate(dialogue) if m["role"] == "user"]
 
     def reuse() -> None:
-        moderator.moderate_turns(dialogue, images, max_new_tokens=max_new_tokens)
+        moderator.moderate_turns(dialogue, images, max_new_tokens=max_new_tokens, answer=FULL_ANSWER)
+
+    def decision() -> None:
+        moderator.moderate_turns(dialogue, images, max_new_tokens=max_new_tokens, answer=DECISION)
 
     def recompute() -> None:
         for end in ends:
@@ -219,9 +260,26 @@ def bench_per_turn(moderator: Moderator, user_turns: int, max_new_tokens: int, r
 
     # As a trained moderator does: without the verdict prefix every turn would add a scoring pass.
     with verdict_prefix_forced(moderator, prompt_end_token(moderator, [dialogue], [images])):
-        timed = best_times([reuse, recompute], repeats, moderator)
-    (reuse_s, reuse_counts), (recompute_s, recompute_counts) = timed
-    return PerTurn(len(ends), reuse_s, recompute_s, reuse_counts["tokens"], recompute_counts["tokens"])
+        timed = best_times([reuse, decision, recompute], repeats, moderator)
+        latencies: dict[str, list[list[float]]] = {DECISION: [], FULL_ANSWER: []}
+        for _ in range(repeats):  # the two take turns, as in best_times
+            for answer, runs in latencies.items():
+                runs.append(turn_latencies(moderator, dialogue, images, answer, max_new_tokens))
+        flagged = sum(v.flagged for v in moderator.moderate_turns(dialogue, images, answer=DECISION))
+    (reuse_s, reuse_counts), (decision_s, decision_counts), (recompute_s, recompute_counts) = timed
+    best = {answer: [min(turn) for turn in zip(*runs, strict=True)] for answer, runs in latencies.items()}
+    return PerTurn(
+        len(ends),
+        reuse_s,
+        recompute_s,
+        reuse_counts["tokens"],
+        recompute_counts["tokens"],
+        decision_s,
+        decision_counts["tokens"],
+        best[DECISION],
+        best[FULL_ANSWER],
+        flagged,
+    )
 
 
 # -- (b) one pass vs two passes per decision -------------------------------------------------------------
@@ -271,12 +329,8 @@ class ServiceLoad:
     def lost(self) -> int:
         return self.requests - self.ok
 
-    def percentile(self, q: float) -> float:
-        return (
-            statistics.quantiles(self.latencies_s, n=100, method="inclusive")[q - 1]
-            if len(self.latencies_s) > 1
-            else self.latencies_s[0]
-        )
+    def percentile(self, q: int) -> float:
+        return percentile(self.latencies_s, q)
 
 
 def export_checkpoint(checkpoint: Path, out: Path) -> Path:
@@ -446,9 +500,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{per_turn.recompute_tokens} tokens prefilled",
         ),
         (
+            f"(a) decision: moderate_turns(answer='decision'), {turns} user turns",
+            f"{per_turn.decision_s / turns * 1e3:.1f} ms/turn",
+            f"{per_turn.decision_tokens} tokens prefilled; {per_turn.flagged} of {turns} turns flagged",
+        ),
+        (
             "(a) cost ratio reuse/recompute (wall; target <= 0.35)",
             f"{cost_ratio:.2f}",
             f"tokens {per_turn.reuse_tokens / per_turn.recompute_tokens:.2f}",
+        ),
+        (
+            "(a) cost ratio decision/recompute (wall; target <= 0.25)",
+            f"{per_turn.decision_ratio:.2f}",
+            f"tokens {per_turn.decision_tokens / per_turn.recompute_tokens:.2f}",
+        ),
+        (
+            "(a) decision latency per turn, p50 / p95",
+            f"{percentile(per_turn.decision_latencies_s, 50) * 1e3:.0f} / "
+            f"{percentile(per_turn.decision_latencies_s, 95) * 1e3:.0f} ms",
+            f"turn {turns}: {per_turn.decision_latencies_s[-1] * 1e3:.0f} ms",
+        ),
+        (
+            "(a) full-answer latency per turn, p50 / p95",
+            f"{percentile(per_turn.full_latencies_s, 50) * 1e3:.0f} / "
+            f"{percentile(per_turn.full_latencies_s, 95) * 1e3:.0f} ms",
+            f"turn {turns}: {per_turn.full_latencies_s[-1] * 1e3:.0f} ms",
+        ),
+        (
+            f"(a) turn-{turns} latency decision/full (target <= 0.3)",
+            f"{per_turn.last_turn_ratio:.2f}",
+            "",
         ),
         (
             f"(b) one pass: moderate_batch, batch {one_pass.batch}",
@@ -486,6 +567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"service requests lost = {service.lost} of {service.requests}")
     if not one_pass.prefixed:
         print("warning: the verdict prefix was not generated: the one pass fell back to the scoring pass")
+    print(f"decision latency at turn {turns} = {per_turn.last_turn_ratio:.2f} × the full answer's")
+    print(f"decision-only per-turn cost ratio at {turns} turns = {per_turn.decision_ratio:.2f}")
     print(f"one-pass speed-up = {speed_up:.2f}×")
     print(f"per-turn cost ratio at {turns} turns = {cost_ratio:.2f}")
     return 1 if service is not None and service.lost else 0

@@ -181,7 +181,8 @@ class ModeratorDefence(Defence):
         self, dialogues: Sequence[Sequence[Mapping[str, str]]], images: Sequence[Sequence[Any]]
     ) -> list[list[Any]]:
         """Per dialogue, the moderator's verdict after each user turn (``Moderator.moderate_turns``: the
-        earlier turns' computation is reused); each is flagged at the moderator's threshold, as in :meth:`verdicts`."""
+        earlier turns' computation is reused, and only the decision is computed, no text: turns to detection
+        needs the flag alone); each is flagged at the moderator's threshold, as in :meth:`verdicts`."""
         return [
             self.moderator.moderate_turns(list(dialogue), list(imgs), max_new_tokens=self.max_new_tokens)
             for dialogue, imgs in zip(dialogues, images, strict=True)

@@ -30,6 +30,13 @@ SAFE, UNSAFE = "safe", "unsafe"
 # service renders and parses with what the model was trained on.
 TAXONOMY_FILE = "taxonomy.yaml"
 VERDICT_PREFIX = "verdict: "
+# What a moderation call decodes (``Moderator``'s ``answer=``):
+# - FULL_ANSWER: the greedy answer text (verdict, category, intent), parsed fail-closed;
+# - DECISION: no text: P(unsafe) from one prefill, the category as the most probable taxonomy id after the
+#   forced ``verdict: unsafe\ncategory:`` (single forward steps, flagged rows only);
+# - DECISION_WITH_INTENT: the decision, then the intent generated for flagged rows from the same cache.
+FULL_ANSWER, DECISION, DECISION_WITH_INTENT = "full", "decision", "decision+intent"
+ANSWER_KINDS = (FULL_ANSWER, DECISION, DECISION_WITH_INTENT)
 
 SYSTEM_PROMPT = (
     "You are a safety moderator for multimodal, multi-turn conversations. Read the whole "
@@ -64,10 +71,19 @@ class Verdict:
     # Where the score flagged an answer that said ``safe``: the forced answer (``FORCED_UNSAFE_PREFIX``
     # and the model's continuation) that category and intent were parsed from; "" otherwise.
     forced_raw: str = ""
+    answer: str = FULL_ANSWER  # one of ANSWER_KINDS: what was decoded to reach this verdict
+    # Whether text past the verdict (the category line and the intent) was decoded for this verdict.
+    intent_generated: bool = False
 
     @property
     def flagged(self) -> bool:
         return self.verdict == "unsafe"
+
+
+def check_answer_kind(answer: str) -> str:
+    if answer not in ANSWER_KINDS:
+        raise ValueError(f"answer must be one of {list(ANSWER_KINDS)}, got {answer!r}")
+    return answer
 
 
 def system_prompt(taxonomy: Taxonomy | None = None) -> str:

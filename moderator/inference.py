@@ -8,11 +8,20 @@ scoring pass alone (the trainer's score-only eval). When the score flags but the
 parseable ``verdict: safe`` (a threshold below 0.5), the category and intent come from a second,
 forced continuation of the answer ``verdict: unsafe\ncategory:`` (``FORCED_UNSAFE_PREFIX``), run
 for those rows only.
+
+``answer="decision"`` (the default of per-turn moderation and sessions) decodes no text: one prefill of
+the new tokens gives P(unsafe) at the verdict position, and for a flagged row one more forward step of
+``FORCED_UNSAFE_PREFIX`` gives the category, the most probable taxonomy id at the category position
+(``DecisionTokens``). ``answer="decision+intent"`` then generates the intent of flagged rows from the same
+cache. The decision is fail-closed like the parser: where the model's own greedy tokens at the positions
+it reads would not follow the answer format (the ``verdict: `` prefix, a verdict word, the end after
+``safe``), the row is flagged with ``parse_error``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -33,12 +42,16 @@ from moderator.artefacts import (  # noqa: F401  (check_threshold, resolve_thres
     trained_image_bounds,
 )
 from moderator.contract import (
+    DECISION,
+    DECISION_WITH_INTENT,
+    FULL_ANSWER,
     PROMPT_FORMAT_VERSION,
     SAFE,
     TAXONOMY_FILE,
     UNSAFE,
     DialogueError,
     Verdict,
+    check_answer_kind,
     parse_verdict,
     render_moderator_messages,
     render_target,
@@ -321,10 +334,12 @@ class Moderator:
         images: Sequence[Sequence[Any]],
         image_turns: Sequence[Sequence[int]] | None = None,
         max_new_tokens: int = 64,
+        answer: str = FULL_ANSWER,
     ) -> list[Verdict]:
+        """One verdict per dialogue; ``answer`` says what is decoded (``moderator.contract.ANSWER_KINDS``)."""
         if image_turns is None:
             image_turns = [SAFEMT_IMAGE_TURNS[: len(imgs)] for imgs in images]
-        return self.moderate_texts(self.prompt_texts(dialogues, image_turns), images, max_new_tokens)
+        return self.moderate_texts(self.prompt_texts(dialogues, image_turns), images, max_new_tokens, answer)
 
     def rendered_texts(self, prompts: Sequence[Sequence[Mapping[str, Any]]]) -> list[str]:
         """Chat-templated text of prompts already rendered by the contract (``prompt_of_prepared_row``)."""
@@ -333,14 +348,23 @@ class Moderator:
         ]
 
     def moderate_rendered(
-        self, prompts: Sequence[Sequence[Mapping[str, Any]]], images: Sequence[Sequence[Any]], max_new_tokens: int = 64
+        self,
+        prompts: Sequence[Sequence[Mapping[str, Any]]],
+        images: Sequence[Sequence[Any]],
+        max_new_tokens: int = 64,
+        answer: str = FULL_ANSWER,
     ) -> list[Verdict]:
         """Moderate prompts already rendered by the contract (e.g. a prepared dataset's messages minus the target)."""
-        return self.moderate_texts(self.rendered_texts(prompts), images, max_new_tokens)
+        return self.moderate_texts(self.rendered_texts(prompts), images, max_new_tokens, answer)
 
     def moderate_texts(
-        self, texts: list[str], images: Sequence[Sequence[Any]], max_new_tokens: int = 64
+        self, texts: list[str], images: Sequence[Sequence[Any]], max_new_tokens: int = 64, answer: str = FULL_ANSWER
     ) -> list[Verdict]:
+        if check_answer_kind(answer) != FULL_ANSWER:  # one row at a time: a flagged row takes extra steps
+            return [
+                self._decide(PrefixCache(), text, list(imgs), max_new_tokens, answer)
+                for text, imgs in zip(texts, images, strict=True)
+            ]
         answers = self.generate_with_scores(texts, images, max_new_tokens)
         # Rows the score flags though their answer says safe: one more generate, on just those rows.
         disagreeing = [row for row, (raw, score) in enumerate(answers) if self._needs_forced_answer(raw, score)]
@@ -453,6 +477,8 @@ class Moderator:
             parse_error=parsed.parse_error,
             raw=raw,
             forced_raw=forced_raw or "",
+            answer=FULL_ANSWER,
+            intent_generated=flagged,  # the whole answer was decoded, intent included where it wrote one
         )
 
     def moderate(
@@ -460,9 +486,11 @@ class Moderator:
         dialogue: Sequence[Mapping[str, Any]],
         images: Sequence[Any] = (),
         image_turns: Sequence[int] | None = None,
+        answer: str = FULL_ANSWER,
+        max_new_tokens: int = 64,
     ) -> Verdict:
         turns = None if image_turns is None else [image_turns]
-        return self.moderate_batch([dialogue], [list(images)], turns)[0]
+        return self.moderate_batch([dialogue], [list(images)], turns, max_new_tokens, answer)[0]
 
     @property
     def sessions(self) -> SessionStore:
@@ -482,15 +510,19 @@ class Moderator:
         images: Sequence[Any] = (),
         image_turns: Sequence[int] | None = None,
         max_new_tokens: int = 64,
+        answer: str = DECISION,
     ) -> list[Verdict]:
         """One verdict per user turn: the verdict on the conversation up to and including that turn.
 
-        Equal to ``moderate(dialogue[: i + 1], ...)`` for each user turn ``i`` (an image counts from the
-        turn that carries it), but each turn reuses the key/value cache of the transcript the earlier
-        turns share with it (the prompt differs only after the transcript), so only the new turns and
-        the closing instruction are run, and an image is encoded once. A turn whose new tokens hold an
-        image (an image on a later turn) is run from the start, exactly as ``moderate`` would.
+        Equal to ``moderate(dialogue[: i + 1], ..., answer=answer)`` for each user turn ``i`` (an image
+        counts from the turn that carries it), but each turn reuses the key/value cache of the transcript
+        the earlier turns share with it (the prompt differs only after the transcript), so only the new
+        turns and the closing instruction are run, and an image is encoded once. A turn whose new tokens
+        hold an image (an image on a later turn) is run from the start, exactly as ``moderate`` would.
+        By default only the decision is computed (``answer="decision"``: no text decoded); pass
+        ``"decision+intent"`` for the intent of flagged turns, ``"full"`` for the whole greedy answer.
         """
+        check_answer_kind(answer)
         image_turns = list(SAFEMT_IMAGE_TURNS[: len(images)] if image_turns is None else image_turns)
         if len(image_turns) != len(images):
             raise DialogueError(f"{len(images)} images but {len(image_turns)} image_turns")
@@ -510,6 +542,7 @@ class Moderator:
                     [image for _, image in shown],
                     [turn for turn, _ in shown],
                     max_new_tokens,
+                    answer,
                 )
             )
         return verdicts
@@ -522,8 +555,9 @@ class Moderator:
         images: Sequence[Any],
         image_turns: Sequence[int],
         max_new_tokens: int = 64,
+        answer: str = FULL_ANSWER,
     ) -> Verdict:
-        """``moderate(dialogue, images, image_turns)``, continuing from what ``prefix_cache`` holds.
+        """``moderate(dialogue, images, image_turns, answer=answer)``, continuing from what ``prefix_cache`` holds.
 
         The cache keeps the last prompt's tokens and their keys/values. It is cut back to the longest
         common token prefix with this prompt (never all of it: one token at least is run), and
@@ -536,6 +570,13 @@ class Moderator:
         state too).
         """
         text = self.prompt_texts([dialogue], [list(image_turns)])[0]
+        if check_answer_kind(answer) != FULL_ANSWER:
+            return self._decide(prefix_cache, text, list(images), max_new_tokens, answer)
+        return self._full_answer_extended(prefix_cache, text, list(images), max_new_tokens)
+
+    def _full_answer_extended(
+        self, prefix_cache: PrefixCache, text: str, images: list[Any], max_new_tokens: int
+    ) -> Verdict:
         inputs = self._inputs([text], [list(images)])
         input_ids = inputs["input_ids"]
         pixels = pixel_digest(inputs)
@@ -554,10 +595,10 @@ class Moderator:
         return self._verdict(raws[0], score, forced_raw)
 
     def _continue_generation(
-        self, inputs: Mapping[str, Any], cache: Any, reused: int, max_new_tokens: int
+        self, inputs: Mapping[str, Any], cache: Any, reused: int, max_new_tokens: int, **generate_kwargs: Any
     ) -> tuple[list[str], list[float | None], Any, torch.Tensor]:
         """``_generate_scored`` on one prompt whose first ``reused`` tokens ``cache`` holds (0: from scratch)."""
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(generate_kwargs)
         if reused:
             surplus = cache.get_seq_length() - reused
             if surplus:
@@ -574,14 +615,177 @@ class Moderator:
     def _score_on_cache(self, inputs: Mapping[str, Any], cache: Any) -> float:
         """P(unsafe) of the scoring pass (prompt + ``verdict: `` prefix), the prompt taken from ``cache``."""
         prompt_length = inputs["input_ids"].shape[1]
-        prefix = torch.tensor([self._prefix], dtype=inputs["input_ids"].dtype, device=inputs["input_ids"].device)
-        extended = dict(inputs)
-        extended["input_ids"] = torch.cat([inputs["input_ids"], prefix], dim=1)
-        for key, fill in (("attention_mask", 1), ("mm_token_type_ids", 0), ("token_type_ids", 0)):
-            if key in inputs:
-                extended[key] = torch.cat([inputs[key], torch.full_like(prefix, fill)], dim=1)
+        extended = with_tokens(inputs, prompt_length, self._prefix)
         _, _, _, step_pairs = self._continue_generation(extended, cache, prompt_length, max_new_tokens=1)
         return step_pairs[0, 0].softmax(dim=-1)[1].item()  # the prefix is input: step 0 is the verdict position
+
+    # -- the one-step decision: answer="decision" / "decision+intent" ---------------------------------
+    @functools.cached_property
+    def decision_tokens(self) -> DecisionTokens:
+        return DecisionTokens.for_tokenizer(self.processor.tokenizer, self.taxonomy, self._prefix, self._unsafe_id)
+
+    @functools.cached_property
+    def _end_ids(self) -> frozenset[int]:
+        """The tokens that end a greedy answer (generate stops on them)."""
+        config = getattr(self.model, "generation_config", None)
+        ends = getattr(config, "eos_token_id", None)
+        if ends is None:
+            ends = self.processor.tokenizer.eos_token_id
+        return frozenset([ends] if isinstance(ends, int) else (ends or []))
+
+    def _forward_logits(
+        self, inputs: Mapping[str, Any], cache: Any, reused: int, keep: int
+    ) -> tuple[torch.Tensor, Any]:
+        """Run the tokens of ``inputs`` past the first ``reused`` (held by ``cache``) in one forward pass: the
+        vocabulary logits of the last ``keep`` positions (float32, ``(keep, vocab)``) and the cache, which
+        then holds every token of ``inputs``. Nothing is decoded."""
+        rows: list[torch.Tensor] = []
+
+        def record(module: Any, args: Any, output: Any) -> None:
+            rows.append(output[0, -keep:, :].float())
+
+        handle = self._output_layer.register_forward_hook(record)
+        try:
+            _, _, out, _ = self._continue_generation(inputs, cache, reused, max_new_tokens=1, logits_to_keep=keep)
+        finally:
+            handle.remove()
+        return rows[-1], out.past_key_values  # a chunked prefill calls the output layer more than once
+
+    @torch.no_grad()
+    def _decide(
+        self, prefix_cache: PrefixCache, text: str, images: list[Any], max_new_tokens: int, answer: str
+    ) -> Verdict:
+        """The decision on one prompt ``text``, continuing from what ``prefix_cache`` holds (see the module doc).
+
+        One prefill runs the prompt's new tokens, the ``verdict: `` prefix and the ``safe`` token: its logits
+        give P(unsafe) at the verdict position and the model's greedy tokens at the prefix positions, the
+        verdict position and after ``safe`` (the format check). A flagged row runs the rest of
+        ``FORCED_UNSAFE_PREFIX`` (one step) and reads the category among the taxonomy's ids; ids that share
+        their first tokens take one more step per shared token.
+        """
+        tokens = self.decision_tokens
+        k = len(self._prefix)
+        inputs = self._inputs([text + tokens.prefix_text], [images])
+        if inputs["input_ids"][0, inputs["input_ids"].shape[1] - k :].tolist() != self._prefix:
+            # The template's last token merged with the prefix: the positions read below do not exist.
+            return self._full_answer_extended(prefix_cache, text, images, max_new_tokens)
+        length = inputs["input_ids"].shape[1] + 1
+        inputs = with_tokens(inputs, length - 1, [self._safe_id])
+        input_ids = inputs["input_ids"][0]
+        keep = k + 2  # predicting each prefix token, the verdict word, and what follows "safe"
+        pixels = pixel_digest(inputs)
+        reused = min(prefix_cache.reusable_length(input_ids, pixels, self._image_token_ids), length - keep)
+        rows, cache = self._forward_logits(inputs, prefix_cache.cache, reused, keep)
+        greedy = rows.argmax(dim=-1).tolist()
+        score = rows[k, [self._safe_id, self._unsafe_id]].softmax(dim=-1)[1].item()
+        follows = greedy[:k] == self._prefix and (
+            greedy[k] == self._unsafe_id or (greedy[k] == self._safe_id and greedy[k + 1] in self._end_ids)
+        )
+        category, intent, forced_raw = None, None, ""
+        if flags(score, self.threshold) and follows:
+            # The forced answer replaces "safe": the cache keeps the prompt and the prefix.
+            forced = with_tokens(inputs, length - 1, tokens.forced_ids[k:])
+            logits, cache = self._forward_logits(forced, cache, length - 1, keep=1)
+            chosen, category, cache = self._choose_category(forced, logits[-1], cache)
+            if answer == DECISION_WITH_INTENT:
+                continued = with_tokens(forced, forced["input_ids"].shape[1], chosen)
+                raws, _, out, _ = self._continue_generation(
+                    continued, cache, int(cache.get_seq_length()), max_new_tokens
+                )
+                cache = out.past_key_values
+                forced_raw = FORCED_UNSAFE_PREFIX + self.processor.tokenizer.decode(chosen) + raws[0]
+                parsed = parse_verdict(forced_raw, self.taxonomy)
+                intent = parsed.intent if not parsed.parse_error and parsed.category == category else None
+        prefix_cache.update(input_ids[:-1], pixels, cache, reused)  # "safe" may have been replaced in the cache
+        flagged = flags(score, self.threshold, parse_error=not follows)
+        if flagged and category is None:
+            category = UNKNOWN_CATEGORY  # flagged because the format was not followed
+        return Verdict(
+            verdict=UNSAFE if flagged else SAFE,
+            category=category if flagged else None,
+            intent=intent,
+            p_unsafe=score,
+            policy=self.taxonomy.policy_for(category) if flagged and category else None,
+            parse_error=not follows,
+            forced_raw=forced_raw,
+            answer=answer,
+            intent_generated=bool(forced_raw),
+        )
+
+    def _choose_category(
+        self, inputs: Mapping[str, Any], logits: torch.Tensor, cache: Any
+    ) -> tuple[list[int], str, Any]:
+        """Walk the category ids' token trie from the category position: at each fork the most probable
+        next token among the ids' (``logits`` at the first fork; one forward step for each later fork).
+        Returns the tokens chosen (not yet run), the category id and the cache."""
+        node, chosen, pending = self.decision_tokens.category_trie, [], 0
+        while CATEGORY_LEAF not in node:
+            options = list(node)
+            if len(options) > 1:
+                if pending:
+                    stepped = with_tokens(inputs, inputs["input_ids"].shape[1], chosen)
+                    logits, cache = self._forward_logits(stepped, cache, stepped["input_ids"].shape[1] - pending, 1)
+                    logits, pending = logits[-1], 0
+                token = max(options, key=lambda t: logits[t].item())
+            else:
+                token = options[0]
+            chosen.append(token)
+            pending += 1
+            node = node[token]
+        return chosen, node[CATEGORY_LEAF], cache
+
+
+CATEGORY_LEAF = -1  # the key under which a trie node names the category its path spells
+
+
+@dataclasses.dataclass(frozen=True)
+class DecisionTokens:
+    """The token ids the one-step decision reads, derived from the contract's target text.
+
+    ``forced_ids``: ``FORCED_UNSAFE_PREFIX``'s tokens (starting with the verdict prefix and ``unsafe``).
+    ``category_trie``: token -> node, each path the tokens a target writes after the forced prefix for one
+    category id, up to and including the token that ends its line; a leaf holds ``{CATEGORY_LEAF: id}``.
+    """
+
+    prefix_text: str
+    forced_ids: list[int]
+    category_trie: dict[int, Any]
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any, taxonomy: Taxonomy, prefix: list[int], unsafe_id: int) -> DecisionTokens:
+        def ids(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        forced = ids(FORCED_UNSAFE_PREFIX)
+        if forced[: len(prefix) + 1] != [*prefix, unsafe_id]:
+            raise ValueError("the tokenizer splits the forced unsafe answer unlike the verdict prefix and 'unsafe'")
+        trie: dict[int, Any] = {}
+        for category in taxonomy.ids:
+            target = ids(render_target(UNSAFE, category, "intent"))
+            if target[: len(forced)] != forced:
+                raise ValueError(f"the tokenizer merges category {category!r} into the forced unsafe prefix")
+            rest = target[len(forced) :]
+            ends = [i for i, token in enumerate(rest) if "\n" in tokenizer.decode([token])]
+            if not ends:
+                raise ValueError(f"no line end after category {category!r} in the tokenized target")
+            node = trie
+            for token in rest[: ends[0] + 1]:
+                node = node.setdefault(token, {})
+            node[CATEGORY_LEAF] = category
+        return cls(tokenizer.decode(prefix), forced, trie)
+
+
+def with_tokens(inputs: Mapping[str, Any], keep: int, token_ids: Sequence[int]) -> dict[str, Any]:
+    """``inputs`` (one row) cut to its first ``keep`` tokens, then ``token_ids`` appended: text tokens, so the
+    attention mask gets ones and the multimodal token types zeros. Vision inputs are kept as they are."""
+    input_ids = inputs["input_ids"]
+    extra = torch.tensor([list(token_ids)], dtype=input_ids.dtype, device=input_ids.device)
+    out = dict(inputs)
+    out["input_ids"] = torch.cat([input_ids[:, :keep], extra], dim=1)
+    for key, fill in (("attention_mask", 1), ("mm_token_type_ids", 0), ("token_type_ids", 0)):
+        if key in inputs:
+            out[key] = torch.cat([inputs[key][:, :keep], torch.full_like(extra, fill)], dim=1)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,6 +25,10 @@ first changed token; a changed image's pixels are compared by digest, so a same-
 not mistaken for the cached one). ``add_turn`` only ever appends; ``extend`` appends several turns and
 computes one verdict, after the last (a long new conversation costs one verdict, not one per user turn).
 
+Sessions return the decision alone by default (``answer="decision"`` in ``moderator.inference``: verdict,
+P(unsafe) and category, no text decoded); ``intent=True`` (per store, or per call) also generates the
+intent of a flagged turn, from the same cache.
+
 Not thread-safe: the model keeps per-call state, so one caller (e.g. the service's model thread) runs
 sessions at a time; the store's bookkeeping is locked so other threads may look sessions up.
 """
@@ -39,7 +43,7 @@ from typing import Any
 
 import torch
 
-from moderator.contract import ROLE_NAMES, DialogueError, Verdict
+from moderator.contract import DECISION, DECISION_WITH_INTENT, ROLE_NAMES, DialogueError, Verdict
 from moderator.schema import SAFEMT_IMAGE_TURNS
 
 DEFAULT_MAX_SESSIONS = 4096
@@ -161,18 +165,22 @@ class ModerationSession:
         if has_images and role != "user":
             raise DialogueError(f"turn {index}: images can only come with a user turn, not {role!r}")
 
-    def add_turn(self, role: str, content: str, images: Sequence[Any] = ()) -> Verdict | None:
+    def add_turn(
+        self, role: str, content: str, images: Sequence[Any] = (), intent: bool | None = None
+    ) -> Verdict | None:
         """Append a turn; after a user turn, the verdict on the conversation so far (else None).
 
         A user turn whose moderation raises is taken back out, so the caller can send it again.
+        ``intent``: generate a flagged turn's intent (default: the store's ``intent``).
         """
-        return self.extend([{"role": role, "content": content}], images)
+        return self.extend([{"role": role, "content": content}], images, intent=intent)
 
     def extend(
         self,
         turns: Sequence[Mapping[str, Any]],
         images: Sequence[Any] = (),
         image_turns: Sequence[int] | None = None,
+        intent: bool | None = None,
     ) -> Verdict | None:
         """Append ``turns``; if the last is a user turn, the verdict on the conversation so far (else None).
 
@@ -198,7 +206,7 @@ class ModerationSession:
         if self.dialogue[-1]["role"] != "user":
             return None
         try:
-            return self._moderate()
+            return self._moderate(intent)
         except Exception:
             del self.dialogue[start:]
             del self.images[len(self.images) - len(images) :]
@@ -211,6 +219,7 @@ class ModerationSession:
         dialogue: Sequence[Mapping[str, Any]],
         images: Sequence[Any] = (),
         image_turns: Sequence[int] | None = None,
+        intent: bool | None = None,
     ) -> Verdict:
         """Replace the conversation (an edit) and return its verdict, recomputed past the first change."""
         image_turns = list(SAFEMT_IMAGE_TURNS[: len(images)] if image_turns is None else image_turns)
@@ -219,12 +228,18 @@ class ModerationSession:
         self.dialogue = [{"role": m.get("role"), "content": m.get("content")} for m in dialogue]
         self.images, self.image_turns = list(images), image_turns
         self._recount()
-        return self._moderate()
+        return self._moderate(intent)
 
-    def _moderate(self) -> Verdict:
+    def _moderate(self, intent: bool | None) -> Verdict:
+        intent = self._store.intent if intent is None else intent
         try:
             return self._store.moderator.moderate_extended(
-                self.prefix_cache, self.dialogue, self.images, self.image_turns, self._store.max_new_tokens
+                self.prefix_cache,
+                self.dialogue,
+                self.images,
+                self.image_turns,
+                self._store.max_new_tokens,
+                answer=DECISION_WITH_INTENT if intent else DECISION,
             )
         except Exception:
             self.prefix_cache.clear()  # a failed call may have left the cache half-updated
@@ -243,6 +258,7 @@ class SessionStore:
         max_cached_tokens: int = DEFAULT_MAX_CACHED_TOKENS,
         max_new_tokens: int = 64,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        intent: bool = False,
     ) -> None:
         if max_sessions < 1 or max_cached_tokens < 0 or max_bytes < 1:
             raise ValueError("max_sessions and max_bytes must be >= 1 and max_cached_tokens >= 0")
@@ -250,6 +266,7 @@ class SessionStore:
         self.max_sessions, self.max_cached_tokens = max_sessions, max_cached_tokens
         self.max_bytes = max_bytes
         self.max_new_tokens = max_new_tokens
+        self.intent = intent  # the default of add_turn/extend/reset: generate a flagged turn's intent
         self._sessions: OrderedDict[str, ModerationSession] = OrderedDict()
         self._lock = threading.Lock()
 

@@ -57,6 +57,9 @@ class ModerationRequest:
     images: list[Image.Image]
     image_digests: tuple[str, ...]
     conversation_id: str | None
+    # Whether to generate a flagged verdict's intent: None (not given) means the default of the request's
+    # kind, the whole answer without a conversation_id, the decision alone with one.
+    intent: bool | None = None
     encoded: list[EncodedImage] = field(default_factory=list, repr=False)  # dropped once decoded
     message_digests: tuple[bytes, ...] = ()
     expires: float = math.inf  # time.monotonic() past which nobody waits for the answer
@@ -226,9 +229,9 @@ def parse_request(body: bytes, settings: ServeSettings, fit: ImageFit | None = N
         raise BadRequest(400, f"request body is not valid JSON ({exc})") from None
     if not isinstance(payload, Mapping):
         raise BadRequest(422, f"request body must be a JSON object, got {type(payload).__name__}")
-    unknown = sorted(set(payload) - {"messages", "images", "conversation_id"})
+    unknown = sorted(set(payload) - {"messages", "images", "conversation_id", "intent"})
     if unknown:
-        raise BadRequest(422, f"unknown field(s) {unknown}; expected 'messages', 'images', 'conversation_id'")
+        raise BadRequest(422, f"unknown field(s) {unknown}; expected 'messages', 'images', 'conversation_id', 'intent'")
     if "messages" not in payload:
         raise BadRequest(422, "field 'messages': missing")
     try:
@@ -239,6 +242,9 @@ def parse_request(body: bytes, settings: ServeSettings, fit: ImageFit | None = N
     conversation_id = payload.get("conversation_id")
     if conversation_id is not None and (not isinstance(conversation_id, str) or not conversation_id.strip()):
         raise BadRequest(422, "field 'conversation_id': expected a non-empty string")
+    intent = payload.get("intent")
+    if intent is not None and not isinstance(intent, bool):
+        raise BadRequest(422, f"field 'intent': expected true or false, got {json.dumps(intent)[:40]}")
     raw_images = payload.get("images") or []
     if not isinstance(raw_images, list):
         raise BadRequest(422, f"field 'images': expected a list, got {type(raw_images).__name__}")
@@ -250,6 +256,7 @@ def parse_request(body: bytes, settings: ServeSettings, fit: ImageFit | None = N
         images=[],
         image_digests=tuple(digest for _, digest in read),
         conversation_id=conversation_id,
+        intent=intent,
         encoded=[encoded for encoded, _ in read],
         message_digests=message_digests(messages) if conversation_id is not None else (),
     )

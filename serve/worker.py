@@ -15,7 +15,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from moderator.contract import PROMPT_FORMAT_VERSION
+from moderator.contract import DECISION, FULL_ANSWER, PROMPT_FORMAT_VERSION
 from serve.limits import BadRequest, DeadlinePassed, ServeSettings
 from serve.request import IMAGE_TURN, ModerationRequest
 
@@ -35,6 +35,9 @@ def verdict_response(verdict: Any, threshold: float, incremental: bool) -> dict[
         "parse_error": bool(verdict.parse_error),
         "prompt_format_version": PROMPT_FORMAT_VERSION,
         "incremental": incremental,
+        # What was decoded: "full" (the whole answer), "decision" (no text) or "decision+intent".
+        "answer": getattr(verdict, "answer", FULL_ANSWER),
+        "intent_generated": bool(getattr(verdict, "intent_generated", verdict.intent is not None)),
     }
 
 
@@ -154,12 +157,23 @@ class ModerationWorker:
         return verdict_response(self._moderate_batch([request])[0], self.moderator.threshold, incremental=False)
 
     def _moderate_batch(self, batch: list[ModerationRequest]) -> list[Any]:
-        return self.moderator.moderate_batch(
-            [r.messages for r in batch],
-            [r.images for r in batch],
-            image_turns=[[IMAGE_TURN] * len(r.images) for r in batch],
-            max_new_tokens=self.settings.max_new_tokens,
-        )
+        """Whole conversations: the full answer, or the decision alone for a request that says ``intent: false``."""
+        verdicts: list[Any] = [None] * len(batch)
+        for answer in (FULL_ANSWER, DECISION):
+            rows = [i for i, r in enumerate(batch) if (r.intent is False) == (answer == DECISION)]
+            if not rows:
+                continue
+            kwargs = {} if answer == FULL_ANSWER else {"answer": answer}  # a moderator without answer= still serves
+            found = self.moderator.moderate_batch(
+                [batch[i].messages for i in rows],
+                [batch[i].images for i in rows],
+                image_turns=[[IMAGE_TURN] * len(batch[i].images) for i in rows],
+                max_new_tokens=self.settings.max_new_tokens,
+                **kwargs,
+            )
+            for row, verdict in zip(rows, found, strict=True):
+                verdicts[row] = verdict
+        return verdicts
 
     def _moderate_in_session(self, request: ModerationRequest) -> dict[str, Any]:
         """Feed the session only the turns it has not seen yet.
@@ -187,7 +201,7 @@ class ModerationWorker:
         if extends or held == 0:
             verdict = self._add_turns(session, request, start=fed if extends else 0)
         elif hasattr(session, "reset"):
-            verdict = session.reset(request.messages, request.images, image_turns)
+            verdict = session.reset(request.messages, request.images, image_turns, **_intent(request))
         else:
             self._session_generation += 1
             key = f"{request.conversation_id}#{self._session_generation}"
@@ -205,13 +219,14 @@ class ModerationWorker:
         """
         images = request.images if start <= IMAGE_TURN else []
         if hasattr(session, "extend"):
-            return session.extend(request.messages[start:], images, [IMAGE_TURN] * len(images))
+            return session.extend(request.messages[start:], images, [IMAGE_TURN] * len(images), **_intent(request))
         verdict = None
         for index in range(start, len(request.messages)):
             if time.monotonic() >= request.expires:
                 raise DeadlinePassed(self.settings.request_timeout_s)
             message = request.messages[index]
-            verdict = session.add_turn(message["role"], message["content"], images if index == IMAGE_TURN else [])
+            shown = images if index == IMAGE_TURN else []
+            verdict = session.add_turn(message["role"], message["content"], shown, **_intent(request))
         return verdict  # the last turn is a user turn: a verdict
 
     @staticmethod
@@ -223,6 +238,11 @@ class ModerationWorker:
         except Exception:
             logger.exception("moderation failed for a request")
             return ModelFailure()
+
+
+def _intent(request: ModerationRequest) -> dict[str, bool]:
+    """The session's ``intent`` argument where the request sets it (else the store's default: decision only)."""
+    return {} if request.intent is None else {"intent": request.intent}
 
 
 class ModelFailure(Exception):

@@ -1,4 +1,5 @@
 import json
+import math
 from contextlib import contextmanager
 
 import pytest
@@ -55,11 +56,24 @@ def test_a_non_finite_score_flags_whatever_the_answer_says(moderator, monkeypatc
     monkeypatch.setattr(moderator, "_generate_scored", broken_scores)
     verdicts = [
         *moderator.moderate_batch([dialogues[0]], [images[0]], max_new_tokens=4),
-        *moderator.moderate_turns(dialogues[0], images[0], max_new_tokens=4),  # the per-turn (cached) path
+        *moderator.moderate_turns(dialogues[0], images[0], max_new_tokens=4, answer="full"),  # the cached path
     ]
     for verdict in verdicts:
         assert verdict.verdict == "unsafe" and verdict.flagged, verdict  # fail-closed
         assert verdict.category == UNKNOWN_CATEGORY and verdict.raw == "verdict: safe"
+
+    # The decision (no text): the verdict position's logits are not finite.
+    real_forward = moderator._forward_logits
+
+    def broken_logits(*args, **kwargs):
+        rows, cache = real_forward(*args, **kwargs)
+        if rows.shape[0] == len(moderator._prefix) + 2:  # the prefill: its row k is the verdict position
+            rows[len(moderator._prefix)] = bad_score
+        return rows, cache
+
+    monkeypatch.setattr(moderator, "_forward_logits", broken_logits)
+    for verdict in moderator.moderate_turns(dialogues[0], images[0]):
+        assert verdict.flagged and verdict.answer == "decision" and math.isnan(verdict.p_unsafe), verdict
 
 
 def test_threshold_decides_when_the_answer_parses(moderator, monkeypatch):

@@ -79,6 +79,7 @@ from PIL import Image
 
 from data_prep.io import DATASET_DIR
 from data_prep.matched import TWIN_SUFFIX
+from moderator.contract import DECISION, prompt_of_prepared_row
 from moderator.inference import Moderator
 from moderator.loading import load_vlm
 from tests.conftest import REPO_ROOT, copy_sample_with_images
@@ -335,7 +336,22 @@ def _train_and_score(trainer, base_moderator: Moderator, held_out: list[dict]):
     trainer.save_model(str(adapter))
     trained = Moderator.from_pretrained(adapter, verify=False)
     answers = trained.generate_with_scores(_prompts(trained, held_out), images, max_new_tokens=4)
+    _assert_decision_equals_full_answer(trained, held_out, images)
     return before, np.array([score for _, score in answers]), answers
+
+
+def _assert_decision_equals_full_answer(trained: Moderator, held_out: list[dict], images: list) -> None:
+    """Issue 26 on real weights: the one-step decision's verdict is the full answer's on every held-out row,
+    its category the full answer's wherever that parses. Eight new tokens hold a whole safe answer (and the
+    end after it); a cut unsafe answer fails to parse and flags, as an unsafe verdict does anyway."""
+    prompts = [prompt_of_prepared_row(row["messages"], row["id"]) for row in held_out]
+    full = trained.moderate_rendered(prompts, images, max_new_tokens=8)
+    decided = trained.moderate_rendered(prompts, images, answer=DECISION)
+    for row, reference, decision in zip(held_out, full, decided, strict=True):
+        assert decision.verdict == reference.verdict, (row["id"], reference.raw, decision)
+        if not reference.parse_error and reference.flagged:
+            assert decision.category == reference.category, (row["id"], reference.raw, decision)
+        assert decision.p_unsafe == pytest.approx(reference.p_unsafe, abs=1e-4), row["id"]
 
 
 def log_odds_gap(p: np.ndarray, labels: np.ndarray) -> float:

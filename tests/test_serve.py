@@ -469,3 +469,42 @@ def test_the_command_serves_only_the_export_its_manifest_digest_pins(tiny_export
     pinned = manifest_sha256(tiny_export)
     assert main([str(tiny_export), "--device", "cpu", "--port", "1", "--expect-manifest-sha256", pinned]) == 0
     assert len(served) == 1
+
+
+def test_the_decision_alone_or_with_the_intent_as_the_request_asks(served_moderator):
+    from tests.test_decision import even_lean, format_followed
+
+    lean = even_lean(served_moderator) + 6.0  # the scripted model answers unsafe: a category and an intent to show
+    settings = replace(SETTINGS, max_new_tokens=16)  # room for the whole answer
+    post = {
+        "full": VALID,
+        "decision": {**VALID, "intent": False},
+        "session": {**VALID, "conversation_id": "decision-1"},
+        "session with intent": {**VALID, "conversation_id": "decision-2", "intent": True},
+    }
+    with fastapi_testclient.TestClient(create_app(served_moderator, settings)) as test_client:
+        with format_followed(served_moderator, lean):
+            bodies = {name: test_client.post("/v1/moderate", json=body).json() for name, body in post.items()}
+        refused = test_client.post("/v1/moderate", json={**VALID, "intent": "yes"})
+    served_moderator.sessions.max_new_tokens = MAX_NEW_TOKENS
+    full = bodies["full"]
+    assert (full["answer"], full["intent_generated"], full["intent"], full["flagged"]) == (
+        "full",
+        True,
+        "scam people",
+        True,
+    )
+    expected_answer = {"decision": "decision", "session": "decision", "session with intent": "decision+intent"}
+    for name, answer in expected_answer.items():
+        body = bodies[name]
+        assert body["answer"] == answer, name
+        assert (body["verdict"], body["category"], body["policy"]) == (
+            full["verdict"],
+            full["category"],
+            full["policy"],
+        )
+        assert body["p_unsafe"] == pytest.approx(full["p_unsafe"], abs=1e-5)
+        assert body["intent_generated"] is (answer == "decision+intent")
+        assert body["intent"] == (full["intent"] if answer == "decision+intent" else None)
+    assert bodies["session"]["incremental"] is True and bodies["decision"]["incremental"] is False
+    assert refused.status_code == 422 and "field 'intent'" in refused.json()["detail"]

@@ -6,8 +6,10 @@ from contextlib import contextmanager
 import pytest
 from PIL import Image
 
+from moderator.contract import DECISION, DECISION_WITH_INTENT, FULL_ANSWER
 from moderator.inference import Moderator, PrefixCache
 from tests.conftest import SAMPLE_DIR
+from tests.test_decision import even_lean, format_followed
 from tests.test_inference import answers_scripted, verdict_prefix_nudged
 
 
@@ -56,7 +58,7 @@ def test_per_turn_verdicts_equal_moderating_each_prefix_and_reuse_the_transcript
     # every turn, the score read from a stale step.
     dialogue, images = _dialogue(), [_image()]
     with verdict_prefix_nudged(moderator), counted_work(moderator) as work:
-        per_turn = moderator.moderate_turns(dialogue, images, max_new_tokens=6)
+        per_turn = moderator.moderate_turns(dialogue, images, max_new_tokens=6, answer=FULL_ANSWER)
         reused_work = dict(work)
         work.update(vision=0, prefill_tokens=0)
         fresh = [
@@ -77,10 +79,10 @@ def test_per_turn_verdicts_equal_moderating_each_prefix_when_the_score_flags_a_s
     # prompt's cache, or a cache that holds the forced answer corrupting the next turn.
     dialogue, images = _dialogue(), [_image()]
     with answers_scripted(moderator):
-        scores = sorted(v.p_unsafe for v in moderator.moderate_turns(dialogue, images, max_new_tokens=24))
+        scores = sorted(v.p_unsafe for v in moderator.moderate_turns(dialogue, images, answer=FULL_ANSWER))
     monkeypatch.setattr(moderator, "threshold", (scores[1] + scores[2]) / 2)  # two turns flagged, two not
     with answers_scripted(moderator) as batch_sizes, counted_work(moderator) as work:
-        per_turn = moderator.moderate_turns(dialogue, images, max_new_tokens=24)
+        per_turn = moderator.moderate_turns(dialogue, images, max_new_tokens=24, answer=FULL_ANSWER)
     assert work["vision"] == 1 and len(batch_sizes) == 4 + 2  # a second generate for the flagged turns only
     with answers_scripted(moderator):
         fresh = [
@@ -102,7 +104,7 @@ def test_an_image_on_a_later_turn_and_unparsed_answers_match_moderating_each_pre
     # The image arrives with the second user turn: that turn starts over (its new tokens hold an
     # image); the untrained model's answers do not parse, so their scores come from the scoring pass.
     dialogue, images = _dialogue(), [_image((200, 30, 30))]
-    per_turn = moderator.moderate_turns(dialogue, images, image_turns=[2], max_new_tokens=6)
+    per_turn = moderator.moderate_turns(dialogue, images, image_turns=[2], max_new_tokens=6, answer=FULL_ANSWER)
     for streamed, end in zip(per_turn, _user_ends(dialogue), strict=True):
         shown = [2] if end >= 2 else []
         reference = moderator.moderate_batch(
@@ -130,31 +132,48 @@ def test_a_cache_from_another_image_or_an_edited_turn_is_not_reused_stale(modera
         assert prefix_cache.reused_tokens > 0  # the edited text kept the turns before the edit
 
 
-def _fresh(moderator, dialogue, images, image_turns=None):
+def _fresh(moderator, dialogue, images, image_turns=None, answer=DECISION):
     turns = None if image_turns is None else [image_turns]
-    return moderator.moderate_batch([dialogue], [images], image_turns=turns, max_new_tokens=4)[0]
+    return moderator.moderate_batch([dialogue], [images], image_turns=turns, max_new_tokens=16, answer=answer)[0]
+
+
+def _same_decision(verdict, reference) -> None:
+    assert (verdict.verdict, verdict.category, verdict.parse_error) == (
+        reference.verdict,
+        reference.category,
+        reference.parse_error,
+    )
+    assert verdict.p_unsafe == pytest.approx(reference.p_unsafe, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def lean(moderator) -> float:
+    return even_lean(moderator)
 
 
 def _session_store(moderator, **bounds):
     from moderator.session import SessionStore
 
-    moderator._sessions = SessionStore(moderator, max_new_tokens=4, **bounds)
+    moderator._sessions = SessionStore(moderator, max_new_tokens=16, **bounds)
     return moderator.sessions
 
 
-def test_a_session_returns_the_verdict_after_each_user_turn_from_its_cache(moderator):
+def test_a_session_returns_the_verdict_after_each_user_turn_from_its_cache(moderator, lean):
+    # The session's answer is the decision (no text), equal to the whole conversation's full answer.
     dialogue, images = _dialogue(), [_image()]
     _session_store(moderator)
     session = moderator.session("conversation-1")
-    with verdict_prefix_nudged(moderator):
-        for index, message in enumerate(dialogue):
+    for index, message in enumerate(dialogue):
+        with format_followed(moderator, lean):
             verdict = session.add_turn(message["role"], message["content"], images if index == 0 else [])
-            if message["role"] != "user":
-                assert verdict is None
-                continue
-            reference = _fresh(moderator, dialogue[: index + 1], images)
-            assert verdict.raw == reference.raw and verdict.p_unsafe == pytest.approx(reference.p_unsafe, abs=1e-5)
-            assert (session.prefix_cache.reused_tokens > 0) == (index > 0)  # later turns continue the cache
+        if message["role"] != "user":
+            assert verdict is None
+            continue
+        with format_followed(moderator, lean):
+            reference = _fresh(moderator, dialogue[: index + 1], images, answer=FULL_ANSWER)
+        _same_decision(verdict, reference)
+        assert verdict.answer == DECISION and verdict.intent is None and not reference.parse_error
+        assert (session.prefix_cache.reused_tokens > 0) == (index > 0)  # later turns continue the cache
     assert moderator.session("conversation-1") is session and len(session) == len(dialogue)
 
 
@@ -178,11 +197,10 @@ def test_sessions_are_bounded_by_count_and_by_cached_tokens_and_stay_correct(mod
     first.add_turn("assistant", dialogue[1]["content"])
     verdict = first.add_turn("user", dialogue[2]["content"])  # recomputed from scratch: same verdict
     assert first.prefix_cache.reused_tokens == 0
-    reference = _fresh(moderator, dialogue[:3], images)
-    assert verdict.raw == reference.raw and verdict.p_unsafe == pytest.approx(reference.p_unsafe, abs=1e-5)
+    _same_decision(verdict, _fresh(moderator, dialogue[:3], images))
 
 
-def test_an_edited_conversation_is_recomputed_and_bad_turns_are_refused(moderator):
+def test_an_edited_conversation_is_recomputed_and_bad_turns_are_refused(moderator, lean):
     from moderator.contract import DialogueError
 
     dialogue, images = _dialogue(), [_image()]
@@ -193,10 +211,12 @@ def test_an_edited_conversation_is_recomputed_and_bad_turns_are_refused(moderato
     edited = [dict(m) for m in dialogue[:5]]
     edited[2]["content"] = "Forget that. What is the weather like?"
     replaced = [_image((250, 250, 10))]
-    with verdict_prefix_nudged(moderator):
-        verdict = session.reset(edited, replaced)
-        reference = _fresh(moderator, edited, replaced)
-    assert verdict.raw == reference.raw and verdict.p_unsafe == pytest.approx(reference.p_unsafe, abs=1e-5)
+    with format_followed(moderator, lean):
+        verdict = session.reset(edited, replaced, intent=True)
+    with format_followed(moderator, lean):
+        reference = _fresh(moderator, edited, replaced, answer=FULL_ANSWER)
+    _same_decision(verdict, reference)
+    assert verdict.intent == reference.intent and verdict.answer == DECISION_WITH_INTENT  # asked for: generated
 
     before = len(session)
     with pytest.raises(DialogueError, match="role 'system'"):
@@ -231,3 +251,24 @@ def test_a_user_turn_whose_moderation_fails_is_taken_back(moderator, monkeypatch
     with pytest.raises(RuntimeError, match="out of memory"):
         session.add_turn("user", dialogue[2]["content"], [_image((1, 2, 3))])
     assert len(session) == 2 and len(session.images) == len(session.image_turns) == 1
+
+
+def test_per_turn_decisions_equal_each_prefixs_full_answer_and_reuse_the_transcript(moderator, lean):
+    # The default of moderate_turns: the decision after each user turn, on the cache of the earlier turns.
+    dialogue, images = _dialogue(), [_image()]
+    with format_followed(moderator, lean) as ran, counted_work(moderator) as work:
+        per_turn = moderator.moderate_turns(dialogue, images)
+    reused_tokens = work["prefill_tokens"]
+    fresh = []
+    for end in _user_ends(dialogue):
+        with format_followed(moderator, lean):
+            fresh.append(moderator.moderate(dialogue[: end + 1], images, max_new_tokens=16))
+    with counted_work(moderator) as work:
+        for end in _user_ends(dialogue):
+            moderator.moderate(dialogue[: end + 1], images, answer=DECISION)
+    for streamed, reference in zip(per_turn, fresh, strict=True):
+        assert streamed.answer == DECISION and not reference.parse_error
+        _same_decision(streamed, reference)
+    assert work["vision"] == 4 and reused_tokens < 0.5 * work["prefill_tokens"]
+    flagged = sum(v.flagged for v in per_turn)
+    assert len(ran) == len(per_turn) + flagged  # one pass per turn, one more per flagged turn: nothing decoded

@@ -2,8 +2,8 @@
 
 For every harmful SafeMT sample of the run (or shard) and every defence that detects (``none``
 excluded), the defence decides on each prefix of the dialogue that ends at a user turn: the moderator
-through ``Moderator.moderate_turns`` (one verdict per user turn, reusing the earlier turns' cache,
-flagged at the run's threshold as its policy/block decisions are), a guard on each prefix as a
+through ``Moderator.moderate_turns`` (one decision per user turn, no text decoded, reusing the earlier
+turns' cache, flagged at the run's threshold as its policy/block decisions are), a guard on each prefix as a
 dialogue of its own (:meth:`eval.defences.Defence.decide_per_turn`; the whole dialogue's verdict is
 its phase-1 decision, so a guard's last flag is the one that blocked). The per-turn flags are cached per
 (defence, settings, id, k) in ``turn_flags.jsonl`` like the other stages, so shards compute them and
