@@ -74,8 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-set", type=int, default=20, help="records per test set")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="the full answer's length")
     parser.add_argument("--no-verify", action="store_true", help="a training output rather than an export")
+    parser.add_argument("--only", nargs="+", default=None, help="these test sets only")
     args = parser.parse_args(argv)
-    sets = find_test_sets(args.sets)
+    sets = {k: v for k, v in find_test_sets(args.sets).items() if args.only is None or k in args.only}
     if not sets:
         parser.error(f"--sets {args.sets}: no test sets (run python -m bench.efficacy_data --out {args.sets})")
     moderator = Moderator.from_pretrained(args.model, verify=not args.no_verify)

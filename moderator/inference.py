@@ -661,7 +661,9 @@ class Moderator:
         give P(unsafe) at the verdict position and the model's greedy tokens at the prefix positions, the
         verdict position and after ``safe`` (the format check). A flagged row runs the rest of
         ``FORCED_UNSAFE_PREFIX`` (one step) and reads the category among the taxonomy's ids; ids that share
-        their first tokens take one more step per shared token.
+        their first tokens take one more step per shared token. A row under the threshold whose greedy word
+        is ``unsafe`` (a threshold above 0.5) takes that step too: if its greedy category token starts no id,
+        the full answer would not parse, and the row is flagged as it would be.
         """
         tokens = self.decision_tokens
         k = len(self._prefix)
@@ -682,12 +684,18 @@ class Moderator:
             greedy[k] == self._unsafe_id or (greedy[k] == self._safe_id and greedy[k + 1] in self._end_ids)
         )
         category, intent, forced_raw = None, None, ""
-        if flags(score, self.threshold) and follows:
+        # A threshold above 0.5 leaves rows whose greedy word is "unsafe" below it: the full answer flags
+        # those only when the category it writes is no id (fail-closed), so that position is read too.
+        unsafe_below = follows and greedy[k] == self._unsafe_id and not flags(score, self.threshold)
+        if follows and (flags(score, self.threshold) or unsafe_below):
             # The forced answer replaces "safe": the cache keeps the prompt and the prefix.
             forced = with_tokens(inputs, length - 1, tokens.forced_ids[k:])
             logits, cache = self._forward_logits(forced, cache, length - 1, keep=1)
-            chosen, category, cache = self._choose_category(forced, logits[-1], cache)
-            if answer == DECISION_WITH_INTENT:
+            if unsafe_below:
+                follows = int(logits[-1].argmax()) in tokens.category_trie
+            else:
+                chosen, category, cache = self._choose_category(forced, logits[-1], cache)
+            if answer == DECISION_WITH_INTENT and category is not None:
                 continued = with_tokens(forced, forced["input_ids"].shape[1], chosen)
                 raws, _, out, _ = self._continue_generation(
                     continued, cache, int(cache.get_seq_length()), max_new_tokens

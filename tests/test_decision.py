@@ -10,6 +10,7 @@ verdict words). Both paths read the same hooked layer, so the full answer and th
 from the same model.
 """
 
+import dataclasses
 import json
 import math
 from contextlib import contextmanager
@@ -43,11 +44,12 @@ def _dialogues(count: int) -> tuple[list[list[dict]], list[list[Image.Image]]]:
 
 
 @contextmanager
-def format_followed(moderator, lean: float = 0.0, favour: tuple[int, ...] = ()):
+def format_followed(moderator, lean: float = 0.0, favour: tuple[int, ...] = (), bad_category: str | None = None):
     """The tiny model answers in the contract's format, its own logits choosing the verdict and category.
 
     ``lean`` is added to the ``unsafe`` logit (the random model leans to one word; this evens it out), 5 to
-    the ``favour`` tokens wherever they are one of several allowed.
+    the ``favour`` tokens wherever they are one of several allowed. ``bad_category``: the answer names this
+    string, which is no category id, instead of one of the ids.
     Yields a log of every token sequence the language model ran (one list per forward call).
     """
     tokenizer = moderator.processor.tokenizer
@@ -67,7 +69,7 @@ def format_followed(moderator, lean: float = 0.0, favour: tuple[int, ...] = ()):
     allowed[tuple(header + prefix + [safe])] = {end}
     for j in range(len(prefix) + 1, len(forced)):
         allowed[tuple(header + forced[:j])] = {forced[j]}
-    for category in moderator.taxonomy.ids:
+    for category in [bad_category] if bad_category else moderator.taxonomy.ids:
         rest = ids(render_target(UNSAFE, category, "scam people"))[len(forced) :] + [end]
         for j in range(len(rest)):
             allowed.setdefault(tuple(header + forced + rest[:j]), set()).add(rest[j])
@@ -182,9 +184,9 @@ def test_the_decision_equals_the_full_answer_and_decodes_no_text(moderator, lean
         assert decision.p_unsafe == pytest.approx(reference.p_unsafe, abs=1e-5)
         assert decision.intent is None and decision.raw == decision.forced_raw == ""
         assert (decision.answer, decision.intent_generated) == (DECISION, False)
-        # One forward pass for a safe decision, two for a flagged one (the ids' first tokens all differ),
-        # and the intent is never among the tokens run.
-        assert len(ran) == (2 if decision.flagged else 1)
+        # One forward pass for a safe decision, two for a flagged one (the ids' first tokens all differ) or
+        # one whose greedy word is "unsafe" under the threshold; the intent is never among the tokens run.
+        assert len(ran) == (2 if decision.flagged or reference.raw.startswith("verdict: unsafe") else 1)
         assert not any(_contains(run, intent) for run in ran)
 
 
@@ -248,3 +250,53 @@ def test_ids_sharing_their_first_tokens_are_told_apart_by_one_more_step(moderato
             seen.add(decision.category)
             assert len(ran) == 3  # the prefill, the forced prefix, the step that picks "\n" or "_ring"
     assert seen == {"fraud", "fraud_ring"}, f"the fork was walked to {seen} only"
+
+
+def test_above_half_a_greedy_unsafe_answer_under_the_threshold_naming_no_category_flags_as_the_full_answer(
+    moderator, lean, monkeypatch
+):
+    # Found on the trained SmolLM2 export (threshold 0.865): two rows scored 0.78-0.85 with the greedy
+    # answer "verdict: unsafe\ncategory: cancer ..."; the full answer fails to parse and flags, the decision
+    # said safe. It now reads the greedy category token of such rows and flags them too.
+    dialogues, images = _dialogues(24)
+    with format_followed(moderator, lean, bad_category="cancer"):
+        scores = sorted(
+            moderator.moderate(d, i, answer=DECISION).p_unsafe for d, i in zip(dialogues, images, strict=True)
+        )
+    monkeypatch.setattr(moderator, "threshold", scores[3 * len(scores) // 4])
+    assert moderator.threshold > 0.5
+    below = 0
+    for dialogue, imgs in zip(dialogues, images, strict=True):
+        with format_followed(moderator, lean, bad_category="cancer"):
+            full = moderator.moderate(dialogue, imgs, max_new_tokens=16)
+            decision = moderator.moderate(dialogue, imgs, answer=DECISION)
+        assert decision.verdict == full.verdict, (full.raw, full.p_unsafe, decision)
+        if 0.5 < full.p_unsafe < moderator.threshold:
+            below += 1
+            assert full.raw.startswith("verdict: unsafe\ncategory: cancer") and full.parse_error
+            assert decision.parse_error and decision.category == "unknown"
+    assert below, "no row scored between 0.5 and the threshold"
+
+
+def test_the_equality_benchmark_counts_rows_and_names_each_disagreement(moderator, tmp_path, monkeypatch):
+    from bench.decision_equality import compare_set
+
+    dialogues, images = _dialogues(3)
+    records = []
+    for index, (dialogue, imgs) in enumerate(zip(dialogues, images, strict=True)):
+        imgs[0].save(tmp_path / f"{index}.png")
+        records.append({"id": f"r{index}", "dialogue": dialogue, "image": str(tmp_path / f"{index}.png")})
+    result = compare_set(moderator, "tiny", records, max_new_tokens=4)
+    # The untrained model writes no format: both paths fail closed on every row, and agree.
+    assert (result.rows, result.flagged, result.verdicts_equal, result.parsed_flagged) == (3, 3, 3, 0)
+    assert not result.disagreements
+
+    real = moderator.moderate
+
+    def decision_says_safe(dialogue, images, answer="full", **kwargs):
+        verdict = real(dialogue, images, answer=answer, **kwargs)
+        return dataclasses.replace(verdict, verdict="safe") if answer == DECISION else verdict
+
+    monkeypatch.setattr(moderator, "moderate", decision_says_safe)
+    result = compare_set(moderator, "tiny", records[:2], max_new_tokens=4)
+    assert result.verdicts_equal == 0 and [line.split(":")[0] for line in result.disagreements] == ["r0", "r1"]
