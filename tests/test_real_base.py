@@ -108,6 +108,7 @@ ONE_TURN_LEARNING_RATE = 1.0e-3
 ONE_TURN_VERDICT_LOSS_WEIGHT = 20.0  # 10 pushed every verdict to unsafe, 30 to safe
 ONE_TURN_HELD_OUT_PAIRS = 20
 ONE_TURN_MARGIN = 0.05
+EQUALITY_ROWS_PER_END = 5  # held-out rows from each end (unsafe first, benign last) for the decision's equality
 
 
 @pytest.fixture(scope="module")
@@ -343,7 +344,10 @@ def _train_and_score(trainer, base_moderator: Moderator, held_out: list[dict]):
 def _assert_decision_equals_full_answer(trained: Moderator, held_out: list[dict], images: list) -> None:
     """Issue 26 on real weights: the one-step decision's verdict is the full answer's on every held-out row,
     its category the full answer's wherever that parses. Eight new tokens hold a whole safe answer (and the
-    end after it); a cut unsafe answer fails to parse and flags, as an unsafe verdict does anyway."""
+    end after it); a cut unsafe answer fails to parse and flags, as an unsafe verdict does anyway. The
+    first and last rows of the held-out set (both labels): all of them cost four minutes of CI."""
+    picked = [*range(EQUALITY_ROWS_PER_END), *range(len(held_out) - EQUALITY_ROWS_PER_END, len(held_out))]
+    held_out, images = [held_out[i] for i in picked], [images[i] for i in picked]
     prompts = [prompt_of_prepared_row(row["messages"], row["id"]) for row in held_out]
     full = trained.moderate_rendered(prompts, images, max_new_tokens=8)
     decided = trained.moderate_rendered(prompts, images, answer=DECISION)
